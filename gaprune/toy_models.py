@@ -1,0 +1,110 @@
+"""Small random Qwen3 and BERT models with real tokenizers, built offline from a config.
+
+Tests and benchmarks use them where a real checkpoint cannot be downloaded; they load through the
+same AutoModel/AutoTokenizer path as Qwen3-Embedding and all-MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model, BertModel
+
+CORPUS = [
+    "Instruct: Given a chemistry question, retrieve the related context.\nQuery: ",
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: ",
+    "What is the pKa of acetic acid and how does it change in a buffer?",
+    "Sodium chloride dissolves in water because ion-dipole interactions outweigh the lattice energy.",
+    "Nucleophilic substitution at a secondary carbon can follow SN1 or SN2 pathways.",
+    "The capital of France is Paris, a city on the Seine river.",
+    "How long should pasta boil before it is al dente?",
+    "Gas chromatography separates volatile compounds by their boiling points and polarity.",
+    "Transition metal complexes show colour from d-d electronic transitions.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Enzymes lower activation energy without changing the equilibrium constant.",
+    "Football, tennis and basketball are popular sports around the world.",
+]
+
+
+def _corpus(extra: Iterable[str] = ()) -> list[str]:
+    return CORPUS + list(extra)
+
+
+def qwen3_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400,
+                    with_pad: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE that appends <|endoftext|> to every text, as Qwen3-Embedding's tokenizer does."""
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(extra_text), trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos if with_pad else None,
+                                   model_max_length=512)
+
+
+def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Lower-casing WordPiece with [CLS] ... [SEP], like BERT's."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_corpus(extra_text), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+def build_qwen3(folder: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
+                num_heads: int = 4, num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+                extra_text: Iterable[str] = (), with_pad: bool = True) -> str:
+    """A random Qwen3 embedding model (GQA, q/k norms) saved with its tokenizer and a lasttoken pooling config."""
+    torch.manual_seed(seed)
+    tokenizer = qwen3_tokenizer(extra_text, with_pad=with_pad)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         head_dim=hidden_size // num_heads, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    model = Qwen3Model(config).to(dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_sentence_transformers_files(folder, hidden_size, "lasttoken")
+    return folder
+
+
+def build_bert(folder: str, hidden_size: int = 32, intermediate_size: int = 64, num_layers: int = 2,
+               num_heads: int = 4, seed: int = 0, extra_text: Iterable[str] = (), pooling: str = "mean") -> str:
+    """A random BERT encoder saved with its tokenizer and a sentence-transformers pooling config."""
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(extra_text)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=512,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_sentence_transformers_files(folder, hidden_size, pooling)
+    return folder
+
+
+def _write_sentence_transformers_files(folder: str, dim: int, pooling: str) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    pooling_config = {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
+                      "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+                      "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": pooling == "lasttoken"}
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(folder, "modules.json"), "w", encoding="utf-8") as handle:
+        json.dump(modules, handle, indent=2)
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(pooling_config, handle, indent=2)

@@ -1,0 +1,71 @@
+import json
+import os
+
+import pytest
+
+from gaprune.toy_models import build_bert, build_qwen3
+
+CHEM = "Instruct: Given a chemistry question, retrieve the related context.\nQuery: "
+WEB = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+
+CHEM_TOPICS = ["acetic acid buffer", "sodium chloride lattice", "benzene aromaticity", "copper sulfate colour",
+               "enzyme kinetics", "gas chromatography", "ozone layer", "nickel catalyst", "polymer glass transition",
+               "titration endpoint", "peroxide formers", "zeolite pores"]
+WEB_TOPICS = ["paris landmarks", "pasta cooking", "tennis rules", "river rafting", "bike repair", "coffee brewing",
+              "mountain hiking", "guitar chords", "tax deadlines", "bird migration", "train tickets", "garden soil"]
+
+
+def make_triples(prefix: str, topics: list[str]) -> list[dict]:
+    return [{"query": f"{prefix}What should I know about {topic}?",
+             "positive": f"A short passage about {topic}, with the facts a reader needs.",
+             "negative": f"An unrelated note on {topics[(i + 3) % len(topics)]} instead."}
+            for i, topic in enumerate(topics)]
+
+
+@pytest.fixture(scope="session")
+def chem_triples():
+    return make_triples(CHEM, CHEM_TOPICS)
+
+
+@pytest.fixture(scope="session")
+def web_triples():
+    return make_triples(WEB, WEB_TOPICS)
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory, chem_triples, web_triples):
+    folder = tmp_path_factory.mktemp("data")
+    paths = {}
+    for name, triples in (("chem-example_sample.json", chem_triples), ("general-example.json", web_triples)):
+        path = folder / name
+        path.write_text(json.dumps(triples, indent=2), encoding="utf-8")
+        paths[name.split("-")[0]] = str(path)
+    return paths
+
+
+def _corpus(triples):
+    return [t[k] for t in triples for k in ("query", "positive", "negative")]
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, chem_triples, web_triples):
+    return build_qwen3(str(tmp_path_factory.mktemp("qwen3") / "tiny-qwen3"),
+                       extra_text=_corpus(chem_triples + web_triples))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory, chem_triples, web_triples):
+    return build_bert(str(tmp_path_factory.mktemp("bert") / "tiny-bert"), extra_text=_corpus(chem_triples + web_triples))
+
+
+@pytest.fixture(params=["qwen3", "bert"])
+def model_dir(request, qwen3_dir, bert_dir):
+    return {"qwen3": qwen3_dir, "bert": bert_dir}[request.param]
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def listing(folder) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
