@@ -166,3 +166,15 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
         source_dtype=getattr(config, "dtype", None) or torch.float32,
         max_length=min(n for n in limits if isinstance(n, int) and n > 0),
     )
+
+
+def checkpoint_shapes(model_dir: str) -> dict[str, list[int]]:
+    """Parameter names and shapes from a folder's safetensors headers, without loading any weight."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(os.listdir(model_dir)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
+                shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
+    return shapes

@@ -8,9 +8,15 @@ import os
 import re
 import struct
 from datetime import datetime
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
+from safetensors import safe_open
+
+from gaprune.data import read_json
+from gaprune.errors import InputError
+from gaprune.layers import strip_prefix
 
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -74,3 +80,80 @@ def write_tensors(path: str, tensors: Mapping[str, torch.Tensor], dtype: torch.d
 
 def tensor_file_for(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".safetensors"
+
+
+class ScoreArrays:
+    """Per-weight arrays of a fisher.py or gradient.py result, read one tensor at a time.
+
+    Reads this project's files (``metadata.tensor_file``, safetensors) and the published code's
+    folders of float16 ``.npy`` files (``<json base>_tensors/``, ``alignment_elementwise_<...>_tensors/``).
+    Names match with any leading ``model.`` removed.
+    """
+
+    def __init__(self, json_path: str, kind: str):
+        self.path, self.kind = json_path, kind
+        data = read_json(json_path, f"{kind} score file")
+        required = "complete_scores" if kind == "fisher" else "alignment_scores"
+        if not isinstance(data, dict) or required not in data or "metadata" not in data:
+            raise InputError(f"{json_path} is not a {kind} score file (no 'metadata' / '{required}')")
+        metadata = data["metadata"]
+        self.model_name = metadata.get("model_name")
+        if kind == "fisher":
+            shapes = {n: v.get("shape") for n, v in data["complete_scores"].items() if isinstance(v, dict)}
+        else:
+            shapes = metadata.get("parameter_shapes") or {}
+        self.shapes = {strip_prefix(n): s for n, s in shapes.items() if s is not None}
+        folder = os.path.dirname(json_path)
+        self._safetensors = None
+        self._npy_folder = None
+        if metadata.get("tensor_file"):
+            tensor_path = os.path.join(folder, metadata["tensor_file"])
+            if not os.path.isfile(tensor_path):
+                raise InputError(f"{json_path} names the tensor file {metadata['tensor_file']}, which is missing")
+            self._safetensors = safe_open(tensor_path, framework="pt")
+            self._names = {strip_prefix(n): n for n in self._safetensors.keys()}
+        else:
+            self._npy_folder = self._published_folder(json_path, kind)
+            self._names = {}
+            for file in os.listdir(self._npy_folder):
+                if file.endswith(".npy"):
+                    self._names[strip_prefix(file[:-4])] = file
+            if self.shapes:  # published files name parameters with '.' or '_' separators
+                by_underscore = {n.replace(".", "_"): n for n in self.shapes}
+                self._names = {by_underscore.get(n, n): f for n, f in self._names.items()}
+
+    @staticmethod
+    def _published_folder(json_path: str, kind: str) -> str:
+        base = os.path.splitext(json_path)[0]
+        folder = base + "_tensors"
+        if kind == "alignment":
+            head, name = os.path.split(base)
+            folder = os.path.join(head, name.replace("alignment_scores_", "alignment_elementwise_", 1) + "_tensors")
+        if not os.path.isdir(folder):
+            raise InputError(f"{json_path} has no per-weight arrays: no metadata.tensor_file and no folder {folder}")
+        return folder
+
+    def check(self, model_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Every candidate present with the model's shape, else a clear error naming the parameter and file."""
+        for name, shape in model_shapes.items():
+            key = strip_prefix(name)
+            if key not in self._names:
+                raise InputError(f"{self.path} has no {self.kind} scores for {key} "
+                                 f"(computed with other --sparsify_layers, or on another model?)")
+            recorded = self.shapes.get(key)
+            if recorded is None:
+                recorded = self._array_shape(key)
+            if list(recorded) != list(shape):
+                raise InputError(f"{self.path}: {key} has shape {list(recorded)} but the model's is {list(shape)}; "
+                                 f"the scores come from another model ({self.model_name})")
+
+    def _array_shape(self, key: str) -> list[int]:
+        if self._safetensors is not None:
+            return self._safetensors.get_slice(self._names[key]).get_shape()
+        return list(np.load(os.path.join(self._npy_folder, self._names[key]), mmap_mode="r").shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._names[strip_prefix(name)]
+        if self._safetensors is not None:
+            return self._safetensors.get_tensor(key).float()
+        return torch.from_numpy(np.load(os.path.join(self._npy_folder, key)).astype(np.float32))

@@ -65,11 +65,14 @@ def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> Pre
 
 def build_qwen3(folder: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
-                extra_text: Iterable[str] = (), with_pad: bool = True) -> str:
-    """A random Qwen3 embedding model (GQA, q/k norms) saved with its tokenizer and a lasttoken pooling config."""
+                extra_text: Iterable[str] = (), with_pad: bool = True, vocab_size: int | None = None) -> str:
+    """A random Qwen3 embedding model (GQA, q/k norms) saved with its tokenizer and a lasttoken pooling config.
+
+    ``vocab_size`` larger than the tokenizer's gives the embedding matrix a real model's size (Qwen3: 151669).
+    """
     torch.manual_seed(seed)
     tokenizer = qwen3_tokenizer(extra_text, with_pad=with_pad)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+    config = Qwen3Config(vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                          head_dim=hidden_size // num_heads, max_position_embeddings=1024,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)

@@ -1,0 +1,217 @@
+"""Stage 4: DAI scores from the Fisher and alignment files, a mask of the lowest ones, and the pruned model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, run
+from gaprune.dai import POSTPROCESSING, DAIConfig, MaskResult, dai_score, prune_lowest
+from gaprune.errors import InputError
+from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
+from gaprune.modeling import Embedder, checkpoint_shapes, load_embedder, resolve_model_dir
+from gaprune.scorefiles import ScoreArrays, write_json
+
+log = logging.getLogger("gaprune.sparse")
+
+PROBE_SENTENCE = "What is the capital of France?"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Prune the lowest-DAI weights and save the pruned model.")
+    parser.add_argument("--model_path", required=True, help="model folder or hub id")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--general_fisher_scores", help="fisher.py JSON on general data (absent: 1.0 everywhere)")
+    parser.add_argument("--domain_fisher_scores", help="fisher.py JSON on domain data (absent: 1.0 everywhere)")
+    parser.add_argument("--alignment_scores", help="gradient.py JSON (absent: alignment 0)")
+    add_layer_args(parser, ["mlp"])
+    parser.add_argument("--unstructured_pct", type=float, default=0.0, help="share of candidate weights to zero, 0..1")
+    parser.add_argument("--unstructured_scoring", default="dai", choices=["dai"])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
+    parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
+    parser.add_argument("--score_postproc", default="none", choices=POSTPROCESSING)
+    parser.add_argument("--score_temperature", type=float, default=1.0)
+    parser.add_argument("--fusion_alpha", type=float, default=0.0)
+    parser.add_argument("--fusion_beta", type=float, default=1.0)
+    parser.add_argument("--rho_min", type=float, default=0.05, help="uniform: least share pruned per layer")
+    parser.add_argument("--rho_max", type=float, default=0.95, help="uniform: largest share pruned per layer")
+    parser.add_argument("--beta", type=float, default=1.0, help="weight of the general Fisher term")
+    parser.add_argument("--compression_weight", type=float, default=0.5, help="weight of the sqrt|W| term")
+    add_runtime_args(parser)
+    return parser
+
+
+def validate(args) -> None:
+    if not 0.0 <= args.unstructured_pct <= 1.0:
+        raise InputError(f"--unstructured_pct must be between 0 and 1, got {args.unstructured_pct}")
+    if not 0.0 <= args.rho_min <= args.rho_max <= 1.0:
+        raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
+
+
+def show_layer_types(model_path: str) -> None:
+    shapes = checkpoint_shapes(resolve_model_dir(model_path))
+    family = detect_family(shapes)
+    print(f"Layer types for {model_path} ({family or 'unknown'} naming); candidates need 2+ dimensions:")
+    for layer_type in LAYER_TYPES:
+        names = [n for n, s in shapes.items() if len(s) >= 2 and name_matches(n, family, [layer_type])]
+        weights = sum(int(torch.Size(shapes[n]).numel()) for n in names)
+        patterns = ", ".join(LAYER_PATTERNS[family][layer_type]) if family else "-"
+        print(f"  {layer_type:<15} {len(names):4d} tensors {weights:14,d} weights   patterns: {patterns}")
+
+
+def output_folder(args) -> str:
+    pct = f"{round(args.unstructured_pct * 100, 2):g}%"
+    base = os.path.basename(os.path.normpath(args.model_path))
+    return os.path.join(args.output_dir, f"{base}_{args.unstructured_scoring}_prune_{pct}")
+
+
+def open_scores(args) -> dict[str, ScoreArrays | None]:
+    files = {"domain_fisher": (args.domain_fisher_scores, "fisher"),
+             "general_fisher": (args.general_fisher_scores, "fisher"),
+             "alignment": (args.alignment_scores, "alignment")}
+    return {side: ScoreArrays(path, kind) if path else None for side, (path, kind) in files.items()}
+
+
+def count_zeros(model: torch.nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in model.parameters())
+
+
+def save_pruned(embedder: Embedder, folder: str) -> None:
+    """save_pretrained in the checkpoint's own dtype, the tokenizer, and the sentence-transformers files."""
+    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
+    embedder.tokenizer.save_pretrained(folder)
+    source = embedder.model_dir
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), folder)
+    for entry in sorted(os.listdir(source)):
+        path = os.path.join(source, entry)
+        if os.path.isdir(path) and entry[0].isdigit() and "_" in entry:  # 1_Pooling, 2_Normalize, ...
+            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
+
+
+def embed_normalized(embedder: Embedder, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(embedder.embed([text]).float(), dim=-1)[0].cpu()
+
+
+def prune_stats(args, result: MaskResult, considered: int) -> dict:
+    per_param = result.per_param
+    mixed = sum(0 < p["masked"] < p["numel"] for p in per_param.values())
+    return {
+        "method": args.unstructured_scoring,
+        "unstructured_pct_requested": args.unstructured_pct,
+        "scoring": args.unstructured_scoring,
+        "sparsify_layers": args.sparsify_layers,
+        "layer_budget_strategy": args.layer_budget_strategy,
+        "total_params_considered": considered,
+        "masked_params": result.masked,
+        "actual_mask_ratio": result.masked / considered,
+        "per_param": per_param,
+        "per_layer_allocations": result.per_layer_allocations,
+        "validation": {
+            "parameters_with_mixed_pruning": mixed,
+            "parameters_all_pruned": sum(p["masked"] == p["numel"] for p in per_param.values()),
+            "parameters_none_pruned": sum(p["masked"] == 0 for p in per_param.values()),
+            "mixed_pruning_percentage": 100.0 * mixed / len(per_param),
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str | None:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    if args.show_layer_types:
+        show_layer_types(args.model_path)
+        return None
+    scores = open_scores(args)
+    embedder = load_embedder(args.model_path, args.device, args.dtype)
+    candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+    shapes = {name: list(p.shape) for name, p in candidates.items()}
+    for side, arrays in scores.items():
+        if arrays is None:
+            log.info("no %s file: %s", side.replace("_", " "),
+                     "alignment is 0 everywhere" if side == "alignment" else "that side is 1.0 everywhere")
+        else:
+            arrays.check(shapes)
+    considered = sum(p.numel() for p in candidates.values())
+    log.info("%d candidate tensors (%d weights) in %s; pruning %.1f%% (%s budget)", len(candidates), considered,
+             " ".join(args.sparsify_layers), 100 * args.unstructured_pct, args.layer_budget_strategy)
+
+    config = DAIConfig(beta=args.beta, compression_weight=args.compression_weight,
+                       score_postproc=args.score_postproc, score_temperature=args.score_temperature,
+                       fusion_alpha=args.fusion_alpha, fusion_beta=args.fusion_beta)
+    device = embedder.device
+
+    def array(side: str, name: str, absent: float):
+        return absent if scores[side] is None else scores[side].get(name).to(device)
+
+    def score_fn(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return dai_score(weight, array("domain_fisher", name, 1.0), array("general_fisher", name, 1.0),
+                         array("alignment", name, 0.0), config)
+
+    zeros_before = count_zeros(embedder.model)
+    result = prune_lowest(candidates, score_fn, args.unstructured_pct, args.layer_budget_strategy,
+                          args.rho_min, args.rho_max)
+    embedding = embed_normalized(embedder, PROBE_SENTENCE)
+
+    folder = output_folder(args)
+    tmp = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.tmp-{os.getpid()}")
+    try:
+        save_pruned(embedder, tmp)
+        total = sum(p.numel() for p in embedder.model.parameters())
+        zeros_after = count_zeros(embedder.model)
+        write_json(os.path.join(tmp, "evaluation_config.json"), {
+            "model_path": args.model_path,
+            "batch_size": args.batch_size,
+            "sparsify_layers": args.sparsify_layers,
+            "pruning_method": f"unstructured_{args.unstructured_scoring}",
+            "meta": {
+                "unstructured_pruning": {
+                    "unstructured_pct": args.unstructured_pct, "unstructured_scoring": args.unstructured_scoring,
+                    "layer_budget_strategy": args.layer_budget_strategy, "score_postproc": args.score_postproc,
+                    "score_temperature": args.score_temperature, "fusion_alpha": args.fusion_alpha,
+                    "fusion_beta": args.fusion_beta, "rho_min": args.rho_min, "rho_max": args.rho_max,
+                    "beta": args.beta, "compression_weight": args.compression_weight},
+                "score_files": {"general_fisher_scores": args.general_fisher_scores,
+                                "domain_fisher_scores": args.domain_fisher_scores,
+                                "alignment_scores": args.alignment_scores},
+                "mask_accounting": {
+                    "total_params_before": total,
+                    "total_params_after": total - zeros_after,
+                    "masked_params": result.masked,
+                    "masked_ratio": result.masked / total,
+                    "zero_params_counted": zeros_after,
+                    "unstructured_masked_params_reported": result.masked,
+                    "zero_params_before": zeros_before,
+                    "newly_zeroed_params": result.newly_zeroed},
+            },
+        })
+        write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(args, result, considered))
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+    print(f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
+          f"model zeros {zeros_before:,} -> {zeros_after:,}")
+    print(f"Embedding of {PROBE_SENTENCE!r} (dim {embedding.numel()}, L2-normalised): "
+          f"[{', '.join(f'{v:.6f}' for v in embedding[:8].tolist())}, ...]")
+    print(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    run(main)
