@@ -54,40 +54,51 @@ def postprocess(score: torch.Tensor, mode: str, temperature: float = 1.0) -> tor
 
 def dai_score(weight: torch.Tensor, fisher_domain: torch.Tensor | float, fisher_general: torch.Tensor | float,
               alignment: torch.Tensor | float, config: DAIConfig) -> torch.Tensor:
-    """The flat float32 DAI scores of one tensor (Fisher/alignment arrays flat or shaped like ``weight``)."""
+    """The flat float32 DAI scores of one tensor (Fisher/alignment arrays flat or shaped like ``weight``).
+
+    Array arguments are consumed (overwritten) to keep one tensor's temporaries small.
+    """
     magnitude = weight.detach().reshape(-1).float().abs()
 
     def flat(x):
         return x.reshape(-1).float() if isinstance(x, torch.Tensor) else x
 
     fd, fg, a = flat(fisher_domain), flat(fisher_general), flat(alignment)
-    factor = torch.clamp(1 + 0.2 * (a if isinstance(a, torch.Tensor) else torch.tensor(a)), 0.8, 1.2)
-    raw = (fd * magnitude - config.beta * fg * magnitude) * factor \
-        + config.compression_weight * torch.sqrt(magnitude + 1e-8)
+    fused = config.fusion_alpha * fd * magnitude if config.fusion_alpha != 0 or config.fusion_beta != 1 else None
+    if isinstance(fd, torch.Tensor):
+        raw = fd.sub_(fg, alpha=config.beta) if isinstance(fg, torch.Tensor) else fd.sub_(config.beta * fg)
+    elif isinstance(fg, torch.Tensor):
+        raw = fg.mul_(-config.beta).add_(fd)
+    else:
+        raw = torch.full_like(magnitude, fd - config.beta * fg)
+    raw.mul_(magnitude)
+    if isinstance(a, torch.Tensor):
+        raw.mul_(a.mul_(0.2).add_(1).clamp_(0.8, 1.2))
+    else:
+        raw.mul_(min(max(1 + 0.2 * a, 0.8), 1.2))
+    raw.add_(torch.sqrt(magnitude + 1e-8).mul_(config.compression_weight))
     score = F.softplus(raw)
+    del raw
     if score.std() < 1e-6:  # a flat score cannot rank: fall back to a magnitude-shaped tie-break
-        score = score * (0.5 + 0.5 * magnitude / (magnitude.mean() + 1e-8))
+        score.mul_(magnitude.div_(magnitude.mean() + 1e-8).mul_(0.5).add_(0.5))
     score = postprocess(score, config.score_postproc, config.score_temperature)
-    if config.fusion_alpha != 0 or config.fusion_beta != 1:
-        score = config.fusion_alpha * fd * magnitude + config.fusion_beta * score
+    if fused is not None:
+        score = fused.add_(score, alpha=config.fusion_beta)
     return score
 
 
 # --- exact k-th smallest over many tensors -------------------------------------------------------
 
-_SIGN = 1 << 31
-_LOW = (1 << 32) - 1
-
-
 def ordered_keys(score: torch.Tensor) -> torch.Tensor:
-    """Map float32 values to int64 keys in [0, 2^32) whose integer order is the float order."""
-    bits = score.float().contiguous().view(torch.int32).to(torch.int64) & _LOW
-    return torch.where(bits >= _SIGN, _LOW - bits, bits + _SIGN)
+    """Map float32 values to int32 keys whose integer order is the float order (flip the magnitude bits
+    of negative numbers)."""
+    bits = score.float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def key_to_float(key: int) -> float:
-    bits = _LOW - key if key < _SIGN else key - _SIGN
-    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    bits = torch.tensor([key], dtype=torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32).item()
 
 
 @dataclass
@@ -105,7 +116,7 @@ def kth_smallest(scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Thresh
     """
     high = None
     for s in scores():
-        counts = torch.bincount(ordered_keys(s) >> 16, minlength=1 << 16)
+        counts = torch.bincount((ordered_keys(s) >> 16) + (1 << 15), minlength=1 << 16)  # signed high half
         high = counts if high is None else high + counts
     cum_high = torch.cumsum(high, 0)
     bin_high = int(torch.searchsorted(cum_high, torch.tensor(k, device=cum_high.device)))
@@ -114,14 +125,15 @@ def kth_smallest(scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Thresh
     low = torch.zeros(1 << 16, dtype=torch.int64, device=cum_high.device)
     for s in scores():
         keys = ordered_keys(s)
-        keys = keys[(keys >> 16) == bin_high]
+        keys = keys[(keys >> 16) == bin_high - (1 << 15)]
         if keys.numel():
             low += torch.bincount(keys & 0xFFFF, minlength=1 << 16).to(low.device)
     cum_low = torch.cumsum(low, 0)
     bin_low = int(torch.searchsorted(cum_low, torch.tensor(k - before_high, device=cum_low.device)))
     before_low = int(cum_low[bin_low - 1]) if bin_low > 0 else 0
     below = before_high + before_low
-    return Threshold(value=key_to_float((bin_high << 16) | bin_low), below=below, ties_to_take=k - below)
+    key = ((bin_high - (1 << 15)) << 16) | bin_low
+    return Threshold(value=key_to_float(key), below=below, ties_to_take=k - below)
 
 
 # --- budgets and masking -------------------------------------------------------------------------

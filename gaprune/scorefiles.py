@@ -104,14 +104,15 @@ class ScoreArrays:
             shapes = metadata.get("parameter_shapes") or {}
         self.shapes = {strip_prefix(n): s for n, s in shapes.items() if s is not None}
         folder = os.path.dirname(json_path)
-        self._safetensors = None
+        self._tensor_path = None
         self._npy_folder = None
         if metadata.get("tensor_file"):
             tensor_path = os.path.join(folder, metadata["tensor_file"])
             if not os.path.isfile(tensor_path):
                 raise InputError(f"{json_path} names the tensor file {metadata['tensor_file']}, which is missing")
-            self._safetensors = safe_open(tensor_path, framework="pt")
-            self._names = {strip_prefix(n): n for n in self._safetensors.keys()}
+            self._tensor_path = tensor_path
+            with safe_open(tensor_path, framework="pt") as handle:
+                self._names = {strip_prefix(n): n for n in handle.keys()}
         else:
             self._npy_folder = self._published_folder(json_path, kind)
             self._names = {}
@@ -148,12 +149,15 @@ class ScoreArrays:
                                  f"the scores come from another model ({self.model_name})")
 
     def _array_shape(self, key: str) -> list[int]:
-        if self._safetensors is not None:
-            return self._safetensors.get_slice(self._names[key]).get_shape()
+        if self._tensor_path is not None:
+            with safe_open(self._tensor_path, framework="pt") as handle:
+                return handle.get_slice(self._names[key]).get_shape()
         return list(np.load(os.path.join(self._npy_folder, self._names[key]), mmap_mode="r").shape)
 
     def get(self, name: str) -> torch.Tensor:
         key = self._names[strip_prefix(name)]
-        if self._safetensors is not None:
-            return self._safetensors.get_tensor(key).float()
+        if self._tensor_path is not None:
+            # opened per read: the memory map is released with each tensor instead of growing with the file
+            with safe_open(self._tensor_path, framework="pt") as handle:
+                return handle.get_tensor(key).float()
         return torch.from_numpy(np.load(os.path.join(self._npy_folder, key)).astype(np.float32))
