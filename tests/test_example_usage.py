@@ -1,0 +1,46 @@
+"""example_usage.sh end to end on a tiny model: the final folder reloads with the requested MLP sparsity."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("sparsity", ["0.5"])
+def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsity):
+    shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
+    os.makedirs(tmp_path / "data")
+    shutil.copy(data_files["chem"], tmp_path / "data" / "chem-example.json")
+    shutil.copy(data_files["general"], tmp_path / "data" / "general-example.json")
+    env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SPARSITY=sparsity, SAMPLE_SIZE="8", MAX_SAMPLES="8",
+               BATCH_SIZE="2")
+    proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sample general data", "sample domain data", "Fisher information, general",
+                  "Fisher information, domain", "gradient alignment", "DAI pruning"):
+        assert f"==> {stage}" in proc.stderr
+    folder = re.search(r"Pruned model: (.*)", proc.stdout).group(1)
+    assert folder == "output/model/tiny-qwen3_dai_prune_50%"
+    weights = load_file(os.path.join(tmp_path, folder, "model.safetensors"))
+    mlp = [w for n, w in weights.items() if "mlp" in n]
+    zeros = sum(int((w == 0).sum()) for w in mlp)
+    assert zeros == int(sum(w.numel() for w in mlp) * 0.5)
+    assert len(os.listdir(tmp_path / "output" / "fisher")) == 6  # two results, each JSON + arrays + summary
+    assert len(os.listdir(tmp_path / "data" / "sample")) == 2
+
+
+def test_example_usage_stops_at_the_first_failing_stage(tmp_path, qwen3_dir):
+    shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
+    env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu")
+    proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "error: data file not found: data/general-example.json" in proc.stderr
+    assert "stage 'sample general data' failed" in proc.stderr
+    assert "==> sample domain data" not in proc.stderr
+    assert not os.path.exists(tmp_path / "output")

@@ -1,0 +1,90 @@
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+from conftest import last_line
+from gaprune import sampling
+from gaprune.cli import run, str2bool
+from gaprune.features import sample
+
+
+def test_one_record_per_planted_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=-1) * 10
+    points = torch.cat([c + 0.05 * torch.randn(30, 16, generator=generator) for c in centers])
+    chosen = sampling.select_diverse(points, 6, seed=1)
+    assert sorted(i // 30 for i in chosen) == list(range(6))
+    assert chosen == sampling.select_diverse(points, 6, seed=1)
+
+
+def test_kmeans_blocks_give_the_same_assignment(monkeypatch):
+    points = torch.randn(500, 8, generator=torch.Generator().manual_seed(3))
+    whole = sampling.kmeans(points, 20, seed=5)
+    monkeypatch.setattr(sampling, "BLOCK_ELEMENTS", 64)  # 3 rows per block
+    torch.testing.assert_close(sampling.kmeans(points, 20, seed=5), whole)
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("false", False), ("1", True), ("0", False),
+                                         ("yes", True), ("No", False)])
+def test_bool_flags_parse_as_written(text, value):
+    assert str2bool(text) is value
+    assert sample.build_parser().parse_args(["--use_streaming", text]).use_streaming is value
+
+
+def run_sample(capsys, model_dir, data, out, *extra):
+    path = sample.main(["--input_file", data, "--output_file", str(out), "--model_name", model_dir,
+                        "--batch_size", "5", *extra])
+    assert last_line(capsys.readouterr().out) == str(out)
+    return json.load(open(path, encoding="utf-8"))
+
+
+def test_sampling_is_seeded_and_streaming_matches_in_memory(capsys, tmp_path, qwen3_dir, data_files, chem_triples,
+                                                            monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    streamed = run_sample(capsys, qwen3_dir, data_files["chem"], tmp_path / "a.json", "--target_sample_size", "5")
+    again = run_sample(capsys, qwen3_dir, data_files["chem"], tmp_path / "b.json", "--target_sample_size", "5")
+    in_memory = run_sample(capsys, qwen3_dir, data_files["chem"], tmp_path / "c.json", "--target_sample_size", "5",
+                           "--use_streaming", "False")
+    assert streamed == again == in_memory
+    assert 1 <= len(streamed) <= 5 and all(r in chem_triples for r in streamed)
+    assert len({r["query"] for r in streamed}) == len(streamed)
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("gaprune-sample-")]
+
+
+def test_fewer_records_than_target_are_written_unchanged(capsys, tmp_path, qwen3_dir, data_files, chem_triples):
+    out = run_sample(capsys, qwen3_dir, data_files["chem"], tmp_path / "all.json", "--target_sample_size", "500")
+    assert out == chem_triples
+
+
+def test_streaming_folder_is_removed_after_a_failure(capsys, tmp_path, qwen3_dir, data_files, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calls = []
+
+    def broken_embed(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure")
+        return torch.ones(len(texts), 4)
+
+    monkeypatch.setattr(sampling.Embedder, "embed", broken_embed)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        sample.main(["--input_file", data_files["chem"], "--output_file", str(tmp_path / "x.json"),
+                     "--model_name", qwen3_dir, "--target_sample_size", "3", "--batch_size", "2"])
+    assert len(calls) == 2
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("gaprune-sample-")]
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_bad_text_key_and_bad_flag(capsys, tmp_path, qwen3_dir, data_files):
+    for argv, message in ((["--text_key", "title"], "record 0 has no 'title' field"),
+                          (["--use_streaming", "maybe"], "expected True/False")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(sample.main, ["--input_file", data_files["chem"], "--output_file", str(tmp_path / "o.json"),
+                              "--model_name", qwen3_dir, *argv])
+        assert exit_info.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert not os.path.exists(tmp_path / "o.json")
