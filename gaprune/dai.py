@@ -13,7 +13,8 @@ without ever holding every score at once: a two-pass radix select over the score
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from gaprune.layers import layer_key
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]
+ArrayFn = Callable[[str, str], "torch.Tensor | None"]  # (side, parameter name) -> array on the device, or None
 POSTPROCESSING = ("none", "zscore_sigmoid", "minmax", "rank")
+SCORERS = ("dai", "random", "magnitude", "domain_fisher", "general_fisher")
 
 
 @dataclass
@@ -85,6 +88,54 @@ def dai_score(weight: torch.Tensor, fisher_domain: torch.Tensor | float, fisher_
     if fused is not None:
         score = fused.add_(score, alpha=config.fusion_beta)
     return score
+
+
+def make_score_fn(scoring: str, array: ArrayFn, config: DAIConfig, seed: int = 42) -> ScoreFn:
+    """The per-tensor score function of a scorer. Baselines: random, magnitude |w|, and the Fisher
+    saliency F*w^2 of one side (the usual second-order estimate of the loss change from removing w)."""
+    if scoring == "dai":
+        def dai(name, weight):
+            def side(key, absent):
+                value = array(key, name)
+                return absent if value is None else value
+            return dai_score(weight, side("domain_fisher", 1.0), side("general_fisher", 1.0),
+                             side("alignment", 0.0), config)
+        return dai
+    if scoring == "random":
+        def random_score(name, weight):  # the same draw for a tensor in every pass
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            return torch.rand(weight.numel(), generator=generator).to(weight.device)
+        return random_score
+    if scoring == "magnitude":
+        return lambda name, weight: weight.detach().reshape(-1).float().abs()
+    if scoring in ("domain_fisher", "general_fisher"):
+        def saliency(name, weight):
+            fisher = array(scoring, name)
+            return fisher.reshape(-1).float().mul_(weight.detach().reshape(-1).float().square())
+        return saliency
+    raise ValueError(f"unknown scorer {scoring!r}")
+
+
+def fisher_to_compression_ratio(candidates: Mapping[str, torch.Tensor], array: ArrayFn, config: DAIConfig,
+                                sample: int = 4096, seed: int = 0) -> float | None:
+    """Median over sampled weights of |(Fd - beta Fg)|w| factor| / (compression_weight sqrt(|w| + 1e-8)):
+    how much the Fisher signal can move a DAI score compared with the magnitude term (None without one)."""
+    if config.compression_weight == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    ratios = []
+    for name, weight in candidates.items():
+        index = torch.randperm(weight.numel(), generator=generator)[:sample].to(weight.device)
+        magnitude = weight.detach().reshape(-1)[index].float().abs()
+
+        def pick(key, absent):
+            value = array(key, name)
+            return absent if value is None else value.reshape(-1)[index].float()
+
+        factor = torch.clamp(1 + 0.2 * torch.as_tensor(pick("alignment", 0.0)), 0.8, 1.2)
+        fisher_term = ((pick("domain_fisher", 1.0) - config.beta * pick("general_fisher", 1.0)) * magnitude * factor).abs()
+        ratios.append(fisher_term / (config.compression_weight * torch.sqrt(magnitude + 1e-8)))
+    return torch.cat(ratios).median().item()
 
 
 # --- exact k-th smallest over many tensors -------------------------------------------------------
@@ -156,6 +207,8 @@ class MaskResult:
     newly_zeroed: int  # of those, the ones that were not zero already
     per_param: dict[str, dict]
     per_layer_allocations: dict[str, dict]
+    reference_overlap: int | None = None  # masked weights that the reference scorer would also mask
+    diagnostics: dict = field(default_factory=dict)
 
 
 def _score_stats(score: torch.Tensor) -> dict[str, float]:
@@ -163,11 +216,32 @@ def _score_stats(score: torch.Tensor) -> dict[str, float]:
             "std": score.std().item() if score.numel() > 1 else 0.0}
 
 
+class _MaskBuilder:
+    """Masks at a threshold, taking the ties it still needs in parameter order."""
+
+    def __init__(self, threshold: Threshold | None):
+        self.threshold = threshold
+        self.ties_left = threshold.ties_to_take if threshold else 0
+
+    def __call__(self, score: torch.Tensor) -> torch.Tensor:
+        if self.threshold is None:
+            return torch.zeros_like(score, dtype=torch.bool)
+        mask = score < self.threshold.value
+        if self.ties_left:
+            ties = torch.nonzero(score == self.threshold.value).flatten()[:self.ties_left]
+            mask[ties] = True
+            self.ties_left -= ties.numel()
+        return mask
+
+
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
-                 rho_min: float = 0.05, rho_max: float = 0.95) -> MaskResult:
+                 rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None) -> MaskResult:
     """Zero, in place, the lowest-scoring ``int(total * pct)`` candidate weights (global), or each layer's
-    share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact."""
+    share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact.
+
+    With ``reference_fn``, also count how many masked weights the same budget under that scorer masks.
+    """
     total = sum(p.numel() for p in candidates.values())
     k = int(total * pct)
     groups: dict[str, list[str]] = {}
@@ -181,33 +255,34 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     else:
         raise ValueError(f"unknown budget strategy {strategy!r}")
 
+    def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
+        return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget) if budget else None
+
     per_param: dict[str, dict] = {}
-    allocations: dict[str, dict] = {}
     masked_total = newly_zeroed = 0
+    overlap = 0 if reference_fn else None
     for group, names in groups.items():
-        budget = budgets[group]
-        threshold = kth_smallest(lambda: (score_fn(n, candidates[n]) for n in names), budget) if budget else None
-        ties_left = threshold.ties_to_take if threshold else 0
+        build_mask = _MaskBuilder(threshold_of(score_fn, names, budgets[group]))
+        build_reference = _MaskBuilder(threshold_of(reference_fn, names, budgets[group])) if reference_fn else None
         for name in names:
             weight = candidates[name]
+            if build_reference is not None:
+                reference_mask = build_reference(reference_fn(name, weight))
             score = score_fn(name, weight)
-            if threshold is None:
-                mask = torch.zeros_like(score, dtype=torch.bool)
-            else:
-                mask = score < threshold.value
-                if ties_left:
-                    ties = torch.nonzero(score == threshold.value).flatten()[:ties_left]
-                    mask[ties] = True
-                    ties_left -= ties.numel()
+            mask = build_mask(score)
+            if build_reference is not None:
+                overlap += int((mask & reference_mask).sum())
             flat = weight.view(-1)
             newly_zeroed += int((flat[mask] != 0).sum())
             flat[mask] = 0
             masked = int(mask.sum())
             masked_total += masked
             stats = _score_stats(score)
+            threshold = build_mask.threshold
             stats.update(threshold=threshold.value if threshold else None, masked_ratio=masked / score.numel())
             per_param[name] = {"numel": score.numel(), "masked": masked, "ratio": masked / score.numel(),
                                "mean_importance": stats["mean"], "score_stats": stats}
+    allocations: dict[str, dict] = {}
     for name, info in per_param.items():
         layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
         layer["size"] += info["numel"]
@@ -217,4 +292,22 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
         if strategy == "uniform":
             info["allocated"] = budgets[layer]
     return MaskResult(masked=masked_total, newly_zeroed=newly_zeroed, per_param=per_param,
-                      per_layer_allocations=allocations)
+                      per_layer_allocations=allocations, reference_overlap=overlap)
+
+
+def prune_candidates(candidates: Mapping[str, torch.Tensor], array: ArrayFn, scoring: str, config: DAIConfig,
+                     pct: float, strategy: str = "global", rho_min: float = 0.05, rho_max: float = 0.95,
+                     seed: int = 42) -> MaskResult:
+    """Score with ``scoring`` and zero the lowest weights in place. For dai, also report how much of the
+    mask plain magnitude pruning at the same budget shares, and how large the Fisher term is."""
+    score_fn = make_score_fn(scoring, array, config, seed)
+    reference = make_score_fn("magnitude", array, config) if scoring == "dai" else None
+    diagnostics = {}
+    if scoring == "dai":
+        diagnostics["median_fisher_to_compression_ratio"] = fisher_to_compression_ratio(candidates, array, config)
+    result = prune_lowest(candidates, score_fn, pct, strategy, rho_min, rho_max, reference_fn=reference)
+    if reference is not None:
+        diagnostics["mask_agreement_with_magnitude"] = (result.reference_overlap / result.masked
+                                                        if result.masked else None)
+    result.diagnostics = diagnostics
+    return result

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import struct
 from datetime import datetime
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from gaprune.data import read_json
 from gaprune.errors import InputError
 from gaprune.layers import strip_prefix
 
+
+log = logging.getLogger(__name__)
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -161,3 +164,25 @@ class ScoreArrays:
             with safe_open(self._tensor_path, framework="pt") as handle:
                 return handle.get_tensor(key).float()
         return torch.from_numpy(np.load(os.path.join(self._npy_folder, key)).astype(np.float32))
+
+
+SCORE_SIDES = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}
+
+
+def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[str, Sequence[int]],
+                     device: torch.device) -> Callable[[str, str], torch.Tensor | None]:
+    """Open and check the given score files (side -> JSON path or None) against the candidates;
+    return ``array(side, name)``: that side's array on ``device``, or None where no file was given."""
+    arrays = {side: ScoreArrays(path, SCORE_SIDES[side]) if path else None for side, path in paths.items()}
+    for side, scores in arrays.items():
+        if scores is None:
+            log.info("no %s file: %s", side.replace("_", " "),
+                     "alignment is 0 everywhere" if side == "alignment" else "that side is 1.0 everywhere")
+        else:
+            scores.check(candidate_shapes)
+
+    def array(side: str, name: str) -> torch.Tensor | None:
+        scores = arrays.get(side)
+        return None if scores is None else scores.get(name).to(device)
+
+    return array

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, run
-from gaprune.dai import POSTPROCESSING, DAIConfig, MaskResult, dai_score, prune_lowest
+from gaprune.dai import POSTPROCESSING, SCORERS, DAIConfig, MaskResult, prune_candidates
 from gaprune.errors import InputError
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
 from gaprune.modeling import Embedder, checkpoint_shapes, load_embedder, resolve_model_dir
-from gaprune.scorefiles import ScoreArrays, write_json
+from gaprune.scorefiles import open_score_files, write_json
 
 log = logging.getLogger("gaprune.sparse")
 
@@ -33,7 +33,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--alignment_scores", help="gradient.py JSON (absent: alignment 0)")
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--unstructured_pct", type=float, default=0.0, help="share of candidate weights to zero, 0..1")
-    parser.add_argument("--unstructured_scoring", default="dai", choices=["dai"])
+    parser.add_argument("--unstructured_scoring", default="dai", choices=SCORERS,
+                        help="dai (default), or a baseline: random, magnitude, domain_fisher / general_fisher "
+                             "(Fisher saliency F*w^2; needs that side's file)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
     parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
@@ -56,6 +59,9 @@ def validate(args) -> None:
         raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.unstructured_scoring.endswith("_fisher") and not getattr(args, f"{args.unstructured_scoring}_scores"):
+        raise InputError(f"--unstructured_scoring {args.unstructured_scoring} needs "
+                         f"--{args.unstructured_scoring}_scores")
 
 
 def show_layer_types(model_path: str) -> None:
@@ -73,13 +79,6 @@ def output_folder(args) -> str:
     pct = f"{round(args.unstructured_pct * 100, 2):g}%"
     base = os.path.basename(os.path.normpath(args.model_path))
     return os.path.join(args.output_dir, f"{base}_{args.unstructured_scoring}_prune_{pct}")
-
-
-def open_scores(args) -> dict[str, ScoreArrays | None]:
-    files = {"domain_fisher": (args.domain_fisher_scores, "fisher"),
-             "general_fisher": (args.general_fisher_scores, "fisher"),
-             "alignment": (args.alignment_scores, "alignment")}
-    return {side: ScoreArrays(path, kind) if path else None for side, (path, kind) in files.items()}
 
 
 def count_zeros(model: torch.nn.Module) -> int:
@@ -117,6 +116,7 @@ def prune_stats(args, result: MaskResult, considered: int) -> dict:
         "total_params_considered": considered,
         "masked_params": result.masked,
         "actual_mask_ratio": result.masked / considered,
+        "diagnostics": result.diagnostics,
         "per_param": per_param,
         "per_layer_allocations": result.per_layer_allocations,
         "validation": {
@@ -134,35 +134,21 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if args.show_layer_types:
         show_layer_types(args.model_path)
         return None
-    scores = open_scores(args)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
-    shapes = {name: list(p.shape) for name, p in candidates.items()}
-    for side, arrays in scores.items():
-        if arrays is None:
-            log.info("no %s file: %s", side.replace("_", " "),
-                     "alignment is 0 everywhere" if side == "alignment" else "that side is 1.0 everywhere")
-        else:
-            arrays.check(shapes)
+    array = open_score_files({"domain_fisher": args.domain_fisher_scores, "general_fisher": args.general_fisher_scores,
+                              "alignment": args.alignment_scores},
+                             {name: list(p.shape) for name, p in candidates.items()}, embedder.device)
     considered = sum(p.numel() for p in candidates.values())
-    log.info("%d candidate tensors (%d weights) in %s; pruning %.1f%% (%s budget)", len(candidates), considered,
-             " ".join(args.sparsify_layers), 100 * args.unstructured_pct, args.layer_budget_strategy)
-
+    log.info("%d candidate tensors (%d weights) in %s; pruning %.1f%% by %s (%s budget)", len(candidates),
+             considered, " ".join(args.sparsify_layers), 100 * args.unstructured_pct, args.unstructured_scoring,
+             args.layer_budget_strategy)
     config = DAIConfig(beta=args.beta, compression_weight=args.compression_weight,
                        score_postproc=args.score_postproc, score_temperature=args.score_temperature,
                        fusion_alpha=args.fusion_alpha, fusion_beta=args.fusion_beta)
-    device = embedder.device
-
-    def array(side: str, name: str, absent: float):
-        return absent if scores[side] is None else scores[side].get(name).to(device)
-
-    def score_fn(name: str, weight: torch.Tensor) -> torch.Tensor:
-        return dai_score(weight, array("domain_fisher", name, 1.0), array("general_fisher", name, 1.0),
-                         array("alignment", name, 0.0), config)
-
     zeros_before = count_zeros(embedder.model)
-    result = prune_lowest(candidates, score_fn, args.unstructured_pct, args.layer_budget_strategy,
-                          args.rho_min, args.rho_max)
+    result = prune_candidates(candidates, array, args.unstructured_scoring, config, args.unstructured_pct,
+                              args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
     embedding = embed_normalized(embedder, PROBE_SENTENCE)
 
     folder = output_folder(args)
