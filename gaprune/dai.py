@@ -298,10 +298,10 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
 def prune_candidates(candidates: Mapping[str, torch.Tensor], array: ArrayFn, scoring: str, config: DAIConfig,
                      pct: float, strategy: str = "global", rho_min: float = 0.05, rho_max: float = 0.95,
                      seed: int = 42) -> MaskResult:
-    """Score with ``scoring`` and zero the lowest weights in place. For dai, also report how much of the
-    mask plain magnitude pruning at the same budget shares, and how large the Fisher term is."""
+    """Score with ``scoring`` and zero the lowest weights in place. Also report how much of the mask plain
+    magnitude pruning at the same budget shares and, for dai, how large the Fisher term is."""
     score_fn = make_score_fn(scoring, array, config, seed)
-    reference = make_score_fn("magnitude", array, config) if scoring == "dai" else None
+    reference = make_score_fn("magnitude", array, config)
     diagnostics = {}
     if scoring == "dai":
         diagnostics["median_fisher_to_compression_ratio"] = fisher_to_compression_ratio(candidates, array, config)

@@ -1,0 +1,87 @@
+"""Retrieval quality of an embedding model on triple files: nDCG@10, MRR@10, Recall@1 and Recall@10.
+
+Each triple's query is searched against a corpus made of every positive and negative of the file
+(identical texts counted once); the query's own positive is the one relevant document.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gaprune.modeling import Embedder
+
+METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
+QUERY_MARKER = "\nQuery: "
+
+
+def query_text(query: str, keep_instruction: bool) -> str:
+    """The query as the model expects it: Qwen3-Embedding keeps its 'Instruct: ...\\nQuery: ' prefix;
+    models trained without instructions get the query alone."""
+    if keep_instruction or QUERY_MARKER not in query:
+        return query
+    return query.split(QUERY_MARKER, 1)[1]
+
+
+def keeps_instructions(embedder: Embedder, mode: str) -> bool:
+    """auto: instructions for decoders (Qwen3-Embedding is trained with them), not for encoders."""
+    if mode == "auto":
+        return embedder.pooling == "lasttoken"
+    return mode == "keep"
+
+
+def build_corpus(triples: Sequence[dict]) -> tuple[list[str], list[int]]:
+    """Unique documents (positives and negatives, first-seen order) and each query's positive index."""
+    index: dict[str, int] = {}
+    for t in triples:
+        for text in (t["positive"], t["negative"]):
+            index.setdefault(text, len(index))
+    return list(index), [index[t["positive"]] for t in triples]
+
+
+def relevant_ranks(queries: torch.Tensor, corpus: torch.Tensor, relevant: Sequence[int],
+                   block: int = 1024) -> torch.Tensor:
+    """Rank of each query's relevant document: 1 + the documents scored strictly higher (cosine)."""
+    target = torch.as_tensor(relevant, device=queries.device)
+    ranks = []
+    for start in range(0, queries.shape[0], block):
+        scores = queries[start:start + block] @ corpus.T
+        own = scores.gather(1, target[start:start + block, None])
+        ranks.append((scores > own).sum(dim=1) + 1)
+    return torch.cat(ranks)
+
+
+def ranking_metrics(ranks: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Mean nDCG@k, MRR@k, Recall@1 and Recall@k for one relevant document per query."""
+    ranks = ranks.double()
+    hit = ranks <= k
+    return {"ndcg@10": torch.where(hit, 1.0 / torch.log2(ranks + 1), 0.0).mean().item(),
+            "mrr@10": torch.where(hit, 1.0 / ranks, 0.0).mean().item(),
+            "recall@1": (ranks <= 1).double().mean().item(),
+            "recall@10": hit.double().mean().item()}
+
+
+@torch.no_grad()
+def encode(embedder: Embedder, texts: Sequence[str], batch_size: int, desc: str) -> torch.Tensor:
+    rows = [F.normalize(embedder.embed(texts[i:i + batch_size]).float(), dim=-1)
+            for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False)]
+    return torch.cat(rows)
+
+
+def evaluate_triples(embedder: Embedder, triples: Sequence[dict], batch_size: int = 32,
+                     instructions: str = "auto") -> dict:
+    documents, relevant = build_corpus(triples)
+    keep = keeps_instructions(embedder, instructions)
+    queries = encode(embedder, [query_text(t["query"], keep) for t in triples], batch_size, "queries")
+    corpus = encode(embedder, documents, batch_size, "documents")
+    metrics = ranking_metrics(relevant_ranks(queries, corpus, relevant))
+    return {"metrics": metrics, "num_queries": len(triples), "corpus_size": len(documents),
+            "query_instructions": "kept" if keep else "stripped"}
+
+
+def relative_change(value: float, baseline: float) -> float | None:
+    """Percent change against the baseline (None when the baseline is 0)."""
+    return None if baseline == 0 else 100.0 * (value - baseline) / baseline

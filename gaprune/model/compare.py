@@ -1,0 +1,119 @@
+"""Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime
+from typing import Sequence
+
+import torch
+
+from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, positive_int, run
+from gaprune.dai import SCORERS, DAIConfig, prune_candidates
+from gaprune.data import load_triples
+from gaprune.errors import InputError
+from gaprune.evaluation import METRICS, evaluate_triples, relative_change
+from gaprune.layers import select_parameters
+from gaprune.modeling import load_embedder
+from gaprune.scorefiles import atomic_path, model_dirname, open_score_files, timestamp, write_json
+
+log = logging.getLogger("gaprune.compare")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Compare pruning scorers on domain and general retrieval.")
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--domain_data_paths", nargs="+", required=True, help="held-out domain triple files")
+    parser.add_argument("--general_data_paths", nargs="+", required=True, help="held-out general triple files")
+    parser.add_argument("--general_fisher_scores")
+    parser.add_argument("--domain_fisher_scores")
+    parser.add_argument("--alignment_scores")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="shares of candidates to prune")
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    add_layer_args(parser, ["mlp"])
+    parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--compression_weight", type=float, default=0.5)
+    parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"])
+    parser.add_argument("--max_samples", type=positive_int, help="evaluate the first N triples of each file")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer")
+    parser.add_argument("--output_dir", default="output/compare")
+    add_runtime_args(parser)
+    return parser
+
+
+def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
+    return {m: sum(r["metrics"][m] for r in results.values()) / len(results) for m in METRICS}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | sparsity | domain nDCG@10 | Δ vs dense | general nDCG@10 | Δ vs dense | mask ∩ magnitude |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        def change(key):
+            value = row[f"{key}_change_percent"]
+            return "" if value is None else f"{value:+.2f}%"
+        agreement = row.get("mask_agreement_with_magnitude")
+        lines.append(f"| {row['method']} | {row['sparsity']:.0%} | {row['domain']['ndcg@10']:.4f} | {change('domain')} "
+                     f"| {row['general']['ndcg@10']:.4f} | {change('general')} | "
+                     f"{'' if agreement is None else f'{agreement:.2%}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    for pct in args.sparsity:
+        if not 0.0 <= pct <= 1.0:
+            raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
+    for scorer in args.scorers:
+        if scorer.endswith("_fisher") and not getattr(args, f"{scorer}_scores"):
+            raise InputError(f"scorer {scorer} needs --{scorer}_scores")
+    domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
+    general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
+    embedder = load_embedder(args.model_path, args.device, args.dtype)
+    candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+    array = open_score_files({"domain_fisher": args.domain_fisher_scores, "general_fisher": args.general_fisher_scores,
+                              "alignment": args.alignment_scores},
+                             {name: list(p.shape) for name, p in candidates.items()}, embedder.device)
+    dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
+    config = DAIConfig(beta=args.beta, compression_weight=args.compression_weight)
+
+    def evaluate() -> tuple[dict, dict]:
+        return ({p: evaluate_triples(embedder, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
+                {p: evaluate_triples(embedder, t, args.batch_size, args.query_instructions) for p, t in general.items()})
+
+    dense_domain, dense_general = evaluate()
+    dense = {"method": "dense", "sparsity": 0.0, "domain": mean_metrics(dense_domain),
+             "general": mean_metrics(dense_general), "domain_change_percent": None, "general_change_percent": None,
+             "files": {**dense_domain, **dense_general}}
+    rows = [dense]
+    for pct in args.sparsity:
+        for scorer in args.scorers:
+            with torch.no_grad():
+                for name, p in candidates.items():
+                    p.copy_(dense_weights[name])
+            log.info("pruning %.0f%% by %s", 100 * pct, scorer)
+            result = prune_candidates(candidates, array, scorer, config, pct, args.layer_budget_strategy, seed=args.seed)
+            by_domain, by_general = evaluate()
+            row = {"method": scorer, "sparsity": pct, "domain": mean_metrics(by_domain),
+                   "general": mean_metrics(by_general), "masked_params": result.masked,
+                   "files": {**by_domain, **by_general}, **result.diagnostics}
+            for side in ("domain", "general"):
+                row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
+            rows.append(row)
+
+    table = markdown_table(rows)
+    base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
+    write_json(base + ".json", {"model_path": args.model_path, "timestamp": datetime.now().isoformat(),
+                                "settings": {k: v for k, v in vars(args).items()}, "rows": rows})
+    with atomic_path(base + ".md") as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    print(table)
+    print(base + ".json")
+    return base + ".json"
+
+
+if __name__ == "__main__":
+    run(main)

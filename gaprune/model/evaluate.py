@@ -1,0 +1,78 @@
+"""Retrieval quality of a model folder (dense or pruned) on triple files, optionally against a baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime
+from typing import Sequence
+
+from gaprune.cli import ArgumentParser, add_runtime_args, positive_int, run
+from gaprune.data import load_triples
+from gaprune.evaluation import METRICS, evaluate_triples, relative_change
+from gaprune.modeling import load_embedder
+from gaprune.scorefiles import model_dirname, timestamp, write_json
+
+log = logging.getLogger("gaprune.evaluate")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="nDCG@10, MRR@10, Recall@1/@10 of a model on triple files.")
+    parser.add_argument("--model_path", required=True, help="model folder (dense or pruned) or hub id")
+    parser.add_argument("--data_paths", nargs="+", required=True, help="triple files to evaluate on")
+    parser.add_argument("--baseline_model", help="also evaluate this model and report the change against it")
+    parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"],
+                        help="keep the 'Instruct: ...\\nQuery: ' prefix (Qwen3-Embedding) or strip it; "
+                             "auto keeps it for decoders only (default: auto)")
+    parser.add_argument("--max_samples", type=positive_int, help="evaluate the first N triples of each file")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_length", type=positive_int, default=512)
+    parser.add_argument("--output_file", help="JSON report (default: output/eval/<model>_eval_<ts>.json)")
+    add_runtime_args(parser)
+    return parser
+
+
+def evaluate_model(model_path: str, files: dict[str, list[dict]], args) -> dict[str, dict]:
+    embedder = load_embedder(model_path, args.device, args.dtype, max_length=args.max_length)
+    results = {}
+    for path, triples in files.items():
+        log.info("evaluating %s on %s (%d queries)", model_path, path, len(triples))
+        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions)
+    return results
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'file':<40} {'model':<10} " + " ".join(f"{m:>10}" for m in METRICS)]
+    for path, result in report["results"].items():
+        name = os.path.basename(path)[:40]
+        lines.append(f"{name:<40} {'model':<10} " + " ".join(f"{result['metrics'][m]:10.4f}" for m in METRICS))
+        if report.get("baseline"):
+            base = report["baseline"][path]["metrics"]
+            lines.append(f"{'':<40} {'baseline':<10} " + " ".join(f"{base[m]:10.4f}" for m in METRICS))
+            change = report["change_percent"][path]
+            lines.append(f"{'':<40} {'change %':<10} " + " ".join(
+                f"{change[m]:+10.2f}" if change[m] is not None else f"{'n/a':>10}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
+    report = {"model_path": args.model_path, "baseline_model": args.baseline_model,
+              "timestamp": datetime.now().isoformat(), "query_instructions": args.query_instructions,
+              "results": evaluate_model(args.model_path, files, args)}
+    if args.baseline_model:
+        report["baseline"] = evaluate_model(args.baseline_model, files, args)
+        report["change_percent"] = {
+            path: {m: relative_change(report["results"][path]["metrics"][m], report["baseline"][path]["metrics"][m])
+                   for m in METRICS} for path in files}
+    output = args.output_file or os.path.join("output", "eval",
+                                              f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
+    write_json(output, report)
+    print(format_table(report))
+    print(output)
+    return output
+
+
+if __name__ == "__main__":
+    run(main)
