@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -186,3 +187,26 @@ def checkpoint_shapes(model_dir: str) -> dict[str, list[int]]:
             with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
                 shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
     return shapes
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def save_model(embedder: Embedder, folder: str) -> None:
+    """save_pretrained in the checkpoint's own dtype, the tokenizer, and the source's sentence-transformers
+    files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it."""
+    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
+    embedder.tokenizer.save_pretrained(folder)
+    source = embedder.model_dir
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), folder)
+    for entry in sorted(os.listdir(source)):
+        path = os.path.join(source, entry)
+        if os.path.isdir(path) and re.fullmatch(r"\d+_\w+", entry):  # 1_Pooling, 2_Normalize, ...
+            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
+
+
+@torch.no_grad()
+def embed_normalized(embedder: Embedder, text: str) -> torch.Tensor:
+    return torch.nn.functional.normalize(embedder.embed([text]).float(), dim=-1)[0].cpu()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 from datetime import datetime
 from typing import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,23 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
 
 
 def write_json(path: str, obj) -> None:

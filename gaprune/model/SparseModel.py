@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, run
 from gaprune.dai import POSTPROCESSING, SCORERS, DAIConfig, MaskResult, prune_candidates
 from gaprune.errors import InputError
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
-from gaprune.modeling import Embedder, checkpoint_shapes, load_embedder, resolve_model_dir
-from gaprune.scorefiles import open_score_files, write_json
+from gaprune.modeling import checkpoint_shapes, embed_normalized, load_embedder, resolve_model_dir, save_model
+from gaprune.scorefiles import atomic_dir, open_score_files, write_json
 
 log = logging.getLogger("gaprune.sparse")
 
 PROBE_SENTENCE = "What is the capital of France?"
-SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 
 
 def build_parser() -> ArgumentParser:
@@ -85,25 +81,6 @@ def count_zeros(model: torch.nn.Module) -> int:
     return sum(int((p == 0).sum()) for p in model.parameters())
 
 
-def save_pruned(embedder: Embedder, folder: str) -> None:
-    """save_pretrained in the checkpoint's own dtype, the tokenizer, and the sentence-transformers files."""
-    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
-    embedder.tokenizer.save_pretrained(folder)
-    source = embedder.model_dir
-    for name in SENTENCE_TRANSFORMERS_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), folder)
-    for entry in sorted(os.listdir(source)):
-        path = os.path.join(source, entry)
-        if os.path.isdir(path) and entry[0].isdigit() and "_" in entry:  # 1_Pooling, 2_Normalize, ...
-            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
-
-
-def embed_normalized(embedder: Embedder, text: str) -> torch.Tensor:
-    with torch.no_grad():
-        return F.normalize(embedder.embed([text]).float(), dim=-1)[0].cpu()
-
-
 def prune_stats(args, result: MaskResult, considered: int) -> dict:
     per_param = result.per_param
     mixed = sum(0 < p["masked"] < p["numel"] for p in per_param.values())
@@ -152,9 +129,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     embedding = embed_normalized(embedder, PROBE_SENTENCE)
 
     folder = output_folder(args)
-    tmp = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.tmp-{os.getpid()}")
-    try:
-        save_pruned(embedder, tmp)
+    with atomic_dir(folder) as tmp:
+        save_model(embedder, tmp)
         total = sum(p.numel() for p in embedder.model.parameters())
         zeros_after = count_zeros(embedder.model)
         write_json(os.path.join(tmp, "evaluation_config.json"), {
@@ -184,12 +160,6 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             },
         })
         write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(args, result, considered))
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
 
     print(f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
           f"model zeros {zeros_before:,} -> {zeros_after:,}")
