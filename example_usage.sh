@@ -5,7 +5,8 @@
 #   MODEL=Qwen/Qwen3-Embedding-4B SAMPLE_SIZE=5000 MAX_SAMPLES=5000 bash example_usage.sh   # the paper's setting
 #
 # Overrides: MODEL, DEVICE (auto|cpu|cuda), SPARSITY (0..1), SAMPLE_SIZE, MAX_SAMPLES, BATCH_SIZE,
-# GENERAL_DATA, DOMAIN_DATA. Each stage prints the path it wrote; the next stage reads it from there.
+# GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), EVALUATE (1 = compare with the dense model).
+# Each stage prints the path it wrote; the next stage reads it from there.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +18,8 @@ MAX_SAMPLES="${MAX_SAMPLES:-48}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 GENERAL_DATA="${GENERAL_DATA:-data/general-example.json}"
 DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
+RETRAIN_STEPS="${RETRAIN_STEPS:-0}"
+EVALUATE="${EVALUATE:-1}"
 GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"
 DOMAIN_SAMPLE="data/sample/$(basename "${DOMAIN_DATA%.json}")-output.json"
 
@@ -62,4 +65,24 @@ stage "DAI pruning" -m gaprune.model.SparseModel --model_path "${MODEL}" --outpu
     --unstructured_scoring dai --alignment_scores "${ALIGNMENT}" \
     --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}" --device "${DEVICE}"
 
-echo "Pruned model: ${LAST}"
+PRUNED="${LAST}"
+
+MODELS=("${PRUNED}")
+if [ "${RETRAIN_STEPS}" -gt 0 ]; then
+    stage "retraining" -m gaprune.model.retrain --model_path "${PRUNED}" --data_path "${DOMAIN_SAMPLE}" \
+        --general_data_path "${GENERAL_SAMPLE}" --steps "${RETRAIN_STEPS}" --batch_size "${BATCH_SIZE}" \
+        --output_dir output/retrain --device "${DEVICE}"
+    MODELS+=("${LAST}")
+fi
+
+# Retrieval on the full example files (the calibration data's superset, so not a held-out measurement).
+if [ "${EVALUATE}" = "1" ]; then
+    for EVALUATED in "${MODELS[@]}"; do
+        stage "evaluation of ${EVALUATED} against the dense model" -m gaprune.model.evaluate \
+            --model_path "${EVALUATED}" --baseline_model "${MODEL}" --data_paths "${DOMAIN_DATA}" "${GENERAL_DATA}" \
+            --output_file "output/eval/$(basename "${EVALUATED}")_eval.json" --device "${DEVICE}"
+    done
+fi
+
+echo "Pruned model: ${PRUNED}"
+if [ "${RETRAIN_STEPS}" -gt 0 ]; then echo "Retrained model: ${MODELS[1]}"; fi

@@ -19,11 +19,12 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     shutil.copy(data_files["chem"], tmp_path / "data" / "chem-example.json")
     shutil.copy(data_files["general"], tmp_path / "data" / "general-example.json")
     env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SPARSITY=sparsity, SAMPLE_SIZE="8", MAX_SAMPLES="8",
-               BATCH_SIZE="2")
+               BATCH_SIZE="2", RETRAIN_STEPS="2")
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("sample general data", "sample domain data", "Fisher information, general",
-                  "Fisher information, domain", "gradient alignment", "DAI pruning"):
+                  "Fisher information, domain", "gradient alignment", "DAI pruning", "retraining",
+                  "evaluation of output/model/tiny-qwen3_dai_prune_50%", "evaluation of output/retrain/"):
         assert f"==> {stage}" in proc.stderr
     folder = re.search(r"Pruned model: (.*)", proc.stdout).group(1)
     assert folder == "output/model/tiny-qwen3_dai_prune_50%"
@@ -33,6 +34,9 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     assert zeros == int(sum(w.numel() for w in mlp) * 0.5)
     assert len(os.listdir(tmp_path / "output" / "fisher")) == 6  # two results, each JSON + arrays + summary
     assert len(os.listdir(tmp_path / "data" / "sample")) == 2
+    assert re.search(r"Retrained model: output/retrain/tiny-qwen3_dai_prune_50%_retrained_2steps", proc.stdout)
+    assert sorted(os.listdir(tmp_path / "output" / "eval")) == [
+        "tiny-qwen3_dai_prune_50%_eval.json", "tiny-qwen3_dai_prune_50%_retrained_2steps_eval.json"]
 
 
 def test_example_usage_stops_at_the_first_failing_stage(tmp_path, qwen3_dir):
