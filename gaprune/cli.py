@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Callable, Sequence
 
+from gaprune.dai import FISHER_NORMS, POSTPROCESSING, DAIConfig, required_score_files
 from gaprune.errors import InputError
 from gaprune.layers import LAYER_TYPES
 
@@ -48,6 +50,43 @@ def add_layer_args(parser: argparse.ArgumentParser, default: Sequence[str]) -> N
     parser.add_argument("--sparsify_layers", nargs="+", default=list(default), choices=sorted(LAYER_TYPES),
                         metavar="TYPE",
                         help=f"layer types: {', '.join(sorted(LAYER_TYPES))} (default: {' '.join(default)})")
+
+
+def add_scoring_args(parser: argparse.ArgumentParser) -> None:
+    """The coefficients of the scorers (see gaprune/dai.py), shared by SparseModel.py and compare.py."""
+    group = parser.add_argument_group("scoring coefficients")
+    group.add_argument("--beta", type=float, default=1.0,
+                       help="dai, dai_paper: weight of the general Fisher term (default: 1.0)")
+    group.add_argument("--compression_weight", type=float, default=0.5,
+                       help="dai, dai_paper: weight of the sqrt|W| term (default: 0.5)")
+    group.add_argument("--score_postproc", default="none", choices=POSTPROCESSING,
+                       help="dai: per-tensor normalisation of the scores (default: none)")
+    group.add_argument("--score_temperature", type=float, default=1.0, help="dai: zscore_sigmoid temperature")
+    group.add_argument("--fusion_alpha", type=float, default=0.0, help="dai: weight of an added Fd*|W| term")
+    group.add_argument("--fusion_beta", type=float, default=1.0, help="dai: weight of the DAI score in the fusion")
+    group.add_argument("--alignment_weight", type=float, default=DAIConfig.alignment_weight,
+                       help="dai_paper, aligned_saliency: alpha in (1 + alpha*s), s the gradient cosine from "
+                            f"gradient.py --alignment_mode local_cosine/row_cosine (default: {DAIConfig.alignment_weight})")
+    group.add_argument("--domain_weight", type=float, default=DAIConfig.domain_weight,
+                       help=f"aligned_saliency: lambda_d (default: {DAIConfig.domain_weight})")
+    group.add_argument("--general_weight", type=float, default=DAIConfig.general_weight,
+                       help=f"aligned_saliency: lambda_g (default: {DAIConfig.general_weight})")
+    group.add_argument("--fisher_norm", default=DAIConfig.fisher_norm, choices=FISHER_NORMS,
+                       help="dai_paper, aligned_saliency: Fisher divided by its mean over all candidates "
+                            f"(global) or per tensor, or raw (none) (default: {DAIConfig.fisher_norm})")
+
+
+def scoring_config(args: argparse.Namespace) -> DAIConfig:
+    return DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
+
+
+def check_scorer_inputs(scoring: str, config: DAIConfig, args: argparse.Namespace) -> None:
+    """The score files a scorer cannot run without were given (``args.<side>_scores``)."""
+    if scoring == "aligned_saliency" and config.domain_weight == 0 and config.general_weight == 0:
+        raise InputError("aligned_saliency needs a nonzero --domain_weight or --general_weight")
+    for side in required_score_files(scoring, config):
+        if not getattr(args, f"{side}_scores"):
+            raise InputError(f"scorer {scoring} needs --{side}_scores")
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,15 @@ For a candidate weight W with domain/general Fisher arrays Fd, Fg and element-wi
     raw    = (Fd |W| - beta Fg |W|) factor + compression_weight sqrt(|W| + 1e-8)
     score  = softplus(raw)
 
+Beside it (the default, unchanged), two scorers whose Fisher and alignment terms actually move the mask
+(the published Fisher term is ~1e-5 of the sqrt term, so its mask is in practice magnitude pruning):
+
+    dai_paper:        [(F^_d - beta F^_g) |W| + compression_weight sqrt|W|] (1 + alpha s)
+    aligned_saliency: (lambda_d F^_d + lambda_g F^_g) W^2 (1 + alpha s)
+
+with F^ = F / mean F (over all candidates, or per tensor: --fisher_norm) and s in [-1, 1] the cosine of
+general and domain gradients (gradient.py --alignment_mode local_cosine / row_cosine).
+
 Low scores are pruned. The k lowest scores over all candidates (or per layer) are found exactly
 without ever holding every score at once: a two-pass radix select over the scores' bit patterns.
 """
@@ -25,7 +34,8 @@ from gaprune.layers import layer_key
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]
 ArrayFn = Callable[[str, str], "torch.Tensor | None"]  # (side, parameter name) -> array on the device, or None
 POSTPROCESSING = ("none", "zscore_sigmoid", "minmax", "rank")
-SCORERS = ("dai", "random", "magnitude", "domain_fisher", "general_fisher")
+SCORERS = ("dai", "dai_paper", "aligned_saliency", "random", "magnitude", "domain_fisher", "general_fisher")
+FISHER_NORMS = ("global", "tensor", "none")
 
 
 @dataclass
@@ -36,6 +46,21 @@ class DAIConfig:
     score_temperature: float = 1.0
     fusion_alpha: float = 0.0
     fusion_beta: float = 1.0
+    # dai_paper and aligned_saliency
+    alignment_weight: float = 0.5  # alpha
+    domain_weight: float = 1.0  # lambda_d
+    general_weight: float = 1.0  # lambda_g
+    fisher_norm: str = "global"
+
+
+def required_score_files(scoring: str, config: DAIConfig) -> list[str]:
+    """The score-file sides a scorer cannot run without."""
+    if scoring in ("domain_fisher", "general_fisher"):
+        return [scoring]
+    if scoring == "aligned_saliency":
+        return [side for side, weight in (("domain_fisher", config.domain_weight),
+                                          ("general_fisher", config.general_weight)) if weight != 0]
+    return []
 
 
 def postprocess(score: torch.Tensor, mode: str, temperature: float = 1.0) -> torch.Tensor:
@@ -90,9 +115,51 @@ def dai_score(weight: torch.Tensor, fisher_domain: torch.Tensor | float, fisher_
     return score
 
 
-def make_score_fn(scoring: str, array: ArrayFn, config: DAIConfig, seed: int = 42) -> ScoreFn:
+def normalized_fisher(array: ArrayFn, candidates: Mapping[str, torch.Tensor], mode: str) -> ArrayFn:
+    """Fisher arrays made scale-free: F / (mean F over every candidate weight) for ``global``, F / (mean F of
+    the tensor) for ``tensor``, F itself for ``none``. Global keeps the Fisher ranking across tensors and
+    puts the domain and general sides (whose losses differ in scale) on one footing; tensor removes
+    the cross-tensor differences, leaving the budget split between tensors to |W|."""
+    if mode not in FISHER_NORMS:
+        raise ValueError(f"unknown Fisher normalisation {mode!r}")
+    global_means: dict[str, float] = {}
+
+    def mean_over_candidates(side: str) -> float:
+        if side not in global_means:
+            total = sum(array(side, name).double().sum().item() for name in candidates)
+            global_means[side] = total / sum(p.numel() for p in candidates.values())
+        return global_means[side]
+
+    def fisher(side: str, name: str) -> torch.Tensor | None:
+        value = array(side, name)
+        if value is None:
+            return None
+        value = value.reshape(-1).float()
+        if mode == "none":
+            return value
+        return value.div_(value.mean() if mode == "tensor" else mean_over_candidates(side))
+
+    return fisher
+
+
+def alignment_factor(array: ArrayFn, name: str, weight: torch.Tensor, alpha: float) -> torch.Tensor | None:
+    """Flat 1 + alpha*s for one tensor, s the stored cosine (per weight, or per row broadcast along it);
+    None when alpha is 0 or there is no alignment file."""
+    if alpha == 0:
+        return None
+    cosine = array("alignment_cosine", name)
+    if cosine is None:
+        return None
+    if cosine.shape != weight.shape:  # one value per output row
+        cosine = cosine.reshape(-1, 1).expand(weight.shape[0], weight[0].numel())
+    return cosine.reshape(-1).float().mul(alpha).add_(1)
+
+
+def make_score_fn(scoring: str, array: ArrayFn, config: DAIConfig, seed: int = 42,
+                  candidates: Mapping[str, torch.Tensor] | None = None) -> ScoreFn:
     """The per-tensor score function of a scorer. Baselines: random, magnitude |w|, and the Fisher
-    saliency F*w^2 of one side (the usual second-order estimate of the loss change from removing w)."""
+    saliency F*w^2 of one side (the usual second-order estimate of the loss change from removing w).
+    ``candidates`` is needed for the global Fisher normalisation of dai_paper and aligned_saliency."""
     if scoring == "dai":
         def dai(name, weight):
             def side(key, absent):
@@ -101,6 +168,35 @@ def make_score_fn(scoring: str, array: ArrayFn, config: DAIConfig, seed: int = 4
             return dai_score(weight, side("domain_fisher", 1.0), side("general_fisher", 1.0),
                              side("alignment", 0.0), config)
         return dai
+    if scoring in ("dai_paper", "aligned_saliency"):
+        fisher = normalized_fisher(array, candidates or {}, config.fisher_norm)
+
+        def scaled(name, weight):
+            return alignment_factor(array, name, weight, config.alignment_weight)
+
+        if scoring == "dai_paper":
+            def dai_paper(name, weight):
+                magnitude = weight.detach().reshape(-1).float().abs()
+                fd, fg = fisher("domain_fisher", name), fisher("general_fisher", name)
+                fisher_term = (1.0 if fd is None else fd) - config.beta * (1.0 if fg is None else fg)
+                score = torch.sqrt(magnitude + 1e-8).mul_(config.compression_weight).add_(fisher_term * magnitude)
+                factor = scaled(name, weight)
+                return score if factor is None else score.mul_(factor)
+            return dai_paper
+
+        def aligned_saliency(name, weight):
+            total = None
+            for side, weight_of_side in (("domain_fisher", config.domain_weight),
+                                         ("general_fisher", config.general_weight)):
+                if weight_of_side != 0:
+                    term = fisher(side, name).mul_(weight_of_side)
+                    total = term if total is None else total.add_(term)
+            if total is None:
+                raise ValueError("aligned_saliency needs a nonzero domain_weight or general_weight")
+            total.mul_(weight.detach().reshape(-1).float().square())
+            factor = scaled(name, weight)
+            return total if factor is None else total.mul_(factor)
+        return aligned_saliency
     if scoring == "random":
         def random_score(name, weight):  # the same draw for a tensor in every pass
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -300,7 +396,7 @@ def prune_candidates(candidates: Mapping[str, torch.Tensor], array: ArrayFn, sco
                      seed: int = 42) -> MaskResult:
     """Score with ``scoring`` and zero the lowest weights in place. Also report how much of the mask plain
     magnitude pruning at the same budget shares and, for dai, how large the Fisher term is."""
-    score_fn = make_score_fn(scoring, array, config, seed)
+    score_fn = make_score_fn(scoring, array, config, seed, candidates)
     reference = make_score_fn("magnitude", array, config)
     diagnostics = {}
     if scoring == "dai":

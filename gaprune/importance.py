@@ -111,11 +111,43 @@ def elementwise_alignment(avg_general: torch.Tensor, avg_domain: torch.Tensor) -
     return F.conv2d(product[None, None], kernel, padding="same")[0, 0]
 
 
+def local_cosine(avg_general: torch.Tensor, avg_domain: torch.Tensor) -> torch.Tensor:
+    """Cosine of the two gradients over each weight's zero-padded k x k neighbourhood (k = min(3, smallest
+    side)), shaped like the parameter: sum(g d) / sqrt(sum(g^2) sum(d^2)) over the window, so it lies in
+    [-1, 1] (Cauchy-Schwarz); 0 where either gradient is zero on the whole window. Tensors with more than
+    two dimensions are viewed as (rows, rest)."""
+    g = avg_general.reshape(avg_general.shape[0], -1)
+    d = avg_domain.reshape(avg_domain.shape[0], -1)
+    k = min(3, *g.shape)
+    kernel = torch.ones((1, 1, k, k), dtype=g.dtype, device=g.device)
+
+    def window_sum(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x[None, None], kernel, padding="same")[0, 0]
+
+    denominator = (window_sum(g * g) * window_sum(d * d)).sqrt_()
+    cosine = window_sum(g * d).div_(denominator.clamp(min=torch.finfo(g.dtype).tiny))
+    return cosine.masked_fill_(denominator <= 0, 0).clamp_(-1, 1).reshape(avg_general.shape)
+
+
+def row_cosine(avg_general: torch.Tensor, avg_domain: torch.Tensor) -> torch.Tensor:
+    """Cosine of the two gradients over each output row (one value per row, shape [rows]); 0 for a row
+    where either gradient is zero."""
+    g = avg_general.reshape(avg_general.shape[0], -1)
+    d = avg_domain.reshape(avg_domain.shape[0], -1)
+    denominator = g.norm(dim=1) * d.norm(dim=1)
+    cosine = (g * d).sum(dim=1).div_(denominator.clamp(min=torch.finfo(g.dtype).tiny))
+    return cosine.masked_fill_(denominator <= 0, 0).clamp_(-1, 1)
+
+
+ALIGNMENT_MODES = {"product": None, "local_cosine": local_cosine, "row_cosine": row_cosine}
+
+
 @dataclass
 class AlignmentResult:
     alignment_scores: dict[str, float]
     conflict_rates: dict[str, float]
     elementwise: dict[str, torch.Tensor]
+    cosine: dict[str, torch.Tensor]  # the --alignment_mode array (local_cosine / row_cosine); empty for product
     losses: dict[str, float | None]
     processed_batches: int
     total_samples_processed: int
@@ -124,13 +156,15 @@ class AlignmentResult:
 
 def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequence[dict], batch_size: int,
                        max_samples: int, layer_types: Sequence[str], seed: int = 42,
-                       distributed: bool = False) -> AlignmentResult:
+                       distributed: bool = False, alignment_mode: str = "product") -> AlignmentResult:
     """Cosine agreement of general and domain gradients, per parameter and (for selected ones) per weight.
 
     Each step: a general half-batch of batch_size // 2 and a domain half-batch of the rest, each from
     its own seeded shuffled pass. Sums of both gradients give the averaged gradients; per step and
-    parameter, the cosine of the two gradients counts a conflict when negative.
+    parameter, the cosine of the two gradients counts a conflict when negative. Besides the published
+    element-wise product, ``alignment_mode`` local_cosine / row_cosine also keeps a true cosine in [-1, 1].
     """
+    cosine_fn = ALIGNMENT_MODES[alignment_mode]
     general_half, domain_half = batch_size // 2, batch_size - batch_size // 2
     if general_half < 1:
         raise InputError(f"--batch_size must be at least 2 (one general and one domain triple), got {batch_size}")
@@ -176,7 +210,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         del general_grads, domain_grads
     embedder.model.zero_grad(set_to_none=True)
 
-    alignment, elementwise = {}, {}
+    alignment, elementwise, cosine = {}, {}, {}
     for index, (name, _) in enumerate(named):
         avg_g = sum_general[index].div_(steps)
         avg_d = sum_domain[index].div_(steps)
@@ -187,6 +221,8 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
             alignment[name] = (torch.dot(avg_g.flatten(), avg_d.flatten()) / (norm_g * norm_d)).item()
         if name in selected:
             elementwise[name] = elementwise_alignment(avg_g, avg_d)
+            if cosine_fn is not None:
+                cosine[name] = cosine_fn(avg_g, avg_d)
         sum_general[index] = sum_domain[index] = None  # free as we go
     rates = torch.where(seen > 0, conflicts / seen.clamp(min=1), torch.zeros_like(seen)).tolist()
     losses = (loss_sums / steps).tolist()
@@ -194,6 +230,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         alignment_scores=alignment,
         conflict_rates={name: rate for (name, _), rate in zip(named, rates)},
         elementwise=elementwise,
+        cosine=cosine,
         losses={"general": losses[0], "domain": losses[1], "mixed": None},
         processed_batches=steps,
         total_samples_processed=steps * batch_size,

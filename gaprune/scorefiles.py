@@ -24,6 +24,7 @@ from gaprune.layers import strip_prefix
 log = logging.getLogger(__name__)
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COSINE_PREFIX = "cosine::"  # gradient.py --alignment_mode local_cosine/row_cosine arrays, beside the published ones
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -125,15 +126,19 @@ class ScoreArrays:
             shapes = metadata.get("parameter_shapes") or {}
         self.shapes = {strip_prefix(n): s for n, s in shapes.items() if s is not None}
         folder = os.path.dirname(json_path)
+        self.alignment_mode = metadata.get("alignment_mode", "product")
         self._tensor_path = None
         self._npy_folder = None
+        self._cosine: dict[str, str] = {}
         if metadata.get("tensor_file"):
             tensor_path = os.path.join(folder, metadata["tensor_file"])
             if not os.path.isfile(tensor_path):
                 raise InputError(f"{json_path} names the tensor file {metadata['tensor_file']}, which is missing")
             self._tensor_path = tensor_path
             with safe_open(tensor_path, framework="pt") as handle:
-                self._names = {strip_prefix(n): n for n in handle.keys()}
+                keys = list(handle.keys())
+            self._names = {strip_prefix(n): n for n in keys if not n.startswith(COSINE_PREFIX)}
+            self._cosine = {strip_prefix(n.removeprefix(COSINE_PREFIX)): n for n in keys if n.startswith(COSINE_PREFIX)}
         else:
             self._npy_folder = self._published_folder(json_path, kind)
             self._names = {}
@@ -168,6 +173,14 @@ class ScoreArrays:
             if list(recorded) != list(shape):
                 raise InputError(f"{self.path}: {key} has shape {list(recorded)} but the model's is {list(shape)}; "
                                  f"the scores come from another model ({self.model_name})")
+            if self._cosine:
+                if key not in self._cosine:
+                    raise InputError(f"{self.path} has no {self.alignment_mode} array for {key}")
+                with safe_open(self._tensor_path, framework="pt") as handle:
+                    cosine_shape = handle.get_slice(self._cosine[key]).get_shape()
+                if list(cosine_shape) not in (list(shape), list(shape[:1])):
+                    raise InputError(f"{self.path}: the {self.alignment_mode} array of {key} has shape "
+                                     f"{list(cosine_shape)}, which fits neither {list(shape)} nor {list(shape[:1])}")
 
     def _array_shape(self, key: str) -> list[int]:
         if self._tensor_path is not None:
@@ -175,7 +188,15 @@ class ScoreArrays:
                 return handle.get_slice(self._names[key]).get_shape()
         return list(np.load(os.path.join(self._npy_folder, self._names[key]), mmap_mode="r").shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, cosine: bool = False) -> torch.Tensor:
+        """The array of one parameter; with ``cosine``, its local_cosine / row_cosine array instead."""
+        if cosine:
+            if not self._cosine:
+                raise InputError(f"{self.path} has only the published element-wise alignment; this scorer needs "
+                                 f"a cosine in [-1, 1]: rerun gradient.py with --alignment_mode local_cosine "
+                                 f"(or row_cosine), or set --alignment_weight 0")
+            with safe_open(self._tensor_path, framework="pt") as handle:
+                return handle.get_tensor(self._cosine[strip_prefix(name)]).float()
         key = self._names[strip_prefix(name)]
         if self._tensor_path is not None:
             # opened per read: the memory map is released with each tensor instead of growing with the file
@@ -200,7 +221,9 @@ def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[
             scores.check(candidate_shapes)
 
     def array(side: str, name: str) -> torch.Tensor | None:
-        scores = arrays.get(side)
-        return None if scores is None else scores.get(name).to(device)
+        """side: domain_fisher, general_fisher, alignment (the published product) or alignment_cosine."""
+        cosine = side == "alignment_cosine"
+        scores = arrays.get("alignment" if cosine else side)
+        return None if scores is None else scores.get(name, cosine).to(device)
 
     return array

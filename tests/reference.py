@@ -77,3 +77,17 @@ def cosine(a, b):
 
 
 __all__ = ["load", "embed", "info_nce", "batch_loss", "grads", "mean_filter_3x3", "cosine", "math"]
+
+
+def window_cosine_3x3(g, d):
+    """Cosine of g and d over each entry's zero-padded 3x3 window, written out with loops (0 where a
+    window of either is all zero)."""
+    rows, cols = g.shape
+    out = torch.zeros_like(g)
+    for i in range(rows):
+        for j in range(cols):
+            window = (slice(max(i - 1, 0), i + 2), slice(max(j - 1, 0), j + 2))
+            a, b = g[window].flatten(), d[window].flatten()
+            if a.norm() > 0 and b.norm() > 0:
+                out[i, j] = torch.dot(a, b) / (a.norm() * b.norm())
+    return out

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gaprune.dai import DAIConfig, dai_score, kth_smallest, prune_lowest, uniform_allocation
+from gaprune.dai import DAIConfig, dai_score, kth_smallest, make_score_fn, prune_lowest, uniform_allocation
 
 
 def softplus(x):
@@ -142,3 +142,79 @@ def test_uniform_budget_prunes_each_layers_share():
     global_weights = {n: w.clone() for n, w in original.items()}
     global_result = prune_lowest(global_weights, score_fn, 0.5)
     assert global_result.per_layer_allocations["layers.1"]["masked"] < 200
+
+
+# Two tensors with Fisher arrays, a per-weight cosine for the first and a per-row cosine for the second.
+NEW_W = {"a": torch.tensor([[0.5, -1.5, 0.02], [-0.3, 2.0, 0.1]]), "b": torch.tensor([[0.2, -0.1], [1.0, 0.4]])}
+NEW_FD = {"a": torch.tensor([[2.0, 0.1, 30.0], [1.0, 0.5, 4.0]]), "b": torch.tensor([[0.3, 8.0], [0.2, 0.6]])}
+NEW_FG = {"a": torch.tensor([[1.0, 0.2, 1.0], [3.0, 0.1, 0.5]]), "b": torch.tensor([[5.0, 0.1], [0.4, 0.2]])}
+NEW_S = {"a": torch.tensor([[0.9, -0.4, 0.0], [-1.0, 0.3, 0.5]]), "b": torch.tensor([-0.5, 0.8])}
+
+
+def new_arrays(side, name):
+    table = {"domain_fisher": NEW_FD, "general_fisher": NEW_FG, "alignment_cosine": NEW_S}[side]
+    return table[name].clone()
+
+
+def expected_new_scores(scoring, cfg):
+    """dai_paper / aligned_saliency written out weight by weight in float64."""
+    def flat(t):
+        return [float(v) for v in t.flatten()]
+    total = sum(w.numel() for w in NEW_W.values())
+    global_mean = {side: sum(sum(flat(t[n])) for n in NEW_W) / total for side, t in (("d", NEW_FD), ("g", NEW_FG))}
+    out = {}
+    for name, w in NEW_W.items():
+        fd, fg, ws = flat(NEW_FD[name]), flat(NEW_FG[name]), flat(w)
+        cols = w.shape[1]
+        s = flat(NEW_S[name]) if NEW_S[name].shape == w.shape else [float(NEW_S[name][i // cols]) for i in range(w.numel())]
+        if cfg.fisher_norm == "global":
+            fd = [x / global_mean["d"] for x in fd]
+            fg = [x / global_mean["g"] for x in fg]
+        elif cfg.fisher_norm == "tensor":
+            fd = [x / (sum(fd) / len(fd)) for x in fd]
+            fg = [x / (sum(fg) / len(fg)) for x in fg]
+        scores = []
+        for i, x in enumerate(ws):
+            if scoring == "dai_paper":
+                base = (fd[i] - cfg.beta * fg[i]) * abs(x) + cfg.compression_weight * math.sqrt(abs(x) + 1e-8)
+            else:
+                base = (cfg.domain_weight * fd[i] + cfg.general_weight * fg[i]) * x * x
+            scores.append(base * (1 + cfg.alignment_weight * s[i]))
+        out[name] = scores
+    return out
+
+
+@pytest.mark.parametrize("scoring", ["dai_paper", "aligned_saliency"])
+@pytest.mark.parametrize("cfg", [
+    DAIConfig(),
+    DAIConfig(fisher_norm="tensor", alignment_weight=0.8),
+    DAIConfig(fisher_norm="none", alignment_weight=0.0, beta=0.5, compression_weight=0.1),
+    DAIConfig(domain_weight=2.0, general_weight=0.0, alignment_weight=1.0),
+])
+def test_new_scorers_match_their_formulas(scoring, cfg):
+    score_fn = make_score_fn(scoring, new_arrays, cfg, candidates=NEW_W)
+    expected = expected_new_scores(scoring, cfg)
+    for name, w in NEW_W.items():
+        assert score_fn(name, w).tolist() == pytest.approx(expected[name], rel=1e-5, abs=1e-7)
+
+
+def test_new_scorers_without_score_files():
+    absent = lambda side, name: None
+    w = torch.tensor([0.1, -0.4, 0.2, 0.9])
+    # dai_paper with no files: both Fisher sides 1, (1 - beta) = 0 -> the sqrt|w| term alone, no alignment factor
+    score = make_score_fn("dai_paper", absent, DAIConfig(), candidates={"w": w})("w", w)
+    assert score.tolist() == pytest.approx([0.5 * math.sqrt(abs(x) + 1e-8) for x in w.tolist()], rel=1e-6)
+    with pytest.raises(ValueError, match="nonzero domain_weight or general_weight"):
+        make_score_fn("aligned_saliency", absent, DAIConfig(domain_weight=0, general_weight=0), candidates={"w": w})("w", w)
+
+
+def test_alignment_changes_the_mask_where_fisher_ties():
+    # equal Fisher and magnitude everywhere: only the cosine decides, and conflicting weights go first
+    w = {"t": torch.ones(2, 4)}
+    arrays = {"domain_fisher": torch.ones(2, 4), "general_fisher": torch.ones(2, 4),
+              "alignment_cosine": torch.tensor([[0.9, -0.8, 0.1, -0.2], [0.5, 0.0, -0.9, 0.3]])}
+    score_fn = make_score_fn("aligned_saliency", lambda side, name: arrays[side].clone(), DAIConfig(alignment_weight=0.5),
+                             candidates=w)
+    result = prune_lowest(w, score_fn, 0.25)
+    assert result.masked == 2
+    assert (w["t"] == 0).nonzero().tolist() == [[0, 1], [1, 2]]

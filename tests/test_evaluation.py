@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import last_line
+from gaprune.cli import run
 from gaprune.dai import DAIConfig, make_score_fn, prune_candidates
 from gaprune.evaluation import build_corpus, query_text, ranking_metrics, relevant_ranks
 from gaprune.features import fisher
@@ -101,7 +102,8 @@ def test_compare_produces_every_row_and_the_dense_row_matches_evaluate(capsys, t
     assert last_line(stdout) == path
     rows = json.load(open(path))["rows"]
     assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0)] + [
-        (m, s) for s in (0.5, 0.6) for m in ("dai", "random", "magnitude", "domain_fisher", "general_fisher")]
+        (m, s) for s in (0.5, 0.6) for m in ("dai", "dai_paper", "aligned_saliency", "random", "magnitude",
+                                             "domain_fisher", "general_fisher")]
     assert os.path.isfile(path.replace(".json", ".md"))
     assert "| magnitude | 60% |" in stdout
     evaluated = json.load(open(evaluate.main(["--model_path", qwen3_dir, "--data_paths", data_files["chem"],
@@ -109,3 +111,24 @@ def test_compare_produces_every_row_and_the_dense_row_matches_evaluate(capsys, t
     assert rows[0]["domain"] == evaluated["results"][data_files["chem"]]["metrics"]
     magnitude = next(r for r in rows if r["method"] == "magnitude" and r["sparsity"] == 0.5)
     assert magnitude["masked_params"] == int(3 * 2 * 64 * 128 * 0.5)
+
+
+def test_compare_scorer_overrides_and_bad_specs(capsys, tmp_path, qwen3_dir, data_files, fisher_files):
+    base = ["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+            data_files["general"], "--general_fisher_scores", fisher_files["general"], "--domain_fisher_scores",
+            fisher_files["domain"], "--output_dir", str(tmp_path)]
+    path = compare.main(base + ["--scorers", "aligned_saliency:general_weight=0,fisher_norm=none", "domain_fisher",
+                                "magnitude"])
+    capsys.readouterr()
+    rows = {r["method"]: r for r in json.load(open(path))["rows"]}
+    custom = rows["aligned_saliency:general_weight=0,fisher_norm=none"]
+    assert custom["config"]["general_weight"] == 0.0 and custom["config"]["fisher_norm"] == "none"
+    # with lambda_g = 0 and raw Fisher it is the domain-Fisher saliency: same mask, same metrics
+    assert custom["domain"] == rows["domain_fisher"]["domain"]
+    assert custom["mask_agreement_with_magnitude"] == rows["domain_fisher"]["mask_agreement_with_magnitude"]
+    assert rows["magnitude"]["mask_agreement_with_magnitude"] == 1.0
+    for spec, message in (("nope", "unknown scorer 'nope'"), ("dai_paper:alpha=1", "bad override 'alpha=1'"),
+                          ("dai_paper:beta=x", "bad value 'x' for beta")):
+        with pytest.raises(SystemExit):
+            run(compare.main, base + ["--scorers", spec])
+        assert message in capsys.readouterr().err

@@ -144,3 +144,45 @@ def test_other_seed_changes_the_pairing(capsys, tmp_path, qwen3_dir, data_files)
     first, _ = run_gradient(capsys, qwen3_dir, data_files, tmp_path / "a", "--max_samples", "6")
     other, _ = run_gradient(capsys, qwen3_dir, data_files, tmp_path / "b", "--max_samples", "6", "--seed", "7")
     assert json.load(open(first))["losses"] != json.load(open(other))["losses"]
+
+
+def test_cosine_alignment_modes_exact_and_in_range(qwen3_dir, chem_triples, web_triples):
+    embedder = load_embedder(qwen3_dir, "cpu", "float32")
+    embedder.model.double()
+    local = gradient_alignment(embedder, web_triples, chem_triples, 4, 8, ["mlp"], alignment_mode="local_cosine")
+    rows = gradient_alignment(embedder, web_triples, chem_triples, 4, 8, ["mlp"], alignment_mode="row_cosine")
+    product = gradient_alignment(embedder, web_triples, chem_triples, 4, 8, ["mlp"])
+    _, avg_g, avg_d, _ = reference_alignment(qwen3_dir, web_triples, chem_triples, 4, 8, dtype=torch.float64)
+    assert product.cosine == {} and set(local.cosine) == set(rows.cosine) == set(product.elementwise)
+    for name in product.elementwise:  # the published arrays are the same in every mode
+        torch.testing.assert_close(local.elementwise[name], product.elementwise[name], rtol=0, atol=0)
+    name = sorted(local.cosine)[0]
+    g, d = avg_g[name], avg_d[name]
+    torch.testing.assert_close(local.cosine[name], reference.window_cosine_3x3(g, d), rtol=1e-9, atol=1e-12)
+    expected_rows = torch.stack([torch.dot(g[i], d[i]) / (g[i].norm() * d[i].norm()) for i in range(g.shape[0])])
+    torch.testing.assert_close(rows.cosine[name], expected_rows, rtol=1e-9, atol=1e-12)
+    for cosine in (*local.cosine.values(), *rows.cosine.values()):
+        assert cosine.abs().max() <= 1
+    # unlike the published product (~1/numel), the cosine spreads over the range
+    assert local.cosine[name].abs().mean() > 0.1
+    assert product.elementwise[name].abs().max() < 0.01
+
+
+def test_cli_alignment_mode_adds_cosine_arrays(capsys, tmp_path, qwen3_dir, data_files):
+    plain, _ = run_gradient(capsys, qwen3_dir, data_files, tmp_path / "a", "--max_samples", "8")
+    with_cosine, stdout = run_gradient(capsys, qwen3_dir, data_files, tmp_path / "b", "--max_samples", "8",
+                                       "--alignment_mode", "row_cosine")
+    assert "row_cosine arrays" in stdout
+    meta = json.load(open(with_cosine))["metadata"]
+    assert meta["alignment_mode"] == "row_cosine"
+
+    def arrays(json_path):
+        tensor_file = os.path.join(os.path.dirname(json_path), json.load(open(json_path))["metadata"]["tensor_file"])
+        with safe_open(tensor_file, framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+
+    a, b = arrays(plain), arrays(with_cosine)
+    assert set(b) == set(a) | {"cosine::" + name for name in a}
+    for name, value in a.items():
+        assert torch.equal(b[name], value)
+        assert list(b["cosine::" + name].shape) == [value.shape[0]]

@@ -214,3 +214,48 @@ def test_bad_inputs(capsys, tmp_path, qwen3_dir, bert_dir, score_files, other_mo
     line = fail(capsys, ["--model_path", bert_dir, "--output_dir", str(out), "--sparsify_layers", "mlp_gate",
                          "--unstructured_pct", "0.5"])
     assert "mlp_gate" in line and listing(out) == []
+
+
+def test_aligned_saliency_on_a_real_score_file(capsys, tmp_path, qwen3_dir, data_files, score_files):
+    files = dict(score_files["qwen3"])
+    line = fail(capsys, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "x"), "--unstructured_pct", "0.5",
+                         "--unstructured_scoring", "aligned_saliency", "--alignment_scores", files["alignment"],
+                         "--general_fisher_scores", files["general"], "--domain_fisher_scores", files["domain"]])
+    assert "rerun gradient.py with --alignment_mode local_cosine" in line
+    assert listing(tmp_path) == []
+    line = fail(capsys, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "x"), "--unstructured_pct", "0.5",
+                         "--unstructured_scoring", "aligned_saliency", "--domain_fisher_scores", files["domain"]])
+    assert "scorer aligned_saliency needs --general_fisher_scores" in line
+
+    files["alignment"] = gradient.main(["--model_name", qwen3_dir, "--max_samples", "6", "--batch_size", "2",
+                                        "--general_data_path", data_files["general"], "--domain_data_path",
+                                        data_files["chem"], "--output_dir", str(tmp_path / "scores"),
+                                        "--alignment_mode", "local_cosine"])
+    capsys.readouterr()
+    folder, _ = prune(capsys, qwen3_dir, files, tmp_path / "out", "--unstructured_pct", "0.5",
+                      "--unstructured_scoring", "aligned_saliency", "--alignment_weight", "0.7")
+    assert os.path.basename(folder) == "tiny-qwen3_aligned_saliency_prune_50%"
+    stats = json.load(open(os.path.join(folder, "unstructured_prune_stats.json")))
+    assert stats["masked_params"] == int(stats["total_params_considered"] * 0.5)
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["alignment_weight"] == 0.7 and config["fisher_norm"] == "global"
+    # the mask follows (Fd/mean + Fg/mean) w^2 (1 + 0.7 s), recomputed here from the files
+    weights = saved_weights(folder)
+    model = load_embedder(qwen3_dir, "cpu", "float32").model
+    dense = {n: p.detach() for n, p in model.named_parameters() if re.search(r"mlp\.(gate|up|down)_proj", n)}
+
+    def arrays(json_path, prefix=""):
+        meta = json.load(open(json_path))["metadata"]
+        with safe_open(os.path.join(os.path.dirname(json_path), meta["tensor_file"]), framework="pt") as handle:
+            return {n: handle.get_tensor(prefix + n) for n in dense}
+
+    fd, fg, s = arrays(files["domain"]), arrays(files["general"]), arrays(files["alignment"], "cosine::")
+    mean_d = sum(float(a.double().sum()) for a in fd.values()) / sum(a.numel() for a in fd.values())
+    mean_g = sum(float(a.double().sum()) for a in fg.values()) / sum(a.numel() for a in fg.values())
+    scores = {n: (fd[n] / mean_d + fg[n] / mean_g) * dense[n] ** 2 * (1 + 0.7 * s[n]) for n in dense}
+    everything = torch.cat([v.flatten() for v in scores.values()])
+    threshold = torch.kthvalue(everything, stats["masked_params"]).values
+    for n in dense:
+        zeroed = weights[n] == 0
+        assert bool((scores[n][zeroed] <= threshold * (1 + 1e-5)).all())
+        assert bool((scores[n][~zeroed] >= threshold * (1 - 1e-5)).all())

@@ -12,9 +12,9 @@ import numpy as np
 
 from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
-from gaprune.importance import gradient_alignment
+from gaprune.importance import ALIGNMENT_MODES, gradient_alignment
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import model_dirname, tensor_file_for, timestamp, write_json, write_tensors
+from gaprune.scorefiles import COSINE_PREFIX, model_dirname, tensor_file_for, timestamp, write_json, write_tensors
 
 log = logging.getLogger("gaprune.gradient")
 
@@ -32,6 +32,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output_dir", default="output")
     add_layer_args(parser, ["attention", "mlp"])
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffled loaders (default: 42)")
+    parser.add_argument("--alignment_mode", default="product", choices=list(ALIGNMENT_MODES),
+                        help="product: only the published element-wise arrays (u_gen*u_dom, 3x3 mean); "
+                             "local_cosine / row_cosine: also a cosine in [-1, 1] of the two gradients over "
+                             "each weight's 3x3 neighbourhood / output row, for the dai_paper and "
+                             "aligned_saliency scorers (default: product)")
     add_runtime_args(parser)
     return parser
 
@@ -70,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> str:
              args.model_name, embedder.device, embedder.model.dtype)
 
     result = gradient_alignment(embedder, general, domain, args.batch_size, args.max_samples, args.sparsify_layers,
-                                seed=args.seed, distributed=args.use_distributed)
+                                seed=args.seed, distributed=args.use_distributed,
+                                alignment_mode=args.alignment_mode)
 
     now = datetime.now()
     model = model_dirname(args.model_name)
@@ -91,12 +97,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         "domain_data_path": args.domain_data_path,
         "general_data_path": args.general_data_path,
         "seed": args.seed,
+        "alignment_mode": args.alignment_mode,
         "sparsify_layers": args.sparsify_layers,
         "compute_dtype": str(embedder.model.dtype).removeprefix("torch."),
         "tensor_file": os.path.basename(tensor_path),
         "parameter_shapes": result.shapes,
     }
-    write_tensors(tensor_path, result.elementwise, metadata={"model_name": args.model_name,
+    arrays = {**result.elementwise, **{COSINE_PREFIX + name: a for name, a in result.cosine.items()}}
+    write_tensors(tensor_path, arrays, metadata={"model_name": args.model_name,
                                                             "method": "alignment_elementwise"})
     write_json(json_path, {"metadata": metadata, "losses": result.losses,
                            "alignment_scores": result.alignment_scores, "conflict_rates": result.conflict_rates})
@@ -112,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     })
 
     print_summary(stats, result.alignment_scores, result.conflict_rates, result.losses)
-    print(f"Element-wise alignment for {len(result.elementwise)} parameters: {tensor_path}")
+    print(f"Element-wise alignment for {len(result.elementwise)} parameters"
+          f"{f' (with {args.alignment_mode} arrays)' if result.cosine else ''}: {tensor_path}")
     print(json_path)
     return json_path
 

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import torch
 
-from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, run
-from gaprune.dai import POSTPROCESSING, SCORERS, DAIConfig, MaskResult, prune_candidates
+from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
+                         run, scoring_config)
+from gaprune.dai import SCORERS, MaskResult, prune_candidates
 from gaprune.errors import InputError
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
 from gaprune.modeling import checkpoint_shapes, embed_normalized, load_embedder, resolve_model_dir, save_model
@@ -30,20 +31,16 @@ def build_parser() -> ArgumentParser:
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--unstructured_pct", type=float, default=0.0, help="share of candidate weights to zero, 0..1")
     parser.add_argument("--unstructured_scoring", default="dai", choices=SCORERS,
-                        help="dai (default), or a baseline: random, magnitude, domain_fisher / general_fisher "
-                             "(Fisher saliency F*w^2; needs that side's file)")
+                        help="dai (default, the published formula); dai_paper, aligned_saliency (Fisher and "
+                             "gradient-cosine terms that act, see README); or a baseline: random, magnitude, "
+                             "domain_fisher / general_fisher (Fisher saliency F*w^2; needs that side's file)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
     parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
-    parser.add_argument("--score_postproc", default="none", choices=POSTPROCESSING)
-    parser.add_argument("--score_temperature", type=float, default=1.0)
-    parser.add_argument("--fusion_alpha", type=float, default=0.0)
-    parser.add_argument("--fusion_beta", type=float, default=1.0)
     parser.add_argument("--rho_min", type=float, default=0.05, help="uniform: least share pruned per layer")
     parser.add_argument("--rho_max", type=float, default=0.95, help="uniform: largest share pruned per layer")
-    parser.add_argument("--beta", type=float, default=1.0, help="weight of the general Fisher term")
-    parser.add_argument("--compression_weight", type=float, default=0.5, help="weight of the sqrt|W| term")
+    add_scoring_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -55,9 +52,7 @@ def validate(args) -> None:
         raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.unstructured_scoring.endswith("_fisher") and not getattr(args, f"{args.unstructured_scoring}_scores"):
-        raise InputError(f"--unstructured_scoring {args.unstructured_scoring} needs "
-                         f"--{args.unstructured_scoring}_scores")
+    check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
 
 
 def show_layer_types(model_path: str) -> None:
@@ -120,9 +115,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     log.info("%d candidate tensors (%d weights) in %s; pruning %.1f%% by %s (%s budget)", len(candidates),
              considered, " ".join(args.sparsify_layers), 100 * args.unstructured_pct, args.unstructured_scoring,
              args.layer_budget_strategy)
-    config = DAIConfig(beta=args.beta, compression_weight=args.compression_weight,
-                       score_postproc=args.score_postproc, score_temperature=args.score_temperature,
-                       fusion_alpha=args.fusion_alpha, fusion_beta=args.fusion_beta)
+    config = scoring_config(args)
     zeros_before = count_zeros(embedder.model)
     result = prune_candidates(candidates, array, args.unstructured_scoring, config, args.unstructured_pct,
                               args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
@@ -144,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                     "layer_budget_strategy": args.layer_budget_strategy, "score_postproc": args.score_postproc,
                     "score_temperature": args.score_temperature, "fusion_alpha": args.fusion_alpha,
                     "fusion_beta": args.fusion_beta, "rho_min": args.rho_min, "rho_max": args.rho_max,
-                    "beta": args.beta, "compression_weight": args.compression_weight},
+                    "beta": args.beta, "compression_weight": args.compression_weight,
+                    "alignment_weight": args.alignment_weight, "domain_weight": args.domain_weight,
+                    "general_weight": args.general_weight, "fisher_norm": args.fisher_norm},
                 "score_files": {"general_fisher_scores": args.general_fisher_scores,
                                 "domain_fisher_scores": args.domain_fisher_scores,
                                 "alignment_scores": args.alignment_scores},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from datetime import datetime
@@ -9,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from gaprune.cli import ArgumentParser, add_layer_args, add_runtime_args, positive_int, run
+from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
+                         positive_int, run, scoring_config)
 from gaprune.dai import SCORERS, DAIConfig, prune_candidates
 from gaprune.data import load_triples
 from gaprune.errors import InputError
@@ -30,18 +32,37 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--domain_fisher_scores")
     parser.add_argument("--alignment_scores")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="shares of candidates to prune")
-    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), metavar="SCORER[:KEY=VALUE,...]",
+                        help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
+                             "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all)")
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--compression_weight", type=float, default=0.5)
     parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"])
     parser.add_argument("--max_samples", type=positive_int, help="evaluate the first N triples of each file")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer")
     parser.add_argument("--output_dir", default="output/compare")
+    add_scoring_args(parser)
     add_runtime_args(parser)
     return parser
+
+
+def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig]:
+    """'aligned_saliency:alignment_weight=0,fisher_norm=tensor' -> ('aligned_saliency', config with those set)."""
+    scoring, _, overrides = spec.partition(":")
+    if scoring not in SCORERS:
+        raise InputError(f"unknown scorer {scoring!r} in {spec!r}; choose from {', '.join(SCORERS)}")
+    changes = {}
+    for item in filter(None, overrides.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(base, key):
+            raise InputError(f"bad override {item!r} in {spec!r}; use KEY=VALUE with KEY one of "
+                             f"{', '.join(f.name for f in dataclasses.fields(DAIConfig))}")
+        try:
+            changes[key] = type(getattr(base, key))(value)
+        except ValueError:
+            raise InputError(f"bad value {value!r} for {key} in {spec!r}") from None
+    return scoring, dataclasses.replace(base, **changes)
 
 
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
@@ -67,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
-    for scorer in args.scorers:
-        if scorer.endswith("_fisher") and not getattr(args, f"{scorer}_scores"):
-            raise InputError(f"scorer {scorer} needs --{scorer}_scores")
+    scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in args.scorers]
+    for _, scoring, config in scorers:
+        check_scorer_inputs(scoring, config, args)
     domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
     embedder = load_embedder(args.model_path, args.device, args.dtype)
@@ -77,8 +98,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     array = open_score_files({"domain_fisher": args.domain_fisher_scores, "general_fisher": args.general_fisher_scores,
                               "alignment": args.alignment_scores},
                              {name: list(p.shape) for name, p in candidates.items()}, embedder.device)
+    if args.alignment_scores and any(scoring in ("dai_paper", "aligned_saliency") and config.alignment_weight
+                                     for _, scoring, config in scorers):
+        array("alignment_cosine", next(iter(candidates)))  # fails now, not after the dense run, without cosines
     dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
-    config = DAIConfig(beta=args.beta, compression_weight=args.compression_weight)
 
     def evaluate() -> tuple[dict, dict]:
         return ({p: evaluate_triples(embedder, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
@@ -90,14 +113,15 @@ def main(argv: Sequence[str] | None = None) -> str:
              "files": {**dense_domain, **dense_general}}
     rows = [dense]
     for pct in args.sparsity:
-        for scorer in args.scorers:
+        for spec, scoring, config in scorers:
             with torch.no_grad():
                 for name, p in candidates.items():
                     p.copy_(dense_weights[name])
-            log.info("pruning %.0f%% by %s", 100 * pct, scorer)
-            result = prune_candidates(candidates, array, scorer, config, pct, args.layer_budget_strategy, seed=args.seed)
+            log.info("pruning %.0f%% by %s", 100 * pct, spec)
+            result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy, seed=args.seed)
             by_domain, by_general = evaluate()
-            row = {"method": scorer, "sparsity": pct, "domain": mean_metrics(by_domain),
+            row = {"method": spec, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
+                   "domain": mean_metrics(by_domain),
                    "general": mean_metrics(by_general), "masked_params": result.masked,
                    "files": {**by_domain, **by_general}, **result.diagnostics}
             for side in ("domain", "general"):
