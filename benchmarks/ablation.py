@@ -1,0 +1,216 @@
+"""Ablation of the pruning scorers: which one keeps domain and general retrieval at 50% / 60% MLP sparsity?
+
+For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
+seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
+held-out split, whose terms never occur in calibration. Reported: mean and spread (sample std over
+seeds) of the nDCG@10 change vs dense, and the share of each mask that magnitude pruning shares.
+
+Data: the GCIDE definition-retrieval triples (GPL, generated on demand, not shipped):
+
+    sudo apt-get install dict-gcide && python benchmarks/gcide_triples.py
+    python benchmarks/ablation.py                         # all-MiniLM-L6-v2, the packaged default model
+    python benchmarks/ablation.py --model tiny-qwen3      # a small Qwen3 built and trained here first
+
+Writes <output_dir>/<model>/ablation.{json,md} (and ablation.png when matplotlib is installed:
+pip install -e .[plot]) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+
+import torch
+
+from gaprune.data import load_triples
+from gaprune.features import fisher, gradient
+from gaprune.model import compare, retrain
+from gaprune.modeling import DEFAULT_MODEL
+from gaprune.scorefiles import model_dirname, write_json
+from gaprune.toy_models import build_qwen3
+
+log = logging.getLogger("ablation")
+
+# scorers compared with the local-cosine alignment file; ROW_SCORERS again with the row-cosine one
+SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "dai_paper",
+           "aligned_saliency:alignment_weight=0", "aligned_saliency", "aligned_saliency:fisher_norm=tensor"]
+ROW_SCORERS = ["aligned_saliency"]
+ROW_LABEL = " (row cosine)"
+
+
+def subset(path: str, size: int, seed: int, out_path: str) -> str:
+    """A seeded random subset of a triple file."""
+    triples = load_triples(path)
+    order = torch.randperm(len(triples), generator=torch.Generator().manual_seed(seed)).tolist()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as handle:
+        json.dump([triples[i] for i in order[:size]], handle, ensure_ascii=False)
+    return out_path
+
+
+def calibrate(model: str, domain: str, general: str, out: str, batch_size: int) -> dict[str, str]:
+    """Score files for one calibration subset."""
+    common = ["--model_name", model, "--output_dir", out, "--batch_size", str(batch_size), "--max_samples", "100000"]
+    files = {
+        "domain": fisher.main([*common, "--data_path", domain]),
+        "general": fisher.main([*common, "--data_path", general]),
+    }
+    for mode in ("local_cosine", "row_cosine"):
+        files[mode] = gradient.main([*common, "--general_data_path", general, "--domain_data_path", domain,
+                                     "--alignment_mode", mode])
+    return files
+
+
+def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], sparsity: list[float], out: str,
+                 alignment: str, scorers: list[str], seed: int) -> list[dict]:
+    path = compare.main(["--model_path", model, "--domain_data_paths", heldout["domain"], "--general_data_paths",
+                         heldout["general"], "--domain_fisher_scores", files["domain"], "--general_fisher_scores",
+                         files["general"], "--alignment_scores", files[alignment], "--sparsity",
+                         *map(str, sparsity), "--scorers", *scorers, "--seed", str(seed), "--output_dir", out])
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["rows"]
+
+
+def summarise(rows_per_seed: list[list[dict]]) -> list[dict]:
+    """Mean and sample std over seeds of each (method, sparsity)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for rows in rows_per_seed:
+        for row in rows:
+            groups.setdefault((row["method"], row["sparsity"]), []).append(row)
+    summary = []
+    for (method, pct), rows in groups.items():
+        entry = {"method": method, "sparsity": pct, "seeds": len(rows)}
+        for side in ("domain", "general"):
+            values = [r["domain" if side == "domain" else "general"]["ndcg@10"] for r in rows]
+            entry[f"{side}_ndcg@10"] = statistics.mean(values)
+            if method != "dense":
+                changes = [r[f"{side}_change_percent"] for r in rows]
+                entry[f"{side}_change_mean"] = statistics.mean(changes)
+                entry[f"{side}_change_std"] = statistics.stdev(changes) if len(changes) > 1 else 0.0
+        agreement = [r["mask_agreement_with_magnitude"] for r in rows if r.get("mask_agreement_with_magnitude") is not None]
+        entry["mask_agreement_with_magnitude"] = statistics.mean(agreement) if agreement else None
+        summary.append(entry)
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| scorer | sparsity | domain nDCG@10 | Δ domain (mean ± std) | general nDCG@10 | Δ general (mean ± std) "
+             "| mask ∩ magnitude |", "|---|---|---|---|---|---|---|"]
+    for e in summary:
+        def change(side):
+            return "" if e["method"] == "dense" else f"{e[f'{side}_change_mean']:+.2f}% ± {e[f'{side}_change_std']:.2f}"
+        agreement = e["mask_agreement_with_magnitude"]
+        lines.append(f"| {e['method']} | {e['sparsity']:.0%} | {e['domain_ndcg@10']:.4f} | {change('domain')} | "
+                     f"{e['general_ndcg@10']:.4f} | {change('general')} | "
+                     f"{'' if agreement is None else f'{agreement:.2%}'} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: str, title: str) -> bool:
+    """Grouped bars of the domain and general change per scorer and sparsity, with the seed spread."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install -e .[plot]); no plot")
+        return False
+    sparsities = sorted({e["sparsity"] for e in summary if e["method"] != "dense"})
+    methods = [m for m in dict.fromkeys(e["method"] for e in summary) if m != "dense"]
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.45 * len(methods) + 2),
+                             sharey=True, squeeze=False)
+    for ax, pct in zip(axes[0], sparsities):
+        entries = {e["method"]: e for e in summary if e["sparsity"] == pct}
+        y = range(len(methods))
+        for offset, side, color in ((-0.2, "domain", "tab:blue"), (0.2, "general", "tab:orange")):
+            ax.barh([i + offset for i in y], [entries[m][f"{side}_change_mean"] for m in methods], height=0.4,
+                    xerr=[entries[m][f"{side}_change_std"] for m in methods], color=color, label=side)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(list(y), methods)
+        ax.invert_yaxis()
+        ax.set_title(f"{pct:.0%} of MLP weights pruned")
+        ax.set_xlabel("nDCG@10 change vs dense (%)")
+        ax.legend(loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def train_tiny_qwen3(folder: str, calibration: dict[str, str], steps: int) -> str:
+    """A 4-layer Qwen3 (hidden 128) with a BPE tokenizer fitted to the calibration text, trained densely on
+    the calibration split so that it retrieves well above chance before anything is pruned."""
+    texts = [t[key] for path in calibration.values() for t in load_triples(path) for key in ("query", "positive")]
+    build_qwen3(os.path.join(folder, "tiny-qwen3-init"), hidden_size=128, intermediate_size=384, num_layers=4,
+                num_heads=4, num_kv_heads=2, extra_text=texts)
+    return retrain.main(["--model_path", os.path.join(folder, "tiny-qwen3-init"), "--data_path",
+                         calibration["domain"], "--general_data_path", calibration["general"], "--general_ratio", "0.5",
+                         "--steps", str(steps), "--lr", "1e-3", "--batch_size", "32", "--warmup_steps", "20",
+                         "--max_length", "96", "--output_dir", folder])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or id, or 'tiny-qwen3' (default: MiniLM)")
+    parser.add_argument("--data_dir", default="output/gcide", help="benchmarks/gcide_triples.py output")
+    parser.add_argument("--calibration_size", type=int, default=200, help="calibration triples per domain and seed")
+    parser.add_argument("--heldout_size", type=int, default=500, help="held-out triples per domain")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.6])
+    parser.add_argument("--batch_size", type=int, default=8, help="fisher/gradient batch size")
+    parser.add_argument("--tiny_steps", type=int, default=600, help="dense training steps of the tiny Qwen3")
+    parser.add_argument("--output_dir", default="output/ablation")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+    calibration = {side: os.path.join(args.data_dir, f"{name}-calibration.json")
+                   for side, name in (("domain", "chem"), ("general", "general"))}
+    heldout_files = {side: os.path.join(args.data_dir, f"{name}-heldout.json")
+                     for side, name in (("domain", "chem"), ("general", "general"))}
+    missing = [p for p in (*calibration.values(), *heldout_files.values()) if not os.path.isfile(p)]
+    if missing:
+        sys.exit(f"error: {missing[0]} not found; build the data first: python benchmarks/gcide_triples.py")
+
+    out = os.path.join(args.output_dir, "tiny-qwen3" if args.model == "tiny-qwen3" else model_dirname(args.model))
+    model = train_tiny_qwen3(out, calibration, args.tiny_steps) if args.model == "tiny-qwen3" else args.model
+    heldout = {side: subset(path, args.heldout_size, 0, os.path.join(out, "data", f"{side}-heldout.json"))
+               for side, path in heldout_files.items()}
+
+    rows_per_seed = []
+    for seed in args.seeds:
+        seed_dir = os.path.join(out, f"seed{seed}")
+        subsets = {side: subset(path, args.calibration_size, seed, os.path.join(seed_dir, f"{side}-calibration.json"))
+                   for side, path in calibration.items()}
+        files = calibrate(model, subsets["domain"], subsets["general"], os.path.join(seed_dir, "scores"),
+                          args.batch_size)
+        rows = compare_rows(model, files, heldout, args.sparsity, seed_dir, "local_cosine", SCORERS, seed)
+        for row in compare_rows(model, files, heldout, args.sparsity, seed_dir, "row_cosine", ROW_SCORERS, seed):
+            if row["method"] != "dense":
+                row["method"] += ROW_LABEL
+                rows.append(row)
+        rows_per_seed.append(rows)
+
+    summary = summarise(rows_per_seed)
+    summary.sort(key=lambda e: (e["sparsity"], e["method"] != "dense"))
+    table = markdown(summary)
+    sizes = {side: len(load_triples(path)) for side, path in heldout.items()}
+    header = (f"{args.model}: {len(args.seeds)} seeds x {args.calibration_size} calibration triples per domain; "
+              f"held-out {sizes['domain']} chemistry / {sizes['general']} general triples")
+    write_json(os.path.join(out, "ablation.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
+                                                    "summary": summary, "rows_per_seed": rows_per_seed})
+    with open(os.path.join(out, "ablation.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"{header}\n\n{table}\n")
+    plot(summary, os.path.join(out, "ablation.png"), header)
+    print(header)
+    print(table)
+    print(os.path.join(out, "ablation.json"))
+
+
+if __name__ == "__main__":
+    main()
