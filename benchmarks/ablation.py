@@ -120,7 +120,8 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
         log.warning("matplotlib is not installed (pip install -e .[plot]); no plot")
         return False
     sparsities = sorted({e["sparsity"] for e in summary if e["method"] != "dense"})
-    methods = [m for m in dict.fromkeys(e["method"] for e in summary) if m != "dense"]
+    # random pruning loses 30-50%, which would squash every other bar; the table has it
+    methods = [m for m in dict.fromkeys(e["method"] for e in summary) if m not in ("dense", "random")]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.45 * len(methods) + 2),
                              sharey=True, squeeze=False)
     for ax, pct in zip(axes[0], sparsities):
@@ -135,7 +136,7 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
         ax.set_title(f"{pct:.0%} of MLP weights pruned")
         ax.set_xlabel("nDCG@10 change vs dense (%)")
         ax.legend(loc="lower left")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\n(bars: mean over seeds, whiskers: sample std; random pruning not shown)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
