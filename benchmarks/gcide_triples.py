@@ -191,8 +191,8 @@ def triples(items: list[tuple[str, str]], prefix: str) -> list[dict]:
     """Each term with its definition and, as hard negative, the closest other definition in ``items``."""
     vectors = tfidf([d for _, d in items])
     similarity = vectors @ vectors.T
-    np.fill_diagonal(similarity, -1.0)
     similarity[similarity > NEGATIVE_MAX_SIMILARITY] = -1.0
+    np.fill_diagonal(similarity, -np.inf)
     closest = similarity.argmax(axis=1)
     return [{"query": prefix + term, "positive": definition, "negative": items[j][1]}
             for (term, definition), j in zip(items, closest)]
@@ -206,6 +206,8 @@ def split(definitions: dict[str, str], calibration: int, heldout: int, rng: rand
         scale = len(items) / (calibration + heldout)
         calibration, heldout = int(calibration * scale), len(items) - int(calibration * scale)
         log.warning("only %d %s terms: %d calibration, %d held-out", len(items), name, calibration, heldout)
+        if min(calibration, heldout) < 2:
+            sys.exit(f"error: {len(items)} {name} terms are too few for a calibration and a held-out split")
     return items[:calibration], items[calibration:calibration + heldout]
 
 
@@ -234,19 +236,20 @@ def main(argv: list[str] | None = None) -> str:
     index_path = re.sub(r"\.dict(\.dz)?$", ".index", args.dict_path)
     if not (os.path.isfile(args.dict_path) and os.path.isfile(index_path)):
         sys.exit(f"error: GCIDE dictionary not found at {args.dict_path}; install it with: sudo apt-get install dict-gcide")
-    if args.calibration_size < 1 or args.heldout_size < 1:
-        sys.exit("error: --calibration_size and --heldout_size must be at least 1")
+    if args.calibration_size < 2 or args.heldout_size < 2:
+        sys.exit("error: --calibration_size and --heldout_size must be at least 2 (negatives come from the same split)")
 
     entries = read_entries(args.dict_path)
     chem, general, counts = collect(entries)
     log.info("%d entries: %d chemistry terms, %d general terms usable", len(entries), len(chem), len(general))
     rng = random.Random(args.seed)
+    splits = {name: split(definitions, args.calibration_size, args.heldout_size, rng, name)
+              for name, definitions in (("chem", chem), ("general", general))}
     os.makedirs(args.output_dir, exist_ok=True)
     stats: dict = {"entries": len(entries), **counts, "chem_terms": len(chem), "general_terms": len(general),
                    "seed": args.seed, "files": {}}
-    for name, definitions in (("chem", chem), ("general", general)):
-        for part, items in zip(("calibration", "heldout"),
-                               split(definitions, args.calibration_size, args.heldout_size, rng, name)):
+    for name, parts in splits.items():
+        for part, items in zip(("calibration", "heldout"), parts):
             filename = f"{name}-{part}.json"
             write_json(os.path.join(args.output_dir, filename), triples(items, PREFIXES[name]))
             stats["files"][filename] = word_stats(items)
