@@ -46,9 +46,15 @@ NEGATIVE_MAX_SIMILARITY = 0.9  # a near-copy of the positive (variant spellings 
 B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 SOURCE_TAG = re.compile(r"\[(?:1913 Webster|Webster 1913|PJC|WordNet|Century|Webster|AS|RN|MW|JC|JLS|F\.?W\.?|"
                         r"DOE|Chambers|Prov\.)[^\]]*\].*$")
-LABEL = re.compile(r"^\(([A-Z][A-Za-z. &,]{1,40})\)\s*")
+LABEL_TEXT = r"[A-Z][A-Za-z. &,]{1,40}"
+LABEL = re.compile(r"^\((" + LABEL_TEXT + r")\)\s*")
+INNER_LABEL = re.compile(r"\((?:[A-Z][a-z]*\.\s*(?:&\s*|,\s*)?)+\)\s*(?=[A-Z])")  # "(Zool.) A ..." mid-text
+# GCIDE writes accented letters as markup: [a^], ['e], [=o], ["o], [ae], [imac], [asl] ...
+ACCENT = re.compile(r"\[(?:[`'\"=^~.*,-]([a-zA-Z]{1,2})|([a-zA-Z]{1,2})\^|(ae|oe|AE|OE))\]")
+NAMED_ACCENTS = {"imac": "i", "asl": "a", "aum": "a", "add": "a", "udd": "u", "eth": "th", "thorn": "th",
+                 "yogh": "y", "ng": "ng", "th": "th", "deg": " degrees", "alpha": "alpha", "beta": "beta"}
 SENSE_NUMBER = re.compile(r"^(?:\d+\.|\([a-z]\))\s*")
-POINTER = re.compile(r"^(?:See|Same as|Pl\. of|Alt\. of|Of |p\. p\.|imp\.|Obs\.|pl\.)", re.IGNORECASE)
+POINTER = re.compile(r"^(?:See|Same as|Pl\. of|Alt\. of|p\. p\.|imp\.|Obs\.|pl\.)", re.IGNORECASE)
 WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -57,6 +63,12 @@ def decode_b64(text: str) -> int:
     for char in text:
         value = value * 64 + B64[char]
     return value
+
+
+def unaccent(text: str) -> str:
+    """Accent markup → its plain letters, so that labels such as (Zo["o]l.) read (Zool.)."""
+    text = ACCENT.sub(lambda m: m.group(1) or m.group(2) or m.group(3), text)
+    return re.sub(r"\[(" + "|".join(NAMED_ACCENTS) + r")\]", lambda m: NAMED_ACCENTS[m.group(1)], text)
 
 
 def read_entries(dict_path: str) -> list[tuple[str, str]]:
@@ -71,16 +83,18 @@ def read_entries(dict_path: str) -> list[tuple[str, str]]:
             if headword.startswith("00-database"):
                 continue
             start = decode_b64(offset)
-            entries.append((headword, body[start:start + decode_b64(length)].decode("utf-8", "replace")))
+            entries.append((headword, unaccent(body[start:start + decode_b64(length)].decode("utf-8", "replace"))))
     return entries
 
 
 def clean(text: str) -> str:
     text = SOURCE_TAG.sub("", text)
+    text = re.sub(r"\s--\s*\{[^{}]*[\"*`][^{}]*\}.*$", "", text)  # run-on derivatives: "-- {Zy`mo*lyt"ic}, a."
+    text = re.sub(r"\s--\s*(?:n|a|adj|adv|v)\.(?:\s.*)?$", "", text)  # run-on senses of another part of speech
     text = re.sub(r"\s--\s?[A-Z][^\s]*.*$", "", text)  # "--Author." citations run to the end of a sense
     text = re.sub(r"\[(?:R\.|Obs\.|Archaic|Colloq\.|Rare|Eng\.|U\. S\.|Prov\. Eng\.|Local|Written|Also|Sometimes|Formerly|Obsoles)[^\]]*\]", "", text,
                   flags=re.IGNORECASE)
-    text = re.sub(r"\[[a-zA-Z=.^`'\"-]{1,4}\]", "", text)  # accent markup such as [a^] or [=o]
+    text = re.sub(r"\[\d\]", "", text)  # homograph numbers, as in {deaden}[3]
     text = re.sub(r"\[[^\[\]]{0,80}\]", "", text)  # usage notes, leftover etymologies
     text = re.sub(r"^\s*(?:\(pl\.[^)]*\)|(?:adj|adv|n|a|v|or|prep|conj)\.(?=\s))\s*", "", text)
     text = re.sub(r'\s"[^"]*"', "", text)  # quotations
@@ -89,18 +103,21 @@ def clean(text: str) -> str:
 
 
 def strip_header(block: str) -> str:
-    """The first block without headword, pronunciation, part of speech and etymology."""
+    """The first block without headword, pronunciations, part of speech, inflections and etymologies."""
     parts = block.split("\\")
     text = parts[-1] if len(parts) >= 3 else block  # "Term \pro*nun\, n. ..." → ", n. ..."
-    text = re.sub(r"^\s*\([^()]*\)", "", text)  # a second, bracketed pronunciation
-    text = re.sub(r"^[\s,;]*(?:(?:prop|n|a|adv|v|t|i|pl|prep|conj|interj|pron|imp|p|pr|vb|sing|superl|compar)\.\s*"
-                  r"(?:&\s*)?)+", "", text)
-    while True:  # etymologies, possibly several and nested one level
-        match = re.match(r"^\s*\[(?:[^\[\]]|\[[^\[\]]*\])*\]", text)
-        if not match:
-            break
+    header_bits = [
+        r"[\s,;.:&]+",
+        r"\((?!" + LABEL_TEXT + r"\)|[a-z]\))[^()]*\)",  # a second pronunciation, "(gras`)"; not "(Bot.)", "(a)"
+        r"(?:sing|pl|imp|p|pr|superl|compar|fem|masc)\.\s*\{[^{}]*\}",  # "pl. {Lice}", "sing. {Seneca}"
+        r"(?:prop|peop|n|a|adj|adv|v|t|i|pl|prep|conj|interj|pron|imp|p|pr|vb|sing|superl|compar|fem|masc)\."
+        r"(?=[\s,;\[]|$)",
+        r"\[(?:[^\[\]]|\[[^\[\]]*\])*\]",  # etymologies, nested one level
+    ]
+    pattern = re.compile("^(?:" + "|".join(header_bits) + ")")
+    while match := pattern.match(text):
         text = text[match.end():]
-    return text.strip(" ,;")
+    return text
 
 
 def senses(entry: str) -> list[tuple[str | None, str]]:
@@ -123,8 +140,7 @@ def senses(entry: str) -> list[tuple[str | None, str]]:
             continue  # synonyms notes, usage notes, compound terms
         block = SENSE_NUMBER.sub("", block)
         label = header_label
-        match = LABEL.match(block)
-        if match:
+        while match := LABEL.match(block):  # some senses repeat their label: "(Chem.) (Chem.) formed ..."
             label, block = match.group(1), block[match.end():]
         text = clean(block)
         if text:
@@ -134,7 +150,11 @@ def senses(entry: str) -> list[tuple[str | None, str]]:
 
 def usable(definition: str) -> bool:
     words = definition.split()
-    return MIN_WORDS <= len(words) <= MAX_WORDS and not POINTER.match(definition)
+    # "?" stands for characters GCIDE lost (Greek, subscripts as in "C?H?O?"); brackets left over mean bad parsing
+    balanced = definition.count("(") == definition.count(")") and not re.search(r"[\[\]{}?]", definition)
+    # no final stop: a sense cut by a stray blank line, or the next headword run in ("... ferric acid. Ferre")
+    return (MIN_WORDS <= len(words) <= MAX_WORDS and balanced and not POINTER.match(definition)
+            and not definition.startswith("--") and definition.endswith((".", ".)", "!")))
 
 
 def collect(entries: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str], Counter]:
@@ -151,7 +171,7 @@ def collect(entries: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, s
                 counts["chem senses"] += 1
                 if usable(definition) and term.lower() not in chem:
                     chem[term.lower()] = (term, definition)
-            elif label is None:
+            elif label is None and not definition.startswith("(") and not INNER_LABEL.search(definition):
                 counts["unlabelled senses"] += 1
                 if usable(definition) and term.lower() not in general:
                     general[term.lower()] = (term, definition)
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.calibration_size < 2 or args.heldout_size < 2:
         sys.exit("error: --calibration_size and --heldout_size must be at least 2 (negatives come from the same split)")
 
+    log.info("reading %s", args.dict_path)
     entries = read_entries(args.dict_path)
     chem, general, counts = collect(entries)
     log.info("%d entries: %d chemistry terms, %d general terms usable", len(entries), len(chem), len(general))
@@ -252,6 +273,7 @@ def main(argv: list[str] | None = None) -> str:
         for part, items in zip(("calibration", "heldout"), parts):
             filename = f"{name}-{part}.json"
             write_json(os.path.join(args.output_dir, filename), triples(items, PREFIXES[name]))
+            log.info("wrote %d triples to %s", len(items), filename)
             stats["files"][filename] = word_stats(items)
     write_json(os.path.join(args.output_dir, "stats.json"), stats)
     print(json.dumps(stats["files"], indent=1), file=sys.stderr)
