@@ -19,7 +19,6 @@ stats.json to --output_dir, and prints that directory.
 from __future__ import annotations
 
 import argparse
-import base64
 import gzip
 import json
 import logging
@@ -32,6 +31,8 @@ import sys
 from collections import Counter
 
 import numpy as np
+
+from gaprune.scorefiles import write_json
 
 log = logging.getLogger("gcide_triples")
 
@@ -229,13 +230,6 @@ def split(definitions: dict[str, str], calibration: int, heldout: int, rng: rand
         if min(calibration, heldout) < 2:
             sys.exit(f"error: {len(items)} {name} terms are too few for a calibration and a held-out split")
     return items[:calibration], items[calibration:calibration + heldout]
-
-
-def write_json(path: str, data) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, ensure_ascii=False)
-    os.replace(temporary, path)
 
 
 def word_stats(items: list[tuple[str, str]]) -> dict:
