@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Sequence
@@ -134,12 +135,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             "meta": {
                 "unstructured_pruning": {
                     "unstructured_pct": args.unstructured_pct, "unstructured_scoring": args.unstructured_scoring,
-                    "layer_budget_strategy": args.layer_budget_strategy, "score_postproc": args.score_postproc,
-                    "score_temperature": args.score_temperature, "fusion_alpha": args.fusion_alpha,
-                    "fusion_beta": args.fusion_beta, "rho_min": args.rho_min, "rho_max": args.rho_max,
-                    "beta": args.beta, "compression_weight": args.compression_weight,
-                    "alignment_weight": args.alignment_weight, "domain_weight": args.domain_weight,
-                    "general_weight": args.general_weight, "fisher_norm": args.fisher_norm},
+                    "layer_budget_strategy": args.layer_budget_strategy, "rho_min": args.rho_min,
+                    "rho_max": args.rho_max, **dataclasses.asdict(config)},
                 "score_files": {"general_fisher_scores": args.general_fisher_scores,
                                 "domain_fisher_scores": args.domain_fisher_scores,
                                 "alignment_scores": args.alignment_scores},
