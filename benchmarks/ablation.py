@@ -26,11 +26,11 @@ import sys
 
 import torch
 
+import gaprune
 from gaprune.data import load_triples
-from gaprune.features import fisher, gradient
 from gaprune.model import compare, retrain
 from gaprune.modeling import DEFAULT_MODEL
-from gaprune.scorefiles import model_dirname, write_json
+from gaprune.fileio import model_dirname, write_json
 from gaprune.toy_models import build_qwen3
 
 log = logging.getLogger("ablation")
@@ -53,15 +53,13 @@ def subset(path: str, size: int, seed: int, out_path: str) -> str:
 
 
 def calibrate(model: str, domain: str, general: str, out: str, batch_size: int) -> dict[str, str]:
-    """Score files for one calibration subset."""
-    common = ["--model_name", model, "--output_dir", out, "--batch_size", str(batch_size), "--max_samples", "100000"]
-    files = {
-        "domain": fisher.main([*common, "--data_path", domain]),
-        "general": fisher.main([*common, "--data_path", general]),
-    }
+    """Score files for one calibration subset, through the Python API on one loaded model."""
+    embedder = gaprune.load_embedder(model)
+    files = {side: gaprune.fisher(embedder, path, out, batch_size, max_samples=None).path
+             for side, path in (("domain", domain), ("general", general))}
     for mode in ("local_cosine", "row_cosine"):
-        files[mode] = gradient.main([*common, "--general_data_path", general, "--domain_data_path", domain,
-                                     "--alignment_mode", mode])
+        files[mode] = gaprune.alignment(embedder, general, domain, out, batch_size, max_samples=100_000,
+                                        alignment_mode=mode).path
     return files
 
 

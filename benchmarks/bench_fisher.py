@@ -18,7 +18,7 @@ import time
 import torch
 
 from gaprune.data import batched, load_triples
-from gaprune.features.loss_utils import triplet_loss
+from gaprune.loss import triplet_loss
 from gaprune.importance import fisher_information
 from gaprune.modeling import load_embedder
 from gaprune.toy_models import build_qwen3

@@ -10,7 +10,6 @@ subprocess, and prints seconds, peak RSS and the loaded model's bytes (target: R
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -21,47 +20,50 @@ import time
 import torch
 
 from gaprune.layers import select_parameters
-from gaprune.modeling import checkpoint_shapes
-from gaprune.scorefiles import write_json, write_tensors
+from gaprune.checkpoint import checkpoint_shapes
+from gaprune.importance import AlignmentResult, FisherResult
+from gaprune.scorefiles import save_alignment, save_fisher
 from gaprune.toy_models import build_qwen3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_score_files(model_dir: str, folder: str) -> dict[str, str]:
+    """General and domain Fisher files and an alignment file for the model's MLP weights, written by
+    gaprune's own writers; the arrays are drawn one tensor at a time as they are written."""
     shapes = checkpoint_shapes(model_dir)
     mlp = select_parameters(((n, torch.empty(s, device="meta")) for n, s in shapes.items()), ["mlp"])
     generator = torch.Generator().manual_seed(0)
+
+    def fisher_arrays():
+        return LazyArrays(mlp, lambda shape: torch.rand(shape, generator=generator).pow(4) * 1e-6 + 1e-8)
+
     files = {}
-    for side in ("general", "domain", "alignment"):
-        def arrays():
-            for name, p in mlp.items():
-                if side == "alignment":
-                    yield name, torch.rand(p.shape, generator=generator) * 2e-4 - 1e-4
-                else:
-                    yield name, torch.rand(p.shape, generator=generator).pow(4) * 1e-6 + 1e-8
-        tensor_path = os.path.join(folder, f"{side}.safetensors")
-        write_tensors(tensor_path, _Lazy(mlp, arrays))
-        metadata = {"model_name": model_dir, "tensor_file": os.path.basename(tensor_path)}
-        if side == "alignment":
-            metadata["parameter_shapes"] = {n: list(s) for n, s in shapes.items()}
-            body = {"metadata": metadata, "alignment_scores": {}, "conflict_rates": {}}
-        else:
-            body = {"metadata": metadata, "complete_scores": {n: {"shape": list(s)} for n, s in shapes.items()}}
-        files[side] = os.path.join(folder, f"{side}.json")
-        write_json(files[side], body)
+    for side in ("general", "domain"):
+        result = FisherResult(per_weight=fisher_arrays(), mean_scores={n: 0.0 for n in shapes}, shapes=shapes,
+                              num_samples=0, first_loss=0.0, mean_loss=0.0, batch_size=1, layer_types=["mlp"],
+                              compute_dtype="float32")
+        files[side] = save_fisher(result, folder, f"{side}.json", model_dir)
+    alignment = AlignmentResult(
+        alignment_scores={n: 0.0 for n in shapes}, conflict_rates={n: 0.0 for n in shapes}, cosine={},
+        losses={"general": None, "domain": None, "mixed": None},
+        elementwise=LazyArrays(mlp, lambda shape: torch.rand(shape, generator=generator) * 2e-4 - 1e-4),
+        processed_batches=0, total_samples_processed=0, shapes=shapes, batch_size=2, max_samples=0, seed=0,
+        alignment_mode="product", layer_types=["mlp"], compute_dtype="float32", general_data_size=0,
+        domain_data_size=0)
+    files["alignment"] = save_alignment(alignment, folder, model_dir, "general.json", "domain.json", False)
     return files
 
 
-class _Lazy(dict):
-    """A mapping whose values are produced one at a time, in order, when iterated (shapes known up front)."""
+class LazyArrays(dict):
+    """Parameter name -> array, each drawn only when ``values()`` reaches it (one array in memory at a time)."""
 
-    def __init__(self, shapes, produce):
-        super().__init__({n: p for n, p in shapes.items()})
-        self._produce = produce
+    def __init__(self, parameters, draw):
+        super().__init__({name: p for name, p in parameters.items()})
+        self._draw = draw
 
     def values(self):
-        return (tensor for _, tensor in self._produce())
+        return (self._draw(p.shape) for p in super().values())
 
 
 def main() -> None:

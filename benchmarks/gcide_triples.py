@@ -32,7 +32,7 @@ from collections import Counter
 
 import numpy as np
 
-from gaprune.scorefiles import write_json
+from gaprune.fileio import write_json
 
 log = logging.getLogger("gcide_triples")
 

@@ -8,11 +8,10 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from gaprune.dai import FISHER_NORMS, POSTPROCESSING, DAIConfig, required_score_files
 from gaprune.errors import InputError
 from gaprune.layers import LAYER_TYPES
-
-log = logging.getLogger("gaprune")
+from gaprune.scorers import SIDES, get_scorer
+from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,11 +38,12 @@ def positive_int(value: str) -> int:
     return number
 
 
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+def add_runtime_args(parser: argparse.ArgumentParser,
+                     dtype_help: str = "auto = bfloat16 on CUDA, float32 on CPU (default: auto)") -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda when present (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
+                        help=dtype_help)
 
 
 def add_layer_args(parser: argparse.ArgumentParser, default: Sequence[str]) -> None:
@@ -53,40 +53,48 @@ def add_layer_args(parser: argparse.ArgumentParser, default: Sequence[str]) -> N
 
 
 def add_scoring_args(parser: argparse.ArgumentParser) -> None:
-    """The coefficients of the scorers (see gaprune/dai.py), shared by SparseModel.py and compare.py."""
+    """The coefficients of the scorers (gaprune/scoring.py), shared by SparseModel.py and compare.py;
+    their defaults are DAIConfig's."""
+    defaults = DAIConfig()
     group = parser.add_argument_group("scoring coefficients")
-    group.add_argument("--beta", type=float, default=1.0,
-                       help="dai, dai_paper: weight of the general Fisher term (default: 1.0)")
-    group.add_argument("--compression_weight", type=float, default=0.5,
-                       help="dai, dai_paper: weight of the sqrt|W| term (default: 0.5)")
-    group.add_argument("--score_postproc", default="none", choices=POSTPROCESSING,
-                       help="dai: per-tensor normalisation of the scores (default: none)")
-    group.add_argument("--score_temperature", type=float, default=1.0, help="dai: zscore_sigmoid temperature")
-    group.add_argument("--fusion_alpha", type=float, default=0.0, help="dai: weight of an added Fd*|W| term")
-    group.add_argument("--fusion_beta", type=float, default=1.0, help="dai: weight of the DAI score in the fusion")
-    group.add_argument("--alignment_weight", type=float, default=DAIConfig.alignment_weight,
-                       help="dai_paper, aligned_saliency: alpha in (1 + alpha*s), s the gradient cosine from "
-                            f"gradient.py --alignment_mode local_cosine/row_cosine (default: {DAIConfig.alignment_weight})")
-    group.add_argument("--domain_weight", type=float, default=DAIConfig.domain_weight,
-                       help=f"aligned_saliency: lambda_d (default: {DAIConfig.domain_weight})")
-    group.add_argument("--general_weight", type=float, default=DAIConfig.general_weight,
-                       help=f"aligned_saliency: lambda_g (default: {DAIConfig.general_weight})")
-    group.add_argument("--fisher_norm", default=DAIConfig.fisher_norm, choices=FISHER_NORMS,
-                       help="dai_paper, aligned_saliency: Fisher divided by its mean over all candidates "
-                            f"(global) or per tensor, or raw (none) (default: {DAIConfig.fisher_norm})")
+
+    def coefficient(name: str, help: str, **kwargs) -> None:
+        default = getattr(defaults, name)
+        group.add_argument(f"--{name}", type=type(default), default=default, help=f"{help} (default: {default})",
+                           **kwargs)
+
+    coefficient("beta", "dai, dai_paper: weight of the general Fisher term")
+    coefficient("compression_weight", "dai, dai_paper: weight of the sqrt|W| term")
+    coefficient("score_postproc", "dai: per-tensor normalisation of the scores", choices=POSTPROCESSING)
+    coefficient("score_temperature", "dai: zscore_sigmoid temperature")
+    coefficient("fusion_alpha", "dai: weight of an added Fd*|W| term")
+    coefficient("fusion_beta", "dai: weight of the DAI score in the fusion")
+    coefficient("alignment_weight", "dai_paper, aligned_saliency: alpha in (1 + alpha*s), s the gradient cosine "
+                                    "from gradient.py --alignment_mode local_cosine/row_cosine")
+    coefficient("domain_weight", "aligned_saliency: lambda_d")
+    coefficient("general_weight", "aligned_saliency: lambda_g")
+    coefficient("fisher_norm", "dai_paper, aligned_saliency: Fisher divided by its mean over all candidates "
+                               "(global) or per tensor, or raw (none)", choices=FISHER_NORMS)
 
 
 def scoring_config(args: argparse.Namespace) -> DAIConfig:
     return DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
 
 
-def check_scorer_inputs(scoring: str, config: DAIConfig, args: argparse.Namespace) -> None:
-    """The score files a scorer cannot run without were given (``args.<side>_scores``)."""
-    if scoring == "aligned_saliency" and config.domain_weight == 0 and config.general_weight == 0:
-        raise InputError("aligned_saliency needs a nonzero --domain_weight or --general_weight")
-    for side in required_score_files(scoring, config):
-        if not getattr(args, f"{side}_scores"):
-            raise InputError(f"scorer {scoring} needs --{side}_scores")
+def score_file_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """side -> the JSON path given as ``--<side>_scores`` (or None)."""
+    return {side: getattr(args, f"{side}_scores") for side in SIDES}
+
+
+def check_scorer_inputs(scorer: str, config: DAIConfig, args: argparse.Namespace) -> None:
+    """The scorer exists, its coefficients make sense, and the score files it cannot run without were given."""
+    get_scorer(scorer).check(config, {side for side, path in score_file_paths(args).items() if path})
+
+
+def finish(path: str) -> str:
+    """Print the path of the main file a stage wrote, as its last line (the next stage takes it), and return it."""
+    print(path)
+    return path
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:

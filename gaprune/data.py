@@ -1,26 +1,16 @@
-"""Triple files: JSON lists of {"query", "positive", "negative"} records."""
+"""Triple files (JSON lists of {"query", "positive", "negative"} records) and the batches drawn from them."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Sequence
+import random
+from typing import Iterator, Sequence
+
+import torch
 
 from gaprune.errors import InputError
+from gaprune.fileio import read_json
 
 TRIPLE_KEYS = ("query", "positive", "negative")
-
-
-def read_json(path: str, what: str = "file") -> Any:
-    if not os.path.isfile(path):
-        raise InputError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text") from None
 
 
 def load_records(path: str, required_keys: Sequence[str] = TRIPLE_KEYS) -> list[dict]:
@@ -48,4 +38,25 @@ def load_triples(path: str, max_samples: int | None = None) -> list[dict]:
 
 
 def batched(items: Sequence, batch_size: int) -> list[Sequence]:
+    """Consecutive batches in order; the last one may be smaller."""
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def shuffled_batches(records: Sequence[dict], batch_size: int, generator: torch.Generator) -> list[list[dict]]:
+    """A shuffled pass over ``records`` in batches of ``batch_size``, dropping the last partial batch."""
+    order = torch.randperm(len(records), generator=generator).tolist()
+    return [[records[i] for i in order[start:start + batch_size]]
+            for start in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def endless_batches(records: Sequence[dict], size: int, rng: random.Random) -> Iterator[list[dict]]:
+    """Endless shuffled batches of ``size`` records, reshuffled on each pass."""
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < size:
+            if not order:
+                order = list(range(len(records)))
+                rng.shuffle(order)
+            batch.append(records[order.pop()])
+        yield batch

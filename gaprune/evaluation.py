@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from gaprune.modeling import Embedder
 
@@ -65,18 +63,13 @@ def ranking_metrics(ranks: torch.Tensor, k: int = 10) -> dict[str, float]:
 
 
 @torch.no_grad()
-def encode(embedder: Embedder, texts: Sequence[str], batch_size: int, desc: str) -> torch.Tensor:
-    rows = [F.normalize(embedder.embed(texts[i:i + batch_size]).float(), dim=-1)
-            for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False)]
-    return torch.cat(rows)
-
-
 def evaluate_triples(embedder: Embedder, triples: Sequence[dict], batch_size: int = 32,
                      instructions: str = "auto") -> dict:
+    """Retrieval metrics of the triples' queries against the corpus of their positives and negatives."""
     documents, relevant = build_corpus(triples)
     keep = keeps_instructions(embedder, instructions)
-    queries = encode(embedder, [query_text(t["query"], keep) for t in triples], batch_size, "queries")
-    corpus = encode(embedder, documents, batch_size, "documents")
+    queries = embedder.encode([query_text(t["query"], keep) for t in triples], batch_size, "queries")
+    corpus = embedder.encode(documents, batch_size, "documents")
     metrics = ranking_metrics(relevant_ranks(queries, corpus, relevant))
     return {"metrics": metrics, "num_queries": len(triples), "corpus_size": len(documents),
             "query_instructions": "kept" if keep else "stripped"}

@@ -10,17 +10,17 @@ goes to the host per batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gaprune.data import batched
+from gaprune.data import batched, shuffled_batches
 from gaprune.errors import InputError
-from gaprune.features.loss_utils import triplet_loss
 from gaprune.layers import select_parameters
+from gaprune.loss import triplet_loss
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ NORM_EPS = 1e-8
 
 def _accumulator_dtype(embedder: Embedder) -> torch.dtype:
     return torch.promote_types(embedder.model.dtype, torch.float32)
+
+
+def _dtype_name(embedder: Embedder) -> str:
+    return str(embedder.model.dtype).removeprefix("torch.")
 
 
 def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -46,6 +50,10 @@ class FisherResult:
     num_samples: int
     first_loss: float
     mean_loss: float
+    batch_size: int
+    layer_types: list[str]
+    compute_dtype: str
+    path: str | None = None  # the results JSON, once written
 
 
 def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: int, layer_types: Sequence[str],
@@ -88,14 +96,8 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
     other_means = dict(zip((name for name, _ in others), (other_sums / n / numels + FISHER_EPS).tolist()))
     mean_scores = {name: full[name].mean().item() if name in full else other_means[name] for name, _ in named}
     return FisherResult(per_weight=full, mean_scores=mean_scores, shapes={n: list(p.shape) for n, p in named},
-                        num_samples=n, first_loss=first_loss, mean_loss=(loss_sum / len(batches)).item())
-
-
-def shuffled_batches(records: Sequence[dict], batch_size: int, generator: torch.Generator) -> list[list[dict]]:
-    """A shuffled pass over ``records`` in batches of ``batch_size``, dropping the last partial batch."""
-    order = torch.randperm(len(records), generator=generator).tolist()
-    return [[records[i] for i in order[start:start + batch_size]]
-            for start in range(0, len(order) - batch_size + 1, batch_size)]
+                        num_samples=n, first_loss=first_loss, mean_loss=(loss_sum / len(batches)).item(),
+                        batch_size=batch_size, layer_types=list(layer_types), compute_dtype=_dtype_name(embedder))
 
 
 def elementwise_alignment(avg_general: torch.Tensor, avg_domain: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,16 @@ class AlignmentResult:
     losses: dict[str, float | None]
     processed_batches: int
     total_samples_processed: int
-    shapes: dict[str, list[int]] = field(default_factory=dict)
+    shapes: dict[str, list[int]]
+    batch_size: int
+    max_samples: int
+    seed: int
+    alignment_mode: str
+    layer_types: list[str]
+    compute_dtype: str
+    general_data_size: int
+    domain_data_size: int
+    path: str | None = None  # the results JSON, once written
 
 
 def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequence[dict], batch_size: int,
@@ -235,4 +246,12 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         processed_batches=steps,
         total_samples_processed=steps * batch_size,
         shapes={n: list(p.shape) for n, p in named},
+        batch_size=batch_size,
+        max_samples=max_samples,
+        seed=seed,
+        alignment_mode=alignment_mode,
+        layer_types=list(layer_types),
+        compute_dtype=_dtype_name(embedder),
+        general_data_size=len(general),
+        domain_data_size=len(domain),
     )

@@ -8,7 +8,7 @@ BERT-style encoders (``encoder.layer.N.intermediate.dense``). Names are matched 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -82,10 +82,6 @@ def detect_family(names: Iterable[str]) -> str | None:
     return None
 
 
-def describe_layer_types(family: str) -> dict[str, list[str]]:
-    return {name: list(patterns) for name, patterns in LAYER_PATTERNS[family].items()}
-
-
 def name_matches(name: str, family: str | None, layer_types: Sequence[str]) -> bool:
     if family is None:
         return False
@@ -121,6 +117,3 @@ def layer_key(name: str, fallback_parts: int) -> str:
         return match.group(1)
     return ".".join(name.split(".")[:fallback_parts])
 
-
-def shapes_of(parameters: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in parameters.items()}

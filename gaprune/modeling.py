@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -129,8 +130,9 @@ class Embedder:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     pooling: str
-    model_dir: str
+    model_dir: str  # the local folder the weights came from
     source_dtype: torch.dtype
+    name: str = ""  # the model as the user named it (a folder or a hub id)
     max_length: int = 512
     padding: str | bool = True  # dynamic: each batch padded to its longest text
 
@@ -147,6 +149,15 @@ class Embedder:
         batch = self.tokenize(texts)
         hidden = self.model(**batch).last_hidden_state
         return pool(hidden, batch["attention_mask"], self.pooling)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 32, desc: str = "embedding",
+               progress: bool = True) -> torch.Tensor:
+        """L2-normalised float32 embeddings (n, d) on the model's device, ``batch_size`` texts at a time."""
+        starts = range(0, len(texts), batch_size)
+        rows = [F.normalize(self.embed(texts[i:i + batch_size]).float(), dim=-1)
+                for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress)]
+        return torch.cat(rows)
 
 
 def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512) -> Embedder:
@@ -173,40 +184,6 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
         pooling=pooling_mode(model_dir, encoder),
         model_dir=model_dir,
         source_dtype=getattr(config, "dtype", None) or torch.float32,
+        name=path,
         max_length=min(n for n in limits if isinstance(n, int) and n > 0),
     )
-
-
-def checkpoint_shapes(model_dir: str) -> dict[str, list[int]]:
-    """Parameter names and shapes from a folder's safetensors headers, without loading any weight."""
-    from safetensors import safe_open
-
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(os.listdir(model_dir)):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
-                shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
-    return shapes
-
-
-SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
-
-
-def save_model(embedder: Embedder, folder: str) -> None:
-    """save_pretrained in the checkpoint's own dtype, the tokenizer, and the source's sentence-transformers
-    files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it."""
-    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
-    embedder.tokenizer.save_pretrained(folder)
-    source = embedder.model_dir
-    for name in SENTENCE_TRANSFORMERS_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), folder)
-    for entry in sorted(os.listdir(source)):
-        path = os.path.join(source, entry)
-        if os.path.isdir(path) and re.fullmatch(r"\d+_\w+", entry):  # 1_Pooling, 2_Normalize, ...
-            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
-
-
-@torch.no_grad()
-def embed_normalized(embedder: Embedder, text: str) -> torch.Tensor:
-    return torch.nn.functional.normalize(embedder.embed([text]).float(), dim=-1)[0].cpu()

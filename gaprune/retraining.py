@@ -6,31 +6,19 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from gaprune.features.loss_utils import triplet_loss
+from gaprune.data import endless_batches
+from gaprune.loss import triplet_loss
 from gaprune.modeling import Embedder
 
 
 def zero_masks(parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Where each parameter is zero now; those entries are held at zero while training."""
     return {name: p == 0 for name, p in parameters.items() if bool((p == 0).any())}
-
-
-def cycle(records: Sequence[dict], size: int, rng: random.Random) -> Iterator[list[dict]]:
-    """Endless shuffled batches of ``size`` records, reshuffled on each pass."""
-    order: list[int] = []
-    while True:
-        batch = []
-        while len(batch) < size:
-            if not order:
-                order = list(range(len(records)))
-                rng.shuffle(order)
-            batch.append(records[order.pop()])
-        yield batch
 
 
 @dataclass
@@ -52,8 +40,8 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], steps: int, lr: 
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
     rng = random.Random(seed)
     n_general = round(batch_size * general_ratio) if general else 0
-    domain_batches = cycle(domain, batch_size - n_general, rng)
-    general_batches = cycle(general, n_general, rng) if n_general else None
+    domain_batches = endless_batches(domain, batch_size - n_general, rng)
+    general_batches = endless_batches(general, n_general, rng) if n_general else None
     autocast = (torch.autocast(device_type=embedder.device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
 

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gaprune.modeling import Embedder
@@ -18,7 +17,6 @@ from gaprune.modeling import Embedder
 BLOCK_ELEMENTS = 1 << 24
 
 
-@torch.no_grad()
 def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int, stream_dir: str | None = None,
                 chunk_batches: int = 32) -> torch.Tensor:
     """L2-normalised float32 embeddings (n, d) on the model's device.
@@ -26,23 +24,14 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int, strea
     With ``stream_dir``, every ``chunk_batches`` batches go to a .npy file there, so the model's
     activations and the growing embedding list never coexist; they are read back memory-mapped.
     """
-    rows, chunk_files = [], []
-
-    def flush():
-        if rows and stream_dir is not None:
-            path = os.path.join(stream_dir, f"chunk_{len(chunk_files):06d}.npy")
-            np.save(path, torch.cat(rows).cpu().numpy())
-            chunk_files.append(path)
-            rows.clear()
-
-    for start in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch"):
-        rows.append(F.normalize(embedder.embed(texts[start:start + batch_size]).float(), dim=-1))
-        if stream_dir is not None and len(rows) == chunk_batches:
-            flush()
-    flush()
     if stream_dir is None:
-        return torch.cat(rows)
-    return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in chunk_files]).to(embedder.device)
+        return embedder.encode(texts, batch_size)
+    chunk = batch_size * chunk_batches
+    files = []
+    for start in tqdm(range(0, len(texts), chunk), desc="embedding", unit="chunk"):
+        files.append(os.path.join(stream_dir, f"chunk_{len(files):06d}.npy"))
+        np.save(files[-1], embedder.encode(texts[start:start + chunk], batch_size, progress=False).cpu().numpy())
+    return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in files]).to(embedder.device)
 
 
 def _nearest(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

@@ -1,107 +1,159 @@
-"""Score files: JSON results beside one safetensors file of per-weight arrays, all written atomically."""
+"""Score files, written and read here alone.
+
+fisher.py writes ``<d>_fisher_complete_scores_<ts>.json`` (metadata, mean score per parameter, shapes,
+per-layer statistics) and ``<d>_fisher_summary_<ts>.json``; gradient.py writes
+``<model>/alignment_scores_<model>_<ts>.json`` (metadata, losses, alignment and conflict rate per
+parameter) and ``alignment_summary_<model>_<ts>.json``. Beside each results JSON sits one safetensors
+file of float32 per-weight arrays, named in ``metadata.tensor_file``; gradient.py's local/row cosine
+arrays sit in the same file under ``cosine::<param>``. The reader also takes the published code's
+folders of float16 ``.npy`` files.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import re
-import shutil
-import struct
 from datetime import datetime
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from gaprune.data import read_json
 from gaprune.errors import InputError
-from gaprune.layers import strip_prefix
-
+from gaprune.fileio import domain_name, model_dirname, read_json, timestamp, write_json, write_tensors
+from gaprune.importance import AlignmentResult, FisherResult
+from gaprune.layers import layer_key, strip_prefix
 
 log = logging.getLogger(__name__)
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COSINE_PREFIX = "cosine::"  # gradient.py --alignment_mode local_cosine/row_cosine arrays, beside the published ones
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def timestamp(now: datetime | None = None) -> str:
-    return (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
-
-
-def domain_name(data_path: str) -> str:
-    """data/sample/chem-example-output.json -> chem-example-output (cut at the first '_', then the first '.')."""
-    return os.path.basename(data_path).split("_")[0].split(".")[0]
-
-
-def model_dirname(model_name: str) -> str:
-    """The last path part of a model name or folder, with characters outside [A-Za-z0-9_-] replaced by '_'."""
-    last = os.path.basename(os.path.normpath(model_name))
-    return re.sub(r"[^A-Za-z0-9_-]", "_", last)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary name beside ``path``; rename it to ``path`` on success, remove it on failure."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed."""
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        os.makedirs(tmp, exist_ok=True)
-        yield tmp
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-
-
-def write_json(path: str, obj) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-
-
-def write_tensors(path: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                  metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file one tensor at a time, so only one tensor is ever copied to host memory."""
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
-        for tensor in tensors.values():
-            host = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-            handle.write(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+SIDES = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> file kind
 
 
 def tensor_file_for(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".safetensors"
+
+
+def fisher_paths(output_dir: str, data_path: str, now: datetime) -> tuple[str, str]:
+    """The results JSON and the summary JSON of fisher.py."""
+    stem = os.path.join(output_dir, f"{domain_name(data_path)}_fisher")
+    return f"{stem}_complete_scores_{timestamp(now)}.json", f"{stem}_summary_{timestamp(now)}.json"
+
+
+def alignment_paths(output_dir: str, model_name: str, now: datetime) -> tuple[str, str]:
+    """The results JSON and the summary JSON of gradient.py, in ``<output_dir>/<model>/``."""
+    model = model_dirname(model_name)
+    folder = os.path.join(output_dir, model)
+    return (os.path.join(folder, f"alignment_scores_{model}_{timestamp(now)}.json"),
+            os.path.join(folder, f"alignment_summary_{model}_{timestamp(now)}.json"))
+
+
+def per_layer_statistics(mean_scores: Mapping[str, float]) -> dict[str, dict]:
+    """Mean, std (at least 1e-12) and count of the parameters' mean scores, per layer."""
+    groups: dict[str, list[float]] = {}
+    for name, score in mean_scores.items():
+        groups.setdefault(layer_key(name, fallback_parts=1), []).append(score)
+    return {layer: {"mean": float(np.mean(s)), "std": max(float(np.std(s)), 1e-12), "count": len(s)}
+            for layer, s in groups.items()}
+
+
+def ranked_parameters(mean_scores: Mapping[str, float]) -> list[tuple[str, float]]:
+    """Parameters by mean Fisher score, most important first."""
+    return sorted(mean_scores.items(), key=lambda item: item[1], reverse=True)
+
+
+def save_fisher(result: FisherResult, output_dir: str, data_path: str, model_name: str,
+                score_dtype: str = "float32", now: datetime | None = None) -> str:
+    """Write a fisher.py result: per-weight arrays, results JSON and summary JSON; return the results JSON."""
+    now = now or datetime.now()
+    json_path, summary_path = fisher_paths(output_dir, data_path, now)
+    tensor_path = tensor_file_for(json_path)
+    method = f"{domain_name(data_path)}_fisher"
+    layers = per_layer_statistics(result.mean_scores)
+    metadata = {
+        "method": method,
+        "timestamp": now.isoformat(),
+        "total_parameters": len(result.mean_scores),
+        "total_weights": int(sum(np.prod(s) for s in result.shapes.values())),
+        "model_name": model_name,
+        "data_path": data_path,
+        "num_samples": result.num_samples,
+        "batch_size": result.batch_size,
+        "sparsify_layers": list(result.layer_types),
+        "compute_dtype": result.compute_dtype,
+        "score_dtype": score_dtype,
+        "first_batch_loss": result.first_loss,
+        "mean_loss": result.mean_loss,
+        "tensor_file": os.path.basename(tensor_path),
+    }
+    write_tensors(tensor_path, result.per_weight, SCORE_DTYPES[score_dtype],
+                  metadata={"model_name": model_name, "method": method})
+    write_json(json_path, {
+        "metadata": metadata,
+        "summary_statistics": {name: {"mean_score": m} for name, m in result.mean_scores.items()},
+        "complete_scores": {name: {"shape": shape, "in_tensor_file": name in result.per_weight}
+                            for name, shape in result.shapes.items()},
+        "per_layer_statistics": layers,
+    })
+    ranked = ranked_parameters(result.mean_scores)
+    write_json(summary_path, {"metadata": metadata, "per_layer_statistics": layers,
+                              "most_important": dict(ranked[:10]), "least_important": dict(ranked[-5:])})
+    return json_path
+
+
+def alignment_statistics(scores: Mapping[str, float]) -> dict[str, float | int]:
+    """Mean, max, min, std of the per-parameter alignments, and how many lie above 0.1 and below -0.1."""
+    values = np.array(list(scores.values()), dtype=np.float64)
+    return {"mean": float(values.mean()), "max": float(values.max()), "min": float(values.min()),
+            "std": float(values.std()), "positive_aligned_count": int((values > 0.1).sum()),
+            "negative_aligned_count": int((values < -0.1).sum())}
+
+
+def save_alignment(result: AlignmentResult, output_dir: str, model_name: str, general_data_path: str,
+                   domain_data_path: str, use_distributed: bool, now: datetime | None = None) -> str:
+    """Write a gradient.py result: element-wise (and cosine) arrays, results JSON and summary JSON;
+    return the results JSON."""
+    now = now or datetime.now()
+    json_path, summary_path = alignment_paths(output_dir, model_name, now)
+    tensor_path = tensor_file_for(json_path)
+    metadata = {
+        "timestamp": now.isoformat(),
+        "model_name": model_name,
+        "batch_size": result.batch_size,
+        "max_samples": result.max_samples,
+        "use_distributed": use_distributed,
+        "processed_batches": result.processed_batches,
+        "total_samples_processed": result.total_samples_processed,
+        "general_data_size": result.general_data_size,
+        "domain_data_size": result.domain_data_size,
+        "domain_data_path": domain_data_path,
+        "general_data_path": general_data_path,
+        "seed": result.seed,
+        "alignment_mode": result.alignment_mode,
+        "sparsify_layers": list(result.layer_types),
+        "compute_dtype": result.compute_dtype,
+        "tensor_file": os.path.basename(tensor_path),
+        "parameter_shapes": result.shapes,
+    }
+    arrays = result.elementwise
+    if result.cosine:
+        arrays = {**arrays, **{COSINE_PREFIX + name: a for name, a in result.cosine.items()}}
+    write_tensors(tensor_path, arrays, metadata={"model_name": model_name, "method": "alignment_elementwise"})
+    write_json(json_path, {"metadata": metadata, "losses": result.losses,
+                           "alignment_scores": result.alignment_scores, "conflict_rates": result.conflict_rates})
+    write_json(summary_path, {
+        "timestamp": metadata["timestamp"],
+        "model_name": model_name,
+        "total_parameters": len(result.alignment_scores),
+        "processed_batches": result.processed_batches,
+        "total_samples_processed": result.total_samples_processed,
+        "alignment_statistics": alignment_statistics(result.alignment_scores),
+        "losses": result.losses,
+        "conflict_rates": result.conflict_rates,
+    })
+    return json_path
 
 
 class ScoreArrays:
@@ -188,13 +240,16 @@ class ScoreArrays:
                 return handle.get_slice(self._names[key]).get_shape()
         return list(np.load(os.path.join(self._npy_folder, self._names[key]), mmap_mode="r").shape)
 
+    def require_cosine(self) -> None:
+        if not self._cosine:
+            raise InputError(f"{self.path} has only the published element-wise alignment; this scorer needs "
+                             f"a cosine in [-1, 1]: rerun gradient.py with --alignment_mode local_cosine "
+                             f"(or row_cosine), or set --alignment_weight 0")
+
     def get(self, name: str, cosine: bool = False) -> torch.Tensor:
         """The array of one parameter; with ``cosine``, its local_cosine / row_cosine array instead."""
         if cosine:
-            if not self._cosine:
-                raise InputError(f"{self.path} has only the published element-wise alignment; this scorer needs "
-                                 f"a cosine in [-1, 1]: rerun gradient.py with --alignment_mode local_cosine "
-                                 f"(or row_cosine), or set --alignment_weight 0")
+            self.require_cosine()
             with safe_open(self._tensor_path, framework="pt") as handle:
                 return handle.get_tensor(self._cosine[strip_prefix(name)]).float()
         key = self._names[strip_prefix(name)]
@@ -205,20 +260,20 @@ class ScoreArrays:
         return torch.from_numpy(np.load(os.path.join(self._npy_folder, key)).astype(np.float32))
 
 
-SCORE_SIDES = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}
-
-
 def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[str, Sequence[int]],
-                     device: torch.device) -> Callable[[str, str], torch.Tensor | None]:
-    """Open and check the given score files (side -> JSON path or None) against the candidates;
-    return ``array(side, name)``: that side's array on ``device``, or None where no file was given."""
-    arrays = {side: ScoreArrays(path, SCORE_SIDES[side]) if path else None for side, path in paths.items()}
+                     device: torch.device, need_cosine: bool = False) -> Callable[[str, str], torch.Tensor | None]:
+    """Open and check the given score files (side -> JSON path or None) against the candidates, and that a
+    given alignment file holds cosine arrays when ``need_cosine``; return ``array(side, name)``: that
+    side's array on ``device`` (side "alignment_cosine": the cosine array), or None where no file was given."""
+    arrays = {side: ScoreArrays(path, SIDES[side]) if path else None for side, path in paths.items()}
     for side, scores in arrays.items():
         if scores is None:
             log.info("no %s file: %s", side.replace("_", " "),
                      "alignment is 0 everywhere" if side == "alignment" else "that side is 1.0 everywhere")
         else:
             scores.check(candidate_shapes)
+    if need_cosine and arrays.get("alignment") is not None:
+        arrays["alignment"].require_cosine()
 
     def array(side: str, name: str) -> torch.Tensor | None:
         """side: domain_fisher, general_fisher, alignment (the published product) or alignment_cosine."""

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from gaprune.dai import DAIConfig, dai_score, kth_smallest, make_score_fn, prune_lowest, uniform_allocation
+from gaprune.masking import kth_smallest, prune_lowest, uniform_allocation
+from gaprune.scorers import score_function as make_score_fn
+from gaprune.scoring import DAIConfig, dai_score
 
 
 def softplus(x):

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from gaprune.features.loss_utils import info_nce
+from gaprune.loss import info_nce
 from gaprune.modeling import pool
 
 

@@ -6,11 +6,11 @@ import logging
 import random
 from typing import Sequence
 
-from gaprune.cli import ArgumentParser, add_runtime_args, positive_int, run, str2bool
+from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run, str2bool
 from gaprune.data import load_records
 from gaprune.modeling import load_embedder
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
-from gaprune.scorefiles import write_json
+from gaprune.fileio import write_json
 
 log = logging.getLogger("gaprune.sample")
 
@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                     args.input_file, len(records), args.target_sample_size)
         write_json(args.output_file, records)
         print(f"Kept all {len(records)} records")
-        print(args.output_file)
-        return args.output_file
+        return finish(args.output_file)
     if len(records) > MAX_CANDIDATES:
         log.info("%d records: k-means runs on a seeded random subset of %d", len(records), MAX_CANDIDATES)
         records = random.Random(args.seed).sample(records, MAX_CANDIDATES)
@@ -58,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     write_json(args.output_file, [records[i] for i in chosen])
     print(f"Selected {len(chosen)} of {len(records)} records "
           f"({args.target_sample_size - len(chosen)} centroids shared a nearest record)")
-    print(args.output_file)
-    return args.output_file
+    return finish(args.output_file)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Sequence
 
 import torch
 
+from gaprune import api
+from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
+                                save_model)
 from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                         run, scoring_config)
-from gaprune.dai import SCORERS, MaskResult, prune_candidates
+                         finish, run, score_file_paths, scoring_config)
 from gaprune.errors import InputError
-from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
-from gaprune.modeling import checkpoint_shapes, embed_normalized, load_embedder, resolve_model_dir, save_model
-from gaprune.scorefiles import atomic_dir, open_score_files, write_json
+from gaprune.fileio import atomic_dir, write_json
+from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
+from gaprune.masking import BUDGET_STRATEGIES
+from gaprune.modeling import load_embedder, resolve_model_dir
+from gaprune.pruning import ModelZeros, evaluation_config, prune_stats
+from gaprune.scorers import SCORERS
 
 log = logging.getLogger("gaprune.sparse")
-
-PROBE_SENTENCE = "What is the capital of France?"
 
 
 def build_parser() -> ArgumentParser:
@@ -31,14 +33,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--alignment_scores", help="gradient.py JSON (absent: alignment 0)")
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--unstructured_pct", type=float, default=0.0, help="share of candidate weights to zero, 0..1")
-    parser.add_argument("--unstructured_scoring", default="dai", choices=SCORERS,
-                        help="dai (default, the published formula); dai_paper, aligned_saliency (Fisher and "
-                             "gradient-cosine terms that act, see README); or a baseline: random, magnitude, "
-                             "domain_fisher / general_fisher (Fisher saliency F*w^2; needs that side's file)")
+    parser.add_argument("--unstructured_scoring", default="dai", choices=list(SCORERS),
+                        help="; ".join(f"{s.name}: {s.summary}" for s in SCORERS.values()) + " (see README)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
-    parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
+    parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
     parser.add_argument("--rho_min", type=float, default=0.05, help="uniform: least share pruned per layer")
     parser.add_argument("--rho_max", type=float, default=0.95, help="uniform: largest share pruned per layer")
     add_scoring_args(parser)
@@ -67,40 +67,6 @@ def show_layer_types(model_path: str) -> None:
         print(f"  {layer_type:<15} {len(names):4d} tensors {weights:14,d} weights   patterns: {patterns}")
 
 
-def output_folder(args) -> str:
-    pct = f"{round(args.unstructured_pct * 100, 2):g}%"
-    base = os.path.basename(os.path.normpath(args.model_path))
-    return os.path.join(args.output_dir, f"{base}_{args.unstructured_scoring}_prune_{pct}")
-
-
-def count_zeros(model: torch.nn.Module) -> int:
-    return sum(int((p == 0).sum()) for p in model.parameters())
-
-
-def prune_stats(args, result: MaskResult, considered: int) -> dict:
-    per_param = result.per_param
-    mixed = sum(0 < p["masked"] < p["numel"] for p in per_param.values())
-    return {
-        "method": args.unstructured_scoring,
-        "unstructured_pct_requested": args.unstructured_pct,
-        "scoring": args.unstructured_scoring,
-        "sparsify_layers": args.sparsify_layers,
-        "layer_budget_strategy": args.layer_budget_strategy,
-        "total_params_considered": considered,
-        "masked_params": result.masked,
-        "actual_mask_ratio": result.masked / considered,
-        "diagnostics": result.diagnostics,
-        "per_param": per_param,
-        "per_layer_allocations": result.per_layer_allocations,
-        "validation": {
-            "parameters_with_mixed_pruning": mixed,
-            "parameters_all_pruned": sum(p["masked"] == p["numel"] for p in per_param.values()),
-            "parameters_none_pruned": sum(p["masked"] == 0 for p in per_param.values()),
-            "mixed_pruning_percentage": 100.0 * mixed / len(per_param),
-        },
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
     validate(args)
@@ -108,57 +74,33 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         show_layer_types(args.model_path)
         return None
     embedder = load_embedder(args.model_path, args.device, args.dtype)
-    candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
-    array = open_score_files({"domain_fisher": args.domain_fisher_scores, "general_fisher": args.general_fisher_scores,
-                              "alignment": args.alignment_scores},
-                             {name: list(p.shape) for name, p in candidates.items()}, embedder.device)
-    considered = sum(p.numel() for p in candidates.values())
-    log.info("%d candidate tensors (%d weights) in %s; pruning %.1f%% by %s (%s budget)", len(candidates),
-             considered, " ".join(args.sparsify_layers), 100 * args.unstructured_pct, args.unstructured_scoring,
-             args.layer_budget_strategy)
     config = scoring_config(args)
+    log.info("pruning %.1f%% of %s by %s (%s budget)", 100 * args.unstructured_pct, " ".join(args.sparsify_layers),
+             args.unstructured_scoring, args.layer_budget_strategy)
     zeros_before = count_zeros(embedder.model)
-    result = prune_candidates(candidates, array, args.unstructured_scoring, config, args.unstructured_pct,
-                              args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
-    embedding = embed_normalized(embedder, PROBE_SENTENCE)
+    files = score_file_paths(args)
+    result = api.prune(embedder, args.unstructured_pct, args.unstructured_scoring, files["general_fisher"],
+                       files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
+                       args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
+    considered = sum(p["numel"] for p in result.per_param.values())
+    embedding = probe_embedding(embedder)
 
-    folder = output_folder(args)
+    folder = output_folder(args.output_dir, args.model_path,
+                           f"{args.unstructured_scoring}_prune_{round(args.unstructured_pct * 100, 2):g}%")
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
-        total = sum(p.numel() for p in embedder.model.parameters())
-        zeros_after = count_zeros(embedder.model)
-        write_json(os.path.join(tmp, "evaluation_config.json"), {
-            "model_path": args.model_path,
-            "batch_size": args.batch_size,
-            "sparsify_layers": args.sparsify_layers,
-            "pruning_method": f"unstructured_{args.unstructured_scoring}",
-            "meta": {
-                "unstructured_pruning": {
-                    "unstructured_pct": args.unstructured_pct, "unstructured_scoring": args.unstructured_scoring,
-                    "layer_budget_strategy": args.layer_budget_strategy, "rho_min": args.rho_min,
-                    "rho_max": args.rho_max, **dataclasses.asdict(config)},
-                "score_files": {"general_fisher_scores": args.general_fisher_scores,
-                                "domain_fisher_scores": args.domain_fisher_scores,
-                                "alignment_scores": args.alignment_scores},
-                "mask_accounting": {
-                    "total_params_before": total,
-                    "total_params_after": total - zeros_after,
-                    "masked_params": result.masked,
-                    "masked_ratio": result.masked / total,
-                    "zero_params_counted": zeros_after,
-                    "unstructured_masked_params_reported": result.masked,
-                    "zero_params_before": zeros_before,
-                    "newly_zeroed_params": result.newly_zeroed},
-            },
-        })
-        write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(args, result, considered))
+        zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
+                           after=count_zeros(embedder.model))
+        write_json(os.path.join(tmp, "evaluation_config.json"), evaluation_config(
+            args.model_path, args.batch_size, args.sparsify_layers, args.unstructured_scoring, args.unstructured_pct,
+            args.layer_budget_strategy, args.rho_min, args.rho_max, config, files, result, zeros))
+        write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(
+            result, args.unstructured_scoring, args.unstructured_pct, args.sparsify_layers, args.layer_budget_strategy))
 
     print(f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
-          f"model zeros {zeros_before:,} -> {zeros_after:,}")
-    print(f"Embedding of {PROBE_SENTENCE!r} (dim {embedding.numel()}, L2-normalised): "
-          f"[{', '.join(f'{v:.6f}' for v in embedding[:8].tolist())}, ...]")
-    print(folder)
-    return folder
+          f"model zeros {zeros.before:,} -> {zeros.after:,}")
+    print(describe_probe(embedding))
+    return finish(folder)
 
 
 if __name__ == "__main__":

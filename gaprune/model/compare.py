@@ -11,14 +11,18 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                         positive_int, run, scoring_config)
-from gaprune.dai import SCORERS, DAIConfig, prune_candidates
+                         positive_int, finish, run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
+from gaprune.fileio import model_dirname, timestamp, write_json, write_text
 from gaprune.layers import select_parameters
+from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import atomic_path, model_dirname, open_score_files, timestamp, write_json
+from gaprune.pruning import prune_candidates
+from gaprune.scorefiles import open_score_files
+from gaprune.scorers import SCORERS, get_scorer
+from gaprune.scoring import DAIConfig
 
 log = logging.getLogger("gaprune.compare")
 
@@ -36,7 +40,7 @@ def build_parser() -> ArgumentParser:
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
                              "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all)")
     add_layer_args(parser, ["mlp"])
-    parser.add_argument("--layer_budget_strategy", default="global", choices=["global", "uniform"])
+    parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
     parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"])
     parser.add_argument("--max_samples", type=positive_int, help="evaluate the first N triples of each file")
     parser.add_argument("--batch_size", type=positive_int, default=32)
@@ -95,12 +99,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
-    array = open_score_files({"domain_fisher": args.domain_fisher_scores, "general_fisher": args.general_fisher_scores,
-                              "alignment": args.alignment_scores},
-                             {name: list(p.shape) for name, p in candidates.items()}, embedder.device)
-    if args.alignment_scores and any(scoring in ("dai_paper", "aligned_saliency") and config.alignment_weight
-                                     for _, scoring, config in scorers):
-        array("alignment_cosine", next(iter(candidates)))  # fails now, not after the dense run, without cosines
+    array = open_score_files(score_file_paths(args), {name: list(p.shape) for name, p in candidates.items()},
+                             embedder.device,
+                             need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers))
     dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
 
     def evaluate() -> tuple[dict, dict]:
@@ -132,11 +133,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
     write_json(base + ".json", {"model_path": args.model_path, "timestamp": datetime.now().isoformat(),
                                 "settings": {k: v for k, v in vars(args).items()}, "rows": rows})
-    with atomic_path(base + ".md") as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
+    write_text(base + ".md", table + "\n")
     print(table)
-    print(base + ".json")
-    return base + ".json"
+    return finish(base + ".json")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ import os
 from datetime import datetime
 from typing import Sequence
 
-from gaprune.cli import ArgumentParser, add_runtime_args, positive_int, run
+from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import model_dirname, timestamp, write_json
+from gaprune.fileio import model_dirname, timestamp, write_json
 
 log = logging.getLogger("gaprune.evaluate")
 
@@ -70,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
     write_json(output, report)
     print(format_table(report))
-    print(output)
-    return output
+    return finish(output)
 
 
 if __name__ == "__main__":

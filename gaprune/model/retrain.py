@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Sequence
 
 import torch
 
-from gaprune.cli import ArgumentParser, positive_int, run
+from gaprune.checkpoint import describe_probe, output_folder, probe_embedding, save_model
+from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.errors import InputError
+from gaprune.fileio import atomic_dir, read_json, write_json
 from gaprune.layers import select_parameters
-from gaprune.modeling import embed_normalized, load_embedder, resolve_device, save_model
+from gaprune.modeling import load_embedder, resolve_device, resolve_dtype
 from gaprune.retraining import sparse_finetune, zero_masks
-from gaprune.scorefiles import atomic_dir, write_json
 
 log = logging.getLogger("gaprune.retrain")
 
@@ -37,10 +37,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--general_ratio", type=float, default=0.25,
                         help="share of each batch from --general_data_path (default: 0.25)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype (autocast); weights and optimizer state stay float32. "
-                             "auto = bfloat16 on CUDA, float32 on CPU")
+    add_runtime_args(parser, dtype_help="compute dtype (autocast); weights and optimizer state stay float32. "
+                                        "auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
     return parser
 
 
@@ -52,9 +50,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise InputError("--lr must be positive and --warmup_steps not negative")
     domain = load_triples(args.data_path)
     general = load_triples(args.general_data_path) if args.general_data_path else []
-    device = resolve_device(args.device)
-    compute = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None,
-               "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    compute = resolve_dtype(args.dtype, resolve_device(args.device))
     embedder = load_embedder(args.model_path, args.device, "float32", max_length=args.max_length)
     if args.gradient_checkpointing:
         embedder.model.gradient_checkpointing_enable()
@@ -62,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     config_file = os.path.join(embedder.model_dir, "evaluation_config.json")
     named = dict(embedder.model.named_parameters())
     if os.path.isfile(config_file):  # a SparseModel.py folder: hold the zeros of its candidate layers
-        with open(config_file, encoding="utf-8") as handle:
-            layers = json.load(handle).get("sparsify_layers") or ["all"]
+        pruning = read_json(config_file, "pruned model's evaluation_config.json")
+        layers = (pruning.get("sparsify_layers") if isinstance(pruning, dict) else None) or ["all"]
         held = select_parameters(named.items(), layers)
     else:
         held = {n: p for n, p in named.items() if p.dim() >= 2}
@@ -73,12 +69,11 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     result = sparse_finetune(embedder, domain, args.steps, args.lr, args.batch_size, masks, general,
                              args.general_ratio, args.warmup_steps, args.grad_accum, args.weight_decay, args.seed,
-                             compute)
+                             None if compute == torch.float32 else compute)
     zeros_after = sum(int((named[n][m] == 0).sum()) for n, m in masks.items())
-    embedding = embed_normalized(embedder, "What is the capital of France?")
+    embedding = probe_embedding(embedder)
 
-    folder = os.path.join(args.output_dir, f"{os.path.basename(os.path.normpath(args.model_path))}_retrained_"
-                                           f"{args.steps}steps")
+    folder = output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps")
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
         write_json(os.path.join(tmp, "retrain_config.json"), {
@@ -87,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             "seconds": result.seconds, "loss_curve": result.losses})
     print(f"Loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {args.steps} steps in {result.seconds:.1f} s; "
           f"{zeros_after:,} of {masked:,} pruned weights still zero")
-    print(f"Embedding of 'What is the capital of France?' (dim {embedding.numel()}): "
-          f"[{', '.join(f'{v:.6f}' for v in embedding[:8].tolist())}, ...]")
-    print(folder)
-    return folder
+    print(describe_probe(embedding))
+    return finish(folder)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""The Python API: each stage as one call, taking a loaded Embedder or a model path.
+
+    import gaprune
+    model = gaprune.load_embedder("sentence-transformers/all-MiniLM-L6-v2")
+    general = gaprune.fisher(model, "data/general-example.json", output_dir="output/fisher")
+    domain = gaprune.fisher(model, "data/chem-example.json", output_dir="output/fisher")
+    alignment = gaprune.alignment(model, "data/general-example.json", "data/chem-example.json",
+                                  output_dir="output/gradient", alignment_mode="local_cosine")
+    result = gaprune.prune(model, 0.5, scorer="aligned_saliency", general_fisher=general.path,
+                           domain_fisher=domain.path, alignment=alignment.path)
+    print(gaprune.evaluate(model, "data/chem-example.json")["metrics"]["ndcg@10"])
+
+The command-line stages are thin front ends over these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gaprune.data import load_triples
+from gaprune.evaluation import evaluate_triples
+from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
+from gaprune.layers import select_parameters
+from gaprune.masking import MaskResult
+from gaprune.modeling import Embedder, load_embedder
+from gaprune.pruning import prune_candidates
+from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
+from gaprune.scorers import get_scorer
+from gaprune.scoring import DAIConfig
+
+ModelLike = Embedder | str
+
+
+def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto") -> Embedder:
+    """An Embedder as given, or loaded from a folder or hub id."""
+    return model if isinstance(model, Embedder) else load_embedder(model, device, dtype)
+
+
+def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
+           max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
+           score_dtype: str = "float32", on_first_loss=None) -> FisherResult:
+    """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
+    With ``output_dir`` the score files are written and ``result.path`` is the results JSON."""
+    embedder = as_embedder(model)
+    triples = load_triples(data_path, max_samples)
+    result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss)
+    if output_dir is not None:
+        result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
+    return result
+
+
+def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, output_dir: str | None = None,
+              batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
+              seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True) -> AlignmentResult:
+    """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
+    score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON."""
+    embedder = as_embedder(model)
+    general, domain = load_triples(general_data_path), load_triples(domain_data_path)
+    result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
+                                use_distributed, alignment_mode)
+    if output_dir is not None:
+        result.path = save_alignment(result, output_dir, embedder.name, general_data_path, domain_data_path,
+                                     use_distributed)
+    return result
+
+
+def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher: str | None = None,
+          domain_fisher: str | None = None, alignment: str | None = None, layer_types: Sequence[str] = ("mlp",),
+          config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
+          rho_max: float = 0.95, seed: int = 42) -> MaskResult:
+    """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
+    reading the given score files (results JSON paths). Save the model with gaprune.checkpoint.save_model."""
+    embedder = as_embedder(model)
+    config = config or DAIConfig()
+    paths = {"domain_fisher": domain_fisher, "general_fisher": general_fisher, "alignment": alignment}
+    chosen = get_scorer(scorer)
+    chosen.check(config, {side for side, path in paths.items() if path})
+    candidates = select_parameters(embedder.model.named_parameters(), layer_types)
+    arrays = open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
+                              need_cosine=chosen.reads_cosine(config))
+    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed)
+
+
+@torch.no_grad()
+def evaluate(model: ModelLike, data_path: str, batch_size: int = 32, max_samples: int | None = None,
+             instructions: str = "auto") -> dict:
+    """nDCG@10, MRR@10, Recall@1 and Recall@10 of retrieving each query's positive among all the file's
+    positives and negatives."""
+    embedder = as_embedder(model)
+    return evaluate_triples(embedder, load_triples(data_path, max_samples), batch_size, instructions)
+
+
+__all__ = ["as_embedder", "fisher", "alignment", "prune", "evaluate", "load_embedder"]

@@ -1,0 +1,63 @@
+"""Model folders on disk: the shapes a checkpoint holds, and saving a pruned or retrained model.
+
+A saved folder loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer`` and no gaprune code:
+the weights in the dtype the model came in, the tokenizer, and the source's sentence-transformers files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+from safetensors import safe_open
+
+from gaprune.modeling import Embedder
+
+PROBE_SENTENCE = "What is the capital of France?"  # embedded and printed after pruning or retraining
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def checkpoint_shapes(model_dir: str) -> dict[str, list[int]]:
+    """Parameter names and shapes from a folder's safetensors headers, without loading any weight."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(os.listdir(model_dir)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
+                shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
+    return shapes
+
+
+def output_folder(output_dir: str, model_path: str, suffix: str) -> str:
+    """``<output_dir>/<last part of model_path>_<suffix>``, e.g. Qwen3-Embedding-4B_dai_prune_50%."""
+    return os.path.join(output_dir, f"{os.path.basename(os.path.normpath(model_path))}_{suffix}")
+
+
+def save_model(embedder: Embedder, folder: str) -> None:
+    """save_pretrained in the checkpoint's own dtype, the tokenizer, and the source's sentence-transformers
+    files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it."""
+    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
+    embedder.tokenizer.save_pretrained(folder)
+    source = embedder.model_dir
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), folder)
+    for entry in sorted(os.listdir(source)):
+        path = os.path.join(source, entry)
+        if os.path.isdir(path) and re.fullmatch(r"\d+_\w+", entry):  # 1_Pooling, 2_Normalize, ...
+            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
+
+
+def probe_embedding(embedder: Embedder) -> torch.Tensor:
+    """The L2-normalised embedding of PROBE_SENTENCE, on the host."""
+    return embedder.encode([PROBE_SENTENCE], progress=False)[0].cpu()
+
+
+def describe_probe(embedding: torch.Tensor) -> str:
+    return (f"Embedding of {PROBE_SENTENCE!r} (dim {embedding.numel()}, L2-normalised): "
+            f"[{', '.join(f'{v:.6f}' for v in embedding[:8].tolist())}, ...]")
+
+
+def count_zeros(model: torch.nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in model.parameters())

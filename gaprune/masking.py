@@ -1,0 +1,173 @@
+"""Masks from scores: the k lowest over many tensors, exactly, in bounded memory.
+
+The k-th smallest score over all candidates (or over one layer's) is found by a two-pass radix select
+over the scores' bit patterns, holding one tensor's scores at a time; the mask then takes every score
+below it and the ties it still needs in parameter order, so exactly k weights are masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from gaprune.layers import layer_key
+
+ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight) -> flat float32 scores
+BUDGET_STRATEGIES = ("global", "uniform")
+
+
+
+def ordered_keys(score: torch.Tensor) -> torch.Tensor:
+    """Map float32 values to int32 keys whose integer order is the float order (flip the magnitude bits
+    of negative numbers)."""
+    bits = score.float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def key_to_float(key: int) -> float:
+    bits = torch.tensor([key], dtype=torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32).item()
+
+
+@dataclass
+class Threshold:
+    value: float  # the k-th smallest score
+    below: int  # scores strictly below it
+    ties_to_take: int  # how many scores equal to it complete the k
+
+
+def kth_smallest(scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
+    """The k-th smallest value (1 <= k <= total) over the tensors ``scores()`` yields, in two counting passes.
+
+    Pass 1 counts the upper 16 bits of every key, pass 2 the lower 16 bits of the keys in the bin that
+    holds the k-th value; memory is two 65536-bin histograms plus one tensor's scores at a time.
+    """
+    high = None
+    for s in scores():
+        counts = torch.bincount((ordered_keys(s) >> 16) + (1 << 15), minlength=1 << 16)  # signed high half
+        high = counts if high is None else high + counts
+    cum_high = torch.cumsum(high, 0)
+    bin_high = int(torch.searchsorted(cum_high, torch.tensor(k, device=cum_high.device)))
+    before_high = int(cum_high[bin_high - 1]) if bin_high > 0 else 0
+
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=cum_high.device)
+    for s in scores():
+        keys = ordered_keys(s)
+        keys = keys[(keys >> 16) == bin_high - (1 << 15)]
+        if keys.numel():
+            low += torch.bincount(keys & 0xFFFF, minlength=1 << 16).to(low.device)
+    cum_low = torch.cumsum(low, 0)
+    bin_low = int(torch.searchsorted(cum_low, torch.tensor(k - before_high, device=cum_low.device)))
+    before_low = int(cum_low[bin_low - 1]) if bin_low > 0 else 0
+    below = before_high + before_low
+    key = ((bin_high - (1 << 15)) << 16) | bin_low
+    return Threshold(value=key_to_float(key), below=below, ties_to_take=k - below)
+
+
+def uniform_allocation(sizes: Mapping[str, int], k: int, rho_min: float, rho_max: float) -> dict[str, int]:
+    """k spread over layers by size; the rounding remainder goes to the largest layers; then each layer
+    is clamped to [floor(rho_min n), floor(rho_max n)]."""
+    total = sum(sizes.values())
+    alloc = {layer: (k * n) // total for layer, n in sizes.items()}
+    remainder = k - sum(alloc.values())
+    for layer in sorted(sizes, key=lambda name: -sizes[name])[:remainder]:
+        alloc[layer] += 1
+    return {layer: min(max(alloc[layer], math.floor(rho_min * n)), math.floor(rho_max * n))
+            for layer, n in sizes.items()}
+
+
+@dataclass
+class MaskResult:
+    masked: int  # weights in the mask
+    newly_zeroed: int  # of those, the ones that were not zero already
+    per_param: dict[str, dict]
+    per_layer_allocations: dict[str, dict]
+    reference_overlap: int | None = None  # masked weights that the reference scorer would also mask
+    diagnostics: dict = field(default_factory=dict)
+
+
+def _score_stats(score: torch.Tensor) -> dict[str, float]:
+    return {"min": score.min().item(), "max": score.max().item(), "mean": score.mean().item(),
+            "std": score.std().item() if score.numel() > 1 else 0.0}
+
+
+class _MaskBuilder:
+    """Masks at a threshold, taking the ties it still needs in parameter order."""
+
+    def __init__(self, threshold: Threshold | None):
+        self.threshold = threshold
+        self.ties_left = threshold.ties_to_take if threshold else 0
+
+    def __call__(self, score: torch.Tensor) -> torch.Tensor:
+        if self.threshold is None:
+            return torch.zeros_like(score, dtype=torch.bool)
+        mask = score < self.threshold.value
+        if self.ties_left:
+            ties = torch.nonzero(score == self.threshold.value).flatten()[:self.ties_left]
+            mask[ties] = True
+            self.ties_left -= ties.numel()
+        return mask
+
+
+@torch.no_grad()
+def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
+                 rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None) -> MaskResult:
+    """Zero, in place, the lowest-scoring ``int(total * pct)`` candidate weights (global), or each layer's
+    share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact.
+
+    With ``reference_fn``, also count how many masked weights the same budget under that scorer masks.
+    """
+    total = sum(p.numel() for p in candidates.values())
+    k = int(total * pct)
+    groups: dict[str, list[str]] = {}
+    for name in candidates:
+        groups.setdefault("all" if strategy == "global" else layer_key(name, fallback_parts=2), []).append(name)
+    sizes = {g: sum(candidates[n].numel() for n in names) for g, names in groups.items()}
+    if strategy == "global":
+        budgets = {"all": k}
+    elif strategy == "uniform":
+        budgets = uniform_allocation(sizes, k, rho_min, rho_max) if k > 0 else {g: 0 for g in groups}
+    else:
+        raise ValueError(f"unknown budget strategy {strategy!r}")
+
+    def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
+        return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget) if budget else None
+
+    per_param: dict[str, dict] = {}
+    masked_total = newly_zeroed = 0
+    overlap = 0 if reference_fn else None
+    for group, names in groups.items():
+        build_mask = _MaskBuilder(threshold_of(score_fn, names, budgets[group]))
+        build_reference = _MaskBuilder(threshold_of(reference_fn, names, budgets[group])) if reference_fn else None
+        for name in names:
+            weight = candidates[name]
+            if build_reference is not None:
+                reference_mask = build_reference(reference_fn(name, weight))
+            score = score_fn(name, weight)
+            mask = build_mask(score)
+            if build_reference is not None:
+                overlap += int((mask & reference_mask).sum())
+            flat = weight.view(-1)
+            newly_zeroed += int((flat[mask] != 0).sum())
+            flat[mask] = 0
+            masked = int(mask.sum())
+            masked_total += masked
+            stats = _score_stats(score)
+            threshold = build_mask.threshold
+            stats.update(threshold=threshold.value if threshold else None, masked_ratio=masked / score.numel())
+            per_param[name] = {"numel": score.numel(), "masked": masked, "ratio": masked / score.numel(),
+                               "mean_importance": stats["mean"], "score_stats": stats}
+    allocations: dict[str, dict] = {}
+    for name, info in per_param.items():
+        layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
+        layer["size"] += info["numel"]
+        layer["masked"] += info["masked"]
+    for layer, info in allocations.items():
+        info["ratio"] = info["masked"] / info["size"]
+        if strategy == "uniform":
+            info["allocated"] = budgets[layer]
+    return MaskResult(masked=masked_total, newly_zeroed=newly_zeroed, per_param=per_param,
+                      per_layer_allocations=allocations, reference_overlap=overlap)

@@ -1,0 +1,162 @@
+"""The registry of scorers: what each one reads and how it builds its per-tensor score function.
+
+An entry says which score files it cannot run without, whether it reads the cosine arrays of
+gradient.py --alignment_mode local_cosine/row_cosine, which diagnostics it reports, and how it scores
+a tensor. SparseModel.py, compare.py and the CLI checks ask this registry; nothing else knows a
+scorer by name. Adding a scorer is one entry in SCORERS.
+
+Score-only scorers are all that exist today. A pruner that needs calibration activations (Wanda) or
+updates the kept weights (SparseGPT) declares it with ``needs_activations`` / ``updates_weights``, so
+the orchestration can run the calibration pass and hand it the inputs it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from gaprune.errors import InputError
+from gaprune.masking import ScoreFn
+from gaprune import scoring
+from gaprune.scoring import ArrayFn, DAIConfig
+
+SIDES = ("domain_fisher", "general_fisher", "alignment")  # the score files a scorer may read
+
+
+@dataclass
+class ScoringContext:
+    """What a scorer may use: the candidate weights, the given score files, the coefficients, a seed."""
+
+    candidates: Mapping[str, torch.Tensor]
+    arrays: ArrayFn  # (side, name) -> array, or None where no file was given; side "alignment_cosine" too
+    config: DAIConfig
+    seed: int = 42
+
+
+def _no_files(config: DAIConfig) -> tuple[str, ...]:
+    return ()
+
+
+def _never(config: DAIConfig) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    summary: str  # one line for --help and the README
+    build: Callable[[ScoringContext], ScoreFn]
+    required_files: Callable[[DAIConfig], tuple[str, ...]] = _no_files  # sides it cannot run without
+    reads_cosine: Callable[[DAIConfig], bool] = _never  # needs cosine arrays in a given alignment file
+    diagnostics: Callable[[ScoringContext], dict] = field(default=lambda context: {})
+    needs_activations: bool = False  # calibration inputs of each candidate layer (activation-aware pruners)
+    updates_weights: bool = False  # changes the kept weights, not only zeroes the pruned ones
+
+    def check(self, config: DAIConfig, given: set[str]) -> None:
+        """The coefficients make sense for this scorer and every file it cannot run without is in ``given``."""
+        files = self.required_files(config)
+        if files is None:
+            raise InputError(f"{self.name} needs a nonzero --domain_weight or --general_weight")
+        for side in files:
+            if side not in given:
+                raise InputError(f"scorer {self.name} needs --{side}_scores")
+
+
+def _side_or(arrays: ArrayFn, side: str, name: str, absent: float) -> torch.Tensor | float:
+    value = arrays(side, name)
+    return absent if value is None else value
+
+
+def _build_dai(context: ScoringContext) -> ScoreFn:
+    arrays, config = context.arrays, context.config
+
+    def score(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return scoring.dai_score(weight, _side_or(arrays, "domain_fisher", name, 1.0),
+                                 _side_or(arrays, "general_fisher", name, 1.0),
+                                 _side_or(arrays, "alignment", name, 0.0), config)
+    return score
+
+
+def _cosine_factor(context: ScoringContext, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    alpha = context.config.alignment_weight
+    cosine = context.arrays("alignment_cosine", name) if alpha else None
+    return scoring.alignment_factor(cosine, weight, alpha)
+
+
+def _build_dai_paper(context: ScoringContext) -> ScoreFn:
+    fisher = scoring.normalized_fisher(context.arrays, context.candidates, context.config.fisher_norm)
+
+    def score(name: str, weight: torch.Tensor) -> torch.Tensor:
+        fd, fg = fisher("domain_fisher", name), fisher("general_fisher", name)
+        return scoring.dai_paper_score(weight, 1.0 if fd is None else fd, 1.0 if fg is None else fg,
+                                       _cosine_factor(context, name, weight), context.config)
+    return score
+
+
+def _build_aligned_saliency(context: ScoringContext) -> ScoreFn:
+    fisher = scoring.normalized_fisher(context.arrays, context.candidates, context.config.fisher_norm)
+    config = context.config
+
+    def score(name: str, weight: torch.Tensor) -> torch.Tensor:
+        fd = fisher("domain_fisher", name) if config.domain_weight else None
+        fg = fisher("general_fisher", name) if config.general_weight else None
+        return scoring.aligned_saliency_score(weight, fd, fg, _cosine_factor(context, name, weight), config)
+    return score
+
+
+def _aligned_saliency_files(config: DAIConfig) -> tuple[str, ...] | None:
+    files = tuple(side for side, weight in (("domain_fisher", config.domain_weight),
+                                            ("general_fisher", config.general_weight)) if weight != 0)
+    return files or None  # None: no side left, the coefficients make no scorer
+
+
+def _reads_cosine_when_weighted(config: DAIConfig) -> bool:
+    return config.alignment_weight != 0
+
+
+def _fisher_saliency(side: str) -> Scorer:
+    def build(context: ScoringContext) -> ScoreFn:
+        return lambda name, weight: scoring.fisher_saliency(weight, context.arrays(side, name))
+    return Scorer(side, f"Fisher saliency F*w^2 of the {side.split('_')[0]} side (needs its file)", build,
+                  required_files=lambda config: (side,))
+
+
+def _build_random(context: ScoringContext) -> ScoreFn:
+    return lambda name, weight: scoring.random_score(name, weight, context.seed)
+
+
+def _build_magnitude(context: ScoringContext) -> ScoreFn:
+    return lambda name, weight: scoring.magnitude(weight)
+
+
+def _dai_diagnostics(context: ScoringContext) -> dict:
+    return {"median_fisher_to_compression_ratio":
+            scoring.fisher_to_compression_ratio(context.candidates, context.arrays, context.config)}
+
+
+SCORERS: dict[str, Scorer] = {scorer.name: scorer for scorer in (
+    Scorer("dai", "the published DAI formula (default)", _build_dai, diagnostics=_dai_diagnostics),
+    Scorer("dai_paper", "[(F^d - beta F^g)|W| + c sqrt|W|](1 + alpha s): Fisher terms that act",
+           _build_dai_paper, reads_cosine=_reads_cosine_when_weighted),
+    Scorer("aligned_saliency", "(lambda_d F^d + lambda_g F^g) W^2 (1 + alpha s)", _build_aligned_saliency,
+           required_files=_aligned_saliency_files, reads_cosine=_reads_cosine_when_weighted),
+    Scorer("random", "seeded uniform scores (--seed)", _build_random),
+    Scorer("magnitude", "|w|", _build_magnitude),
+    _fisher_saliency("domain_fisher"),
+    _fisher_saliency("general_fisher"),
+)}
+REFERENCE_SCORER = "magnitude"  # every mask reports how much of it this scorer's mask shares
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise InputError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    return SCORERS[name]
+
+
+def score_function(name: str, arrays: ArrayFn, config: DAIConfig, seed: int = 42,
+                   candidates: Mapping[str, torch.Tensor] | None = None) -> ScoreFn:
+    """The per-tensor score function of a registered scorer (``candidates``: for the global Fisher mean)."""
+    return get_scorer(name).build(ScoringContext(candidates or {}, arrays, config, seed))
