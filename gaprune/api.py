@@ -79,7 +79,7 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
     chosen.check(config, {side for side, path in paths.items() if path})
     candidates = select_parameters(embedder.model.named_parameters(), layer_types)
     arrays = open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
-                              need_cosine=chosen.reads_cosine(config))
+                              need_cosine=chosen.reads_cosine(config), model_name=embedder.name)
     return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed)
 
 

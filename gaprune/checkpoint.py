@@ -6,6 +6,7 @@ the weights in the dtype the model came in, the tokenizer, and the source's sent
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,12 +35,32 @@ def output_folder(output_dir: str, model_path: str, suffix: str) -> str:
     return os.path.join(output_dir, f"{os.path.basename(os.path.normpath(model_path))}_{suffix}")
 
 
+def write_sentence_transformers_files(folder: str, dim: int, pooling: str) -> None:
+    """modules.json (Transformer, Pooling, Normalize) and 1_Pooling/config.json naming ``pooling``."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    pooling_config = {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
+                      "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+                      "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": pooling == "lasttoken"}
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(folder, "modules.json"), "w", encoding="utf-8") as handle:
+        json.dump(modules, handle, indent=2)
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(pooling_config, handle, indent=2)
+
+
 def save_model(embedder: Embedder, folder: str) -> None:
     """save_pretrained in the checkpoint's own dtype, the tokenizer, and the source's sentence-transformers
-    files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it."""
+    files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it.
+    A source without them gets ones naming the pooling gaprune used, so SentenceTransformer embeds the same."""
     embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
     embedder.tokenizer.save_pretrained(folder)
     source = embedder.model_dir
+    if not os.path.isfile(os.path.join(source, "modules.json")):
+        write_sentence_transformers_files(folder, embedder.model.config.hidden_size, embedder.pooling)
     for name in SENTENCE_TRANSFORMERS_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy2(os.path.join(source, name), folder)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
-from gaprune.errors import InputError
+from gaprune.errors import InputError, first_line
 from gaprune.layers import LAYER_TYPES
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
@@ -38,6 +39,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def finite_float(value: str) -> float:
+    """A float flag: NaN and infinities are refused (a NaN coefficient would silently mask nothing)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
 def add_runtime_args(parser: argparse.ArgumentParser,
                      dtype_help: str = "auto = bfloat16 on CUDA, float32 on CPU (default: auto)") -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -60,8 +69,8 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> None:
 
     def coefficient(name: str, help: str, **kwargs) -> None:
         default = getattr(defaults, name)
-        group.add_argument(f"--{name}", type=type(default), default=default, help=f"{help} (default: {default})",
-                           **kwargs)
+        group.add_argument(f"--{name}", type=finite_float if isinstance(default, float) else type(default),
+                           default=default, help=f"{help} (default: {default})", **kwargs)
 
     coefficient("beta", "dai, dai_paper: weight of the general Fisher term")
     coefficient("compression_weight", "dai, dai_paper: weight of the sqrt|W| term")
@@ -78,7 +87,9 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> None:
 
 
 def scoring_config(args: argparse.Namespace) -> DAIConfig:
-    return DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
+    config = DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
+    config.check()
+    return config
 
 
 def score_file_paths(args: argparse.Namespace) -> dict[str, str | None]:
@@ -105,6 +116,10 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         main(argv)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # a path that cannot be read or written, a full disk: name the path, no traceback
+        where = err.filename if err.filename is not None else ""
+        print(f"error: {err.strerror or first_line(err)}{f': {where}' if where else ''}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

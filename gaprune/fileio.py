@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
+import logging
 import os
 import re
 import shutil
 import struct
 from datetime import datetime
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from gaprune.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def read_json(path: str, what: str = "file") -> Any:
@@ -29,38 +34,135 @@ def read_json(path: str, what: str = "file") -> Any:
         raise InputError(f"{path} is not UTF-8 text") from None
 
 
-def _temporary_name(path: str) -> str:
+def _temporary_name(path: str, kind: str = "tmp") -> str:
     folder = os.path.dirname(path) or "."
-    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    return os.path.join(folder, f".{os.path.basename(path)}.{kind}-{os.getpid()}")
+
+
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+    """``path`` is, or can become, a writable folder: checked before any work, so nothing is computed for nothing."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{flag} {path} is a link to nothing")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{flag} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path} is not writable ({existing})")
+
+
+def check_output_file(path: str, flag: str = "--output_file") -> None:
+    """``path`` can be written as a file: not a folder, in a folder that is or can become writable."""
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder, not a file")
+    check_output_dir(os.path.dirname(path) or ".", f"the folder of {flag}")
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str) -> Iterator[list[str]]:
+    """Temporary names beside ``paths``; on success each is renamed to its path in the order given (put the
+    file that makes the set usable last), on failure all are removed."""
+    for path in paths:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmps = [_temporary_name(path) for path in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary name beside ``path``; rename it to ``path`` on success, remove it on failure."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
+    with atomic_files(path) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), b)
+
+
+def replace_dir(new: str, path: str) -> None:
+    """Put the folder ``new`` at ``path``. An existing folder is swapped out in one atomic step where the
+    system allows it (else renamed aside first), then deleted: at every moment ``path`` holds the old or the
+    new folder complete. Files of the old folder that the new one lacks are named in a warning."""
+    if not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise InputError(f"{path} exists and is not a folder; remove it or choose another output folder")
+    lost = sorted(set(os.listdir(path)) - set(os.listdir(new)))
+    if lost:
+        log.warning("replacing %s, whose %s not in the new output: %s", path,
+                    "file is" if len(lost) == 1 else f"{len(lost)} files are", ", ".join(lost[:8]))
+    if _exchange(new, path):
+        shutil.rmtree(new)
+        return
+    aside = _temporary_name(path, "old")
+    os.replace(path, aside)
+    os.replace(new, path)
+    shutil.rmtree(aside)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (replace_dir), on failure
+    it is removed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = _temporary_name(path)
     try:
         os.makedirs(tmp, exist_ok=True)
         yield tmp
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def unique_stem(make_paths: Callable[[str], Sequence[str]], now: datetime | None = None) -> list[str]:
+    """The paths ``make_paths(stamp)`` for the first of ``<ts>``, ``<ts>_1``, ``<ts>_2``, ... whose paths
+    are all free, so two runs started in the same second never share a name. The name is claimed with
+    an exclusive hidden marker beside the first path, removed by release_stem after the files are written."""
+    stamp = timestamp(now)
+    for attempt in range(1000):
+        paths = list(make_paths(stamp if attempt == 0 else f"{stamp}_{attempt}"))
+        os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
+        if any(os.path.lexists(p) for p in paths):
+            continue
+        try:
+            os.close(os.open(_claim_marker(paths[0]), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return paths
+    raise InputError(f"no free file name for {paths[0]}")
+
+
+def release_stem(paths: Sequence[str]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(_claim_marker(paths[0]))
+
+
+def _claim_marker(path: str) -> str:
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.claimed")
 
 
 def write_json(path: str, obj: Any) -> None:

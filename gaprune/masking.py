@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from gaprune.errors import InputError
 from gaprune.layers import layer_key
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight) -> flat float32 scores
@@ -112,6 +113,16 @@ class _MaskBuilder:
         return mask
 
 
+def _finite(score_fn: ScoreFn) -> ScoreFn:
+    """The score function, refusing non-finite scores (a NaN is never below a threshold: it would go unmasked)."""
+    def checked(name: str, weight: torch.Tensor) -> torch.Tensor:
+        score = score_fn(name, weight)
+        if not bool(torch.isfinite(score).all()):
+            raise InputError(f"the scores of {name} are not all finite numbers (check the score files and flags)")
+        return score
+    return checked
+
+
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
                  rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None) -> MaskResult:
@@ -132,6 +143,8 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
         budgets = uniform_allocation(sizes, k, rho_min, rho_max) if k > 0 else {g: 0 for g in groups}
     else:
         raise ValueError(f"unknown budget strategy {strategy!r}")
+
+    score_fn, reference_fn = _finite(score_fn), reference_fn and _finite(reference_fn)
 
     def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
         return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget) if budget else None
@@ -160,6 +173,8 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
             stats.update(threshold=threshold.value if threshold else None, masked_ratio=masked / score.numel())
             per_param[name] = {"numel": score.numel(), "masked": masked, "ratio": masked / score.numel(),
                                "mean_importance": stats["mean"], "score_stats": stats}
+    if masked_total != sum(budgets.values()):  # exact counts are this module's promise
+        raise RuntimeError(f"masked {masked_total} weights, but the budget was {sum(budgets.values())}")
     allocations: dict[str, dict] = {}
     for name, info in per_param.items():
         layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})

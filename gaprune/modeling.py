@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from gaprune.errors import InputError
+from gaprune.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def resolve_model_dir(path: str) -> str:
     try:
         return snapshot_download(path, token=hf_token(), allow_patterns=_HUB_FILES)
     except Exception as err:  # any hub failure (offline, unknown id, gated) means the same thing to the user
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"model {path!r} is not a local folder and could not be downloaded: {first_line}") from None
+        raise InputError(f"model {path!r} is not a local folder and could not be downloaded: "
+                         f"{first_line(err)}") from None
 
 
 def is_encoder(config) -> bool:
@@ -160,6 +160,22 @@ class Embedder:
         return torch.cat(rows)
 
 
+def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer, with eos as pad when it has no pad token; a folder without a working
+    tokenizer (transformers may then give one that turns every text into no tokens) is an InputError."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
+    except Exception as err:  # missing or damaged tokenizer files
+        raise InputError(f"cannot load the tokenizer in {model_dir}: {first_line(err)}") from None
+    if not tokenizer("What is the capital of France?")["input_ids"]:
+        raise InputError(f"the tokenizer in {model_dir} turns text into no tokens (are its tokenizer files missing?)")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"the tokenizer in {model_dir} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512) -> Embedder:
     """Load model and tokenizer as a Qwen3-Embedding user would, on ``device`` in ``dtype``, in eval mode."""
     model_dir = resolve_model_dir(path)
@@ -170,12 +186,12 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read the model config in {model_dir}: {err}") from None
     encoder = is_encoder(config)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right" if encoder else "left")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise InputError(f"the tokenizer in {model_dir} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device)
+    tokenizer = load_tokenizer(model_dir, padding_side="right" if encoder else "left")
+    try:
+        model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype)
+    except Exception as err:  # missing, truncated or foreign weight files: transformers raises many types
+        raise InputError(f"cannot load the model weights in {model_dir}: {first_line(err)}") from None
+    model = model.to(torch_device)
     model.eval()  # no dropout: scores must be a function of the data alone
     limits = [max_length, getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     return Embedder(

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from gaprune.errors import InputError
-from gaprune.fileio import domain_name, model_dirname, read_json, timestamp, write_json, write_tensors
+from gaprune.errors import InputError, first_line
+from gaprune.fileio import (atomic_files, domain_name, model_dirname, read_json, release_stem, unique_stem, write_json,
+                            write_tensors)
 from gaprune.importance import AlignmentResult, FisherResult
 from gaprune.layers import layer_key, strip_prefix
 
@@ -36,18 +37,32 @@ def tensor_file_for(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".safetensors"
 
 
-def fisher_paths(output_dir: str, data_path: str, now: datetime) -> tuple[str, str]:
-    """The results JSON and the summary JSON of fisher.py."""
+def fisher_paths(output_dir: str, data_path: str, stamp: str) -> list[str]:
+    """The results JSON, its arrays and the summary JSON of fisher.py."""
     stem = os.path.join(output_dir, f"{domain_name(data_path)}_fisher")
-    return f"{stem}_complete_scores_{timestamp(now)}.json", f"{stem}_summary_{timestamp(now)}.json"
+    results = f"{stem}_complete_scores_{stamp}.json"
+    return [results, tensor_file_for(results), f"{stem}_summary_{stamp}.json"]
 
 
-def alignment_paths(output_dir: str, model_name: str, now: datetime) -> tuple[str, str]:
-    """The results JSON and the summary JSON of gradient.py, in ``<output_dir>/<model>/``."""
+def alignment_paths(output_dir: str, model_name: str, stamp: str) -> list[str]:
+    """The results JSON, its arrays and the summary JSON of gradient.py, in ``<output_dir>/<model>/``."""
     model = model_dirname(model_name)
-    folder = os.path.join(output_dir, model)
-    return (os.path.join(folder, f"alignment_scores_{model}_{timestamp(now)}.json"),
-            os.path.join(folder, f"alignment_summary_{model}_{timestamp(now)}.json"))
+    results = os.path.join(output_dir, model, f"alignment_scores_{model}_{stamp}.json")
+    summary = os.path.join(output_dir, model, f"alignment_summary_{model}_{stamp}.json")
+    return [results, tensor_file_for(results), summary]
+
+
+def _write_result(paths: list[str], tensors: Mapping[str, torch.Tensor], tensor_dtype: torch.dtype,
+                  tensor_metadata: dict, results: dict, summary: dict) -> None:
+    """Arrays, summary, then the results JSON (the file users pass on) last; all or nothing at the final names."""
+    json_path, tensor_path, summary_path = paths
+    try:
+        with atomic_files(tensor_path, summary_path, json_path) as (tensor_tmp, summary_tmp, json_tmp):
+            write_tensors(tensor_tmp, tensors, tensor_dtype, tensor_metadata)
+            write_json(summary_tmp, summary)
+            write_json(json_tmp, results)
+    finally:
+        release_stem(paths)
 
 
 def per_layer_statistics(mean_scores: Mapping[str, float]) -> dict[str, dict]:
@@ -68,8 +83,8 @@ def save_fisher(result: FisherResult, output_dir: str, data_path: str, model_nam
                 score_dtype: str = "float32", now: datetime | None = None) -> str:
     """Write a fisher.py result: per-weight arrays, results JSON and summary JSON; return the results JSON."""
     now = now or datetime.now()
-    json_path, summary_path = fisher_paths(output_dir, data_path, now)
-    tensor_path = tensor_file_for(json_path)
+    paths = unique_stem(lambda stamp: fisher_paths(output_dir, data_path, stamp), now)
+    json_path, tensor_path = paths[:2]
     method = f"{domain_name(data_path)}_fisher"
     layers = per_layer_statistics(result.mean_scores)
     metadata = {
@@ -88,18 +103,16 @@ def save_fisher(result: FisherResult, output_dir: str, data_path: str, model_nam
         "mean_loss": result.mean_loss,
         "tensor_file": os.path.basename(tensor_path),
     }
-    write_tensors(tensor_path, result.per_weight, SCORE_DTYPES[score_dtype],
-                  metadata={"model_name": model_name, "method": method})
-    write_json(json_path, {
-        "metadata": metadata,
-        "summary_statistics": {name: {"mean_score": m} for name, m in result.mean_scores.items()},
-        "complete_scores": {name: {"shape": shape, "in_tensor_file": name in result.per_weight}
-                            for name, shape in result.shapes.items()},
-        "per_layer_statistics": layers,
-    })
     ranked = ranked_parameters(result.mean_scores)
-    write_json(summary_path, {"metadata": metadata, "per_layer_statistics": layers,
-                              "most_important": dict(ranked[:10]), "least_important": dict(ranked[-5:])})
+    _write_result(paths, result.per_weight, SCORE_DTYPES[score_dtype], {"model_name": model_name, "method": method},
+                  results={
+                      "metadata": metadata,
+                      "summary_statistics": {name: {"mean_score": m} for name, m in result.mean_scores.items()},
+                      "complete_scores": {name: {"shape": shape, "in_tensor_file": name in result.per_weight}
+                                          for name, shape in result.shapes.items()},
+                      "per_layer_statistics": layers},
+                  summary={"metadata": metadata, "per_layer_statistics": layers,
+                           "most_important": dict(ranked[:10]), "least_important": dict(ranked[-5:])})
     return json_path
 
 
@@ -116,8 +129,8 @@ def save_alignment(result: AlignmentResult, output_dir: str, model_name: str, ge
     """Write a gradient.py result: element-wise (and cosine) arrays, results JSON and summary JSON;
     return the results JSON."""
     now = now or datetime.now()
-    json_path, summary_path = alignment_paths(output_dir, model_name, now)
-    tensor_path = tensor_file_for(json_path)
+    paths = unique_stem(lambda stamp: alignment_paths(output_dir, model_name, stamp), now)
+    json_path, tensor_path = paths[:2]
     metadata = {
         "timestamp": now.isoformat(),
         "model_name": model_name,
@@ -140,10 +153,7 @@ def save_alignment(result: AlignmentResult, output_dir: str, model_name: str, ge
     arrays = result.elementwise
     if result.cosine:
         arrays = {**arrays, **{COSINE_PREFIX + name: a for name, a in result.cosine.items()}}
-    write_tensors(tensor_path, arrays, metadata={"model_name": model_name, "method": "alignment_elementwise"})
-    write_json(json_path, {"metadata": metadata, "losses": result.losses,
-                           "alignment_scores": result.alignment_scores, "conflict_rates": result.conflict_rates})
-    write_json(summary_path, {
+    summary = {
         "timestamp": metadata["timestamp"],
         "model_name": model_name,
         "total_parameters": len(result.alignment_scores),
@@ -152,8 +162,16 @@ def save_alignment(result: AlignmentResult, output_dir: str, model_name: str, ge
         "alignment_statistics": alignment_statistics(result.alignment_scores),
         "losses": result.losses,
         "conflict_rates": result.conflict_rates,
-    })
+    }
+    _write_result(paths, arrays, torch.float32, {"model_name": model_name, "method": "alignment_elementwise"},
+                  results={"metadata": metadata, "losses": result.losses, "alignment_scores": result.alignment_scores,
+                           "conflict_rates": result.conflict_rates},
+                  summary=summary)
     return json_path
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(isinstance(n, int) and n >= 0 for n in value)
 
 
 class ScoreArrays:
@@ -161,34 +179,39 @@ class ScoreArrays:
 
     Reads this project's files (``metadata.tensor_file``, safetensors) and the published code's
     folders of float16 ``.npy`` files (``<json base>_tensors/``, ``alignment_elementwise_<...>_tensors/``).
-    Names match with any leading ``model.`` removed.
+    Names match with any leading ``model.`` removed. Everything read is checked where it is read: the
+    JSON's structure, the arrays' shapes in the tensor file itself, and that every value is finite.
     """
 
     def __init__(self, json_path: str, kind: str):
         self.path, self.kind = json_path, kind
         data = read_json(json_path, f"{kind} score file")
         required = "complete_scores" if kind == "fisher" else "alignment_scores"
-        if not isinstance(data, dict) or required not in data or "metadata" not in data:
-            raise InputError(f"{json_path} is not a {kind} score file (no 'metadata' / '{required}')")
+        if not isinstance(data, dict) or not isinstance(data.get(required), dict) \
+                or not isinstance(data.get("metadata"), dict):
+            raise InputError(f"{json_path} is not a {kind} score file (no 'metadata' / '{required}' objects)")
         metadata = data["metadata"]
+        self.metadata = metadata
         self.model_name = metadata.get("model_name")
         if kind == "fisher":
             shapes = {n: v.get("shape") for n, v in data["complete_scores"].items() if isinstance(v, dict)}
         else:
             shapes = metadata.get("parameter_shapes") or {}
+        if not isinstance(shapes, dict) or not all(s is None or _is_shape(s) for s in shapes.values()):
+            raise InputError(f"{json_path}: parameter shapes must be lists of whole numbers")
         self.shapes = {strip_prefix(n): s for n, s in shapes.items() if s is not None}
-        folder = os.path.dirname(json_path)
         self.alignment_mode = metadata.get("alignment_mode", "product")
         self._tensor_path = None
         self._npy_folder = None
         self._cosine: dict[str, str] = {}
-        if metadata.get("tensor_file"):
-            tensor_path = os.path.join(folder, metadata["tensor_file"])
-            if not os.path.isfile(tensor_path):
-                raise InputError(f"{json_path} names the tensor file {metadata['tensor_file']}, which is missing")
-            self._tensor_path = tensor_path
-            with safe_open(tensor_path, framework="pt") as handle:
-                keys = list(handle.keys())
+        tensor_file = metadata.get("tensor_file")
+        if tensor_file:
+            if not isinstance(tensor_file, str):
+                raise InputError(f"{json_path}: metadata.tensor_file must be a file name")
+            self._tensor_path = os.path.join(os.path.dirname(json_path), tensor_file)
+            if not os.path.isfile(self._tensor_path):
+                raise InputError(f"{json_path} names the tensor file {tensor_file}, which is missing")
+            keys = self._read_tensor_file(lambda handle: list(handle.keys()))
             self._names = {strip_prefix(n): n for n in keys if not n.startswith(COSINE_PREFIX)}
             self._cosine = {strip_prefix(n.removeprefix(COSINE_PREFIX)): n for n in keys if n.startswith(COSINE_PREFIX)}
         else:
@@ -200,6 +223,22 @@ class ScoreArrays:
             if self.shapes:  # published files name parameters with '.' or '_' separators
                 by_underscore = {n.replace(".", "_"): n for n in self.shapes}
                 self._names = {by_underscore.get(n, n): f for n, f in self._names.items()}
+
+    def _read_tensor_file(self, read: Callable):
+        """``read(handle)`` on the safetensors file, opened per read (its memory map is released with each
+        tensor instead of growing with the file); a damaged file is an InputError naming it."""
+        try:
+            with safe_open(self._tensor_path, framework="pt") as handle:
+                return read(handle)
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise InputError(f"{self._tensor_path} is not a readable safetensors file: {first_line(err)}") from None
+
+    def _read_npy(self, key: str, mmap: bool) -> np.ndarray:
+        path = os.path.join(self._npy_folder, self._names[key])
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(f"{path} is not a readable .npy array: {first_line(err)}") from None
 
     @staticmethod
     def _published_folder(json_path: str, kind: str) -> str:
@@ -213,32 +252,28 @@ class ScoreArrays:
         return folder
 
     def check(self, model_shapes: Mapping[str, Sequence[int]]) -> None:
-        """Every candidate present with the model's shape, else a clear error naming the parameter and file."""
+        """Every candidate present with the model's shape, in the JSON and in the arrays themselves."""
         for name, shape in model_shapes.items():
             key = strip_prefix(name)
             if key not in self._names:
                 raise InputError(f"{self.path} has no {self.kind} scores for {key} "
                                  f"(computed with other --sparsify_layers, or on another model?)")
-            recorded = self.shapes.get(key)
-            if recorded is None:
-                recorded = self._array_shape(key)
-            if list(recorded) != list(shape):
-                raise InputError(f"{self.path}: {key} has shape {list(recorded)} but the model's is {list(shape)}; "
-                                 f"the scores come from another model ({self.model_name})")
+            for recorded in (self.shapes.get(key), self._array_shape(key)):
+                if recorded is not None and list(recorded) != list(shape):
+                    raise InputError(f"{self.path}: {key} has shape {list(recorded)} but the model's is "
+                                     f"{list(shape)}; the scores come from another model ({self.model_name})")
             if self._cosine:
                 if key not in self._cosine:
                     raise InputError(f"{self.path} has no {self.alignment_mode} array for {key}")
-                with safe_open(self._tensor_path, framework="pt") as handle:
-                    cosine_shape = handle.get_slice(self._cosine[key]).get_shape()
+                cosine_shape = self._read_tensor_file(lambda handle: handle.get_slice(self._cosine[key]).get_shape())
                 if list(cosine_shape) not in (list(shape), list(shape[:1])):
                     raise InputError(f"{self.path}: the {self.alignment_mode} array of {key} has shape "
                                      f"{list(cosine_shape)}, which fits neither {list(shape)} nor {list(shape[:1])}")
 
     def _array_shape(self, key: str) -> list[int]:
         if self._tensor_path is not None:
-            with safe_open(self._tensor_path, framework="pt") as handle:
-                return handle.get_slice(self._names[key]).get_shape()
-        return list(np.load(os.path.join(self._npy_folder, self._names[key]), mmap_mode="r").shape)
+            return self._read_tensor_file(lambda handle: handle.get_slice(self._names[key]).get_shape())
+        return list(self._read_npy(key, mmap=True).shape)
 
     def require_cosine(self) -> None:
         if not self._cosine:
@@ -247,21 +282,42 @@ class ScoreArrays:
                              f"(or row_cosine), or set --alignment_weight 0")
 
     def get(self, name: str, cosine: bool = False) -> torch.Tensor:
-        """The array of one parameter; with ``cosine``, its local_cosine / row_cosine array instead."""
+        """The float32 array of one parameter; with ``cosine``, its local_cosine / row_cosine array instead.
+        Non-finite values are an error: a NaN would silently leave weights out of the mask."""
+        key = strip_prefix(name)
         if cosine:
             self.require_cosine()
-            with safe_open(self._tensor_path, framework="pt") as handle:
-                return handle.get_tensor(self._cosine[strip_prefix(name)]).float()
-        key = self._names[strip_prefix(name)]
-        if self._tensor_path is not None:
-            # opened per read: the memory map is released with each tensor instead of growing with the file
-            with safe_open(self._tensor_path, framework="pt") as handle:
-                return handle.get_tensor(key).float()
-        return torch.from_numpy(np.load(os.path.join(self._npy_folder, key)).astype(np.float32))
+            array = self._read_tensor_file(lambda handle: handle.get_tensor(self._cosine[key])).float()
+        elif self._tensor_path is not None:
+            array = self._read_tensor_file(lambda handle: handle.get_tensor(self._names[key])).float()
+        else:
+            array = torch.from_numpy(np.asarray(self._read_npy(key, mmap=False), dtype=np.float32))
+        if not bool(torch.isfinite(array).all()):
+            bad = int((~torch.isfinite(array)).sum())
+            raise InputError(f"{self.path}: the {'cosine ' if cosine else ''}array of {key} holds {bad} non-finite "
+                             f"value(s) (NaN or inf)")
+        return array
+
+
+def _warn_on_mixed_up_files(arrays: Mapping[str, ScoreArrays | None], model_name: str | None) -> None:
+    """Warn where what the files say about themselves contradicts the run."""
+    given = {side: scores for side, scores in arrays.items() if scores is not None}
+    for side, scores in given.items():
+        if model_name and scores.model_name and model_dirname(str(scores.model_name)) != model_dirname(model_name):
+            log.warning("%s was computed on %s, but the model being pruned is %s", scores.path, scores.model_name,
+                        model_name)
+    domain, general = given.get("domain_fisher"), given.get("general_fisher")
+    if domain and general:
+        if os.path.realpath(domain.path) == os.path.realpath(general.path):
+            log.warning("the same file is given as domain and general Fisher scores: %s", domain.path)
+        elif domain.metadata.get("data_path") and domain.metadata.get("data_path") == general.metadata.get("data_path"):
+            log.warning("the domain and general Fisher files were computed on the same data: %s",
+                        domain.metadata["data_path"])
 
 
 def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[str, Sequence[int]],
-                     device: torch.device, need_cosine: bool = False) -> Callable[[str, str], torch.Tensor | None]:
+                     device: torch.device, need_cosine: bool = False,
+                     model_name: str | None = None) -> Callable[[str, str], torch.Tensor | None]:
     """Open and check the given score files (side -> JSON path or None) against the candidates, and that a
     given alignment file holds cosine arrays when ``need_cosine``; return ``array(side, name)``: that
     side's array on ``device`` (side "alignment_cosine": the cosine array), or None where no file was given."""
@@ -274,6 +330,7 @@ def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[
             scores.check(candidate_shapes)
     if need_cosine and arrays.get("alignment") is not None:
         arrays["alignment"].require_cosine()
+    _warn_on_mixed_up_files(arrays, model_name)
 
     def array(side: str, name: str) -> torch.Tensor | None:
         """side: domain_fisher, general_fisher, alignment (the published product) or alignment_cosine."""

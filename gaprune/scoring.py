@@ -8,12 +8,15 @@ gaprune.scorers; the masks built from the scores are gaprune.masking.
 
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from gaprune.errors import InputError
 
 # The constants of the published DAI formula.
 ALIGNMENT_GAIN = 0.2  # factor = clamp(1 + 0.2 a, 0.8, 1.2)
@@ -42,6 +45,17 @@ class DAIConfig:
     domain_weight: float = 1.0  # lambda_d (aligned_saliency)
     general_weight: float = 1.0  # lambda_g (aligned_saliency)
     fisher_norm: str = "global"  # F^ = F / mean F over all candidates, per tensor, or raw F
+
+    def check(self) -> None:
+        """Every coefficient is a finite number and every mode a known one."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{item.name} must be a finite number, got {value}")
+        if self.score_postproc not in POSTPROCESSING:
+            raise InputError(f"score_postproc must be one of {', '.join(POSTPROCESSING)}, got {self.score_postproc!r}")
+        if self.fisher_norm not in FISHER_NORMS:
+            raise InputError(f"fisher_norm must be one of {', '.join(FISHER_NORMS)}, got {self.fisher_norm!r}")
 
     @property
     def fuses(self) -> bool:

@@ -6,13 +6,14 @@ same AutoModel/AutoTokenizer path as Qwen3-Embedding and all-MiniLM.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model, BertModel
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+from gaprune.checkpoint import write_sentence_transformers_files
 
 CORPUS = [
     "Instruct: Given a chemistry question, retrieve the related context.\nQuery: ",
@@ -79,7 +80,7 @@ def build_qwen3(folder: str, hidden_size: int = 64, intermediate_size: int = 128
     model = Qwen3Model(config).to(dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _write_sentence_transformers_files(folder, hidden_size, "lasttoken")
+    write_sentence_transformers_files(folder, hidden_size, "lasttoken")
     return folder
 
 
@@ -93,21 +94,5 @@ def build_bert(folder: str, hidden_size: int = 32, intermediate_size: int = 64, 
                         pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _write_sentence_transformers_files(folder, hidden_size, pooling)
+    write_sentence_transformers_files(folder, hidden_size, pooling)
     return folder
-
-
-def _write_sentence_transformers_files(folder: str, dim: int, pooling: str) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    pooling_config = {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
-                      "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-                      "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": pooling == "lasttoken"}
-    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-    with open(os.path.join(folder, "modules.json"), "w", encoding="utf-8") as handle:
-        json.dump(modules, handle, indent=2)
-    with open(os.path.join(folder, "1_Pooling", "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(pooling_config, handle, indent=2)

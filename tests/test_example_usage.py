@@ -44,7 +44,6 @@ def test_example_usage_stops_at_the_first_failing_stage(tmp_path, qwen3_dir):
     env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu")
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "error: data file not found: data/general-example.json" in proc.stderr
-    assert "stage 'sample general data' failed" in proc.stderr
-    assert "==> sample domain data" not in proc.stderr
+    assert "example_usage.sh: data file not found: data/general-example.json" in proc.stderr
+    assert "==> " not in proc.stderr  # checked before the first stage
     assert not os.path.exists(tmp_path / "output")

@@ -8,6 +8,7 @@ from typing import Sequence
 from gaprune import api
 from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
+from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
@@ -42,7 +43,8 @@ def print_report(result: FisherResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    load_triples(args.data_path)  # a bad data file fails before the model loads
+    load_triples(args.data_path)  # bad data or output locations fail before the model loads
+    check_output_dir(args.output_dir)
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("model %s on %s (%s), pooling %s", args.model_name, embedder.device, embedder.model.dtype,
              embedder.pooling)

@@ -11,6 +11,7 @@ import numpy as np
 from gaprune import api
 from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
+from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import alignment_statistics, tensor_file_for
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     load_triples(args.general_data_path)  # bad data files fail before the model loads
     load_triples(args.domain_data_path)
+    check_output_dir(args.output_dir)
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("model %s on %s (%s)", args.model_name, embedder.device, embedder.model.dtype)
     result = api.alignment(embedder, args.general_data_path, args.domain_data_path, args.output_dir,

@@ -10,7 +10,7 @@ from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, 
 from gaprune.data import load_records
 from gaprune.modeling import load_embedder
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
-from gaprune.fileio import write_json
+from gaprune.fileio import check_output_file, write_json
 
 log = logging.getLogger("gaprune.sample")
 
@@ -37,6 +37,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     records = load_records(args.input_file, required_keys=[args.text_key])
+    check_output_file(args.output_file)
     if len(records) <= args.target_sample_size:
         log.warning("%s has %d records, not more than --target_sample_size %d: writing them all unchanged",
                     args.input_file, len(records), args.target_sample_size)

@@ -12,9 +12,9 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                         finish, run, score_file_paths, scoring_config)
+                        finish, finite_float, run, score_file_paths, scoring_config)
 from gaprune.errors import InputError
-from gaprune.fileio import atomic_dir, write_json
+from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
@@ -32,15 +32,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--domain_fisher_scores", help="fisher.py JSON on domain data (absent: 1.0 everywhere)")
     parser.add_argument("--alignment_scores", help="gradient.py JSON (absent: alignment 0)")
     add_layer_args(parser, ["mlp"])
-    parser.add_argument("--unstructured_pct", type=float, default=0.0, help="share of candidate weights to zero, 0..1")
+    parser.add_argument("--unstructured_pct", type=finite_float, default=0.0,
+                        help="share of candidate weights to zero, 0..1")
     parser.add_argument("--unstructured_scoring", default="dai", choices=list(SCORERS),
                         help="; ".join(f"{s.name}: {s.summary}" for s in SCORERS.values()) + " (see README)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
     parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
-    parser.add_argument("--rho_min", type=float, default=0.05, help="uniform: least share pruned per layer")
-    parser.add_argument("--rho_max", type=float, default=0.95, help="uniform: largest share pruned per layer")
+    parser.add_argument("--rho_min", type=finite_float, default=0.05, help="uniform: least share pruned per layer")
+    parser.add_argument("--rho_max", type=finite_float, default=0.95, help="uniform: largest share pruned per layer")
     add_scoring_args(parser)
     add_runtime_args(parser)
     return parser
@@ -54,6 +55,14 @@ def validate(args) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
+    if not args.show_layer_types:
+        check_output_dir(args.output_dir)
+        check_output_dir(pruned_folder(args), "the pruned model's folder")
+
+
+def pruned_folder(args) -> str:
+    return output_folder(args.output_dir, args.model_path,
+                         f"{args.unstructured_scoring}_prune_{round(args.unstructured_pct * 100, 2):g}%")
 
 
 def show_layer_types(model_path: str) -> None:
@@ -85,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     considered = sum(p["numel"] for p in result.per_param.values())
     embedding = probe_embedding(embedder)
 
-    folder = output_folder(args.output_dir, args.model_path,
-                           f"{args.unstructured_scoring}_prune_{round(args.unstructured_pct * 100, 2):g}%")
+    folder = pruned_folder(args)
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
         zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,

@@ -11,11 +11,11 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                         positive_int, finish, run, score_file_paths, scoring_config)
+                        finish, finite_float, positive_int, run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
-from gaprune.fileio import model_dirname, timestamp, write_json, write_text
+from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
 from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--general_fisher_scores")
     parser.add_argument("--domain_fisher_scores")
     parser.add_argument("--alignment_scores")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="shares of candidates to prune")
+    parser.add_argument("--sparsity", type=finite_float, nargs="+", default=[0.5], help="shares of candidates to prune")
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), metavar="SCORER[:KEY=VALUE,...]",
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
                              "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all)")
@@ -66,7 +66,12 @@ def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig]:
             changes[key] = type(getattr(base, key))(value)
         except ValueError:
             raise InputError(f"bad value {value!r} for {key} in {spec!r}") from None
-    return scoring, dataclasses.replace(base, **changes)
+    config = dataclasses.replace(base, **changes)
+    try:
+        config.check()
+    except InputError as err:
+        raise InputError(f"{err} in {spec!r}") from None
+    return scoring, config
 
 
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
@@ -95,13 +100,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in args.scorers]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
+    check_output_dir(args.output_dir)
     domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
     array = open_score_files(score_file_paths(args), {name: list(p.shape) for name, p in candidates.items()},
                              embedder.device,
-                             need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers))
+                             need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers),
+                             model_name=args.model_path)
     dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
 
     def evaluate() -> tuple[dict, dict]:

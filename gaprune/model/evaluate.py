@@ -11,7 +11,7 @@ from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, 
 from gaprune.data import load_triples
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
 from gaprune.modeling import load_embedder
-from gaprune.fileio import model_dirname, timestamp, write_json
+from gaprune.fileio import check_output_file, model_dirname, timestamp, write_json
 
 log = logging.getLogger("gaprune.evaluate")
 
@@ -58,6 +58,9 @@ def format_table(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
+    output = args.output_file or os.path.join("output", "eval",
+                                              f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
+    check_output_file(output)
     report = {"model_path": args.model_path, "baseline_model": args.baseline_model,
               "timestamp": datetime.now().isoformat(), "query_instructions": args.query_instructions,
               "results": evaluate_model(args.model_path, files, args)}
@@ -66,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> str:
         report["change_percent"] = {
             path: {m: relative_change(report["results"][path]["metrics"][m], report["baseline"][path]["metrics"][m])
                    for m in METRICS} for path in files}
-    output = args.output_file or os.path.join("output", "eval",
-                                              f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
     write_json(output, report)
     print(format_table(report))
     return finish(output)

@@ -9,10 +9,10 @@ from typing import Sequence
 import torch
 
 from gaprune.checkpoint import describe_probe, output_folder, probe_embedding, save_model
-from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run
+from gaprune.cli import ArgumentParser, finite_float, finish, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.errors import InputError
-from gaprune.fileio import atomic_dir, read_json, write_json
+from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder, resolve_device, resolve_dtype
 from gaprune.retraining import sparse_finetune, zero_masks
@@ -26,15 +26,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data_path", required=True, help="domain triples to train on")
     parser.add_argument("--output_dir", default="output/retrain")
     parser.add_argument("--steps", type=positive_int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=finite_float, default=1e-5)
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--warmup_steps", type=int, default=10)
     parser.add_argument("--grad_accum", type=positive_int, default=1)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--weight_decay", type=finite_float, default=0.0)
     parser.add_argument("--max_length", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--general_data_path", help="general triples mixed into each batch")
-    parser.add_argument("--general_ratio", type=float, default=0.25,
+    parser.add_argument("--general_ratio", type=finite_float, default=0.25,
                         help="share of each batch from --general_data_path (default: 0.25)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     add_runtime_args(parser, dtype_help="compute dtype (autocast); weights and optimizer state stay float32. "
@@ -48,6 +48,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise InputError(f"--general_ratio must be in [0, 1), got {args.general_ratio}")
     if args.lr <= 0 or args.warmup_steps < 0:
         raise InputError("--lr must be positive and --warmup_steps not negative")
+    if args.general_data_path:
+        n_general = round(args.batch_size * args.general_ratio)
+        if args.general_ratio > 0 and n_general == 0:
+            raise InputError(f"--general_ratio {args.general_ratio} of --batch_size {args.batch_size} rounds to no "
+                             f"general triple per batch; raise either")
+        if n_general >= args.batch_size:
+            raise InputError(f"--general_ratio {args.general_ratio} of --batch_size {args.batch_size} leaves no domain "
+                             f"triple per batch; lower the ratio or raise the batch size")
+    check_output_dir(args.output_dir)
+    check_output_dir(output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps"),
+                     "the retrained model's folder")
     domain = load_triples(args.data_path)
     general = load_triples(args.general_data_path) if args.general_data_path else []
     compute = resolve_dtype(args.dtype, resolve_device(args.device))
