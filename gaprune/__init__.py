@@ -1,11 +1,20 @@
 """gaprune: Gradient-Alignment Pruning for domain-aware embedding models.
 
-The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune, evaluate.
+The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune, evaluate,
+save_model, and DAIConfig for the scorer coefficients. They are imported on first use, so that
+``import gaprune.data`` stays light.
 """
 
-from gaprune.api import alignment, evaluate, fisher, load_embedder, prune
-from gaprune.checkpoint import save_model
-from gaprune.scoring import DAIConfig
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["load_embedder", "fisher", "alignment", "prune", "evaluate", "save_model", "DAIConfig"]
+_EXPORTS = {"load_embedder": "gaprune.api", "fisher": "gaprune.api", "alignment": "gaprune.api",
+            "prune": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
+            "DAIConfig": "gaprune.scoring"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gaprune' has no attribute {name!r}")

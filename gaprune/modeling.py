@@ -167,8 +167,10 @@ def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
     except Exception as err:  # missing or damaged tokenizer files
         raise InputError(f"cannot load the tokenizer in {model_dir}: {first_line(err)}") from None
-    if not tokenizer("What is the capital of France?")["input_ids"]:
-        raise InputError(f"the tokenizer in {model_dir} turns text into no tokens (are its tokenizer files missing?)")
+    ids = tokenizer("What is the capital of France?", add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise InputError(f"the tokenizer in {model_dir} knows no word of a plain English sentence "
+                         f"(are its tokenizer files missing?)")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise InputError(f"the tokenizer in {model_dir} has neither a pad nor an eos token")

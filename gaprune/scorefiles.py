@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COSINE_PREFIX = "cosine::"  # gradient.py --alignment_mode local_cosine/row_cosine arrays, beside the published ones
-SIDES = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> file kind
+FILE_KINDS = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> kind
 
 
 def tensor_file_for(json_path: str) -> str:
@@ -321,7 +321,7 @@ def open_score_files(paths: Mapping[str, str | None], candidate_shapes: Mapping[
     """Open and check the given score files (side -> JSON path or None) against the candidates, and that a
     given alignment file holds cosine arrays when ``need_cosine``; return ``array(side, name)``: that
     side's array on ``device`` (side "alignment_cosine": the cosine array), or None where no file was given."""
-    arrays = {side: ScoreArrays(path, SIDES[side]) if path else None for side, path in paths.items()}
+    arrays = {side: ScoreArrays(path, FILE_KINDS[side]) if path else None for side, path in paths.items()}
     for side, scores in arrays.items():
         if scores is None:
             log.info("no %s file: %s", side.replace("_", " "),

@@ -43,11 +43,11 @@ def print_report(result: FisherResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    load_triples(args.data_path)  # bad data or output locations fail before the model loads
+    triples = load_triples(args.data_path, args.max_samples)  # bad data or output locations fail before the model loads
     check_output_dir(args.output_dir)
     embedder = load_embedder(args.model_name, args.device, args.dtype)
-    log.info("model %s on %s (%s), pooling %s", args.model_name, embedder.device, embedder.model.dtype,
-             embedder.pooling)
+    log.info("%d triples from %s; model %s on %s (%s), pooling %s", len(triples), args.data_path, args.model_name,
+             embedder.device, embedder.model.dtype, embedder.pooling)
     result = api.fisher(embedder, args.data_path, args.output_dir, args.batch_size, args.max_samples,
                         args.sparsify_layers, args.score_dtype,
                         on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"))

@@ -64,11 +64,12 @@ def print_report(result: AlignmentResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    load_triples(args.general_data_path)  # bad data files fail before the model loads
-    load_triples(args.domain_data_path)
+    general = load_triples(args.general_data_path)  # bad data or output locations fail before the model loads
+    domain = load_triples(args.domain_data_path)
     check_output_dir(args.output_dir)
     embedder = load_embedder(args.model_name, args.device, args.dtype)
-    log.info("model %s on %s (%s)", args.model_name, embedder.device, embedder.model.dtype)
+    log.info("%d general and %d domain triples; model %s on %s (%s)", len(general), len(domain), args.model_name,
+             embedder.device, embedder.model.dtype)
     result = api.alignment(embedder, args.general_data_path, args.domain_data_path, args.output_dir,
                            args.batch_size, args.max_samples, args.sparsify_layers, args.seed, args.alignment_mode,
                            args.use_distributed)

@@ -88,10 +88,13 @@ def main(argv: Sequence[str] | None = None) -> str | None:
              args.unstructured_scoring, args.layer_budget_strategy)
     zeros_before = count_zeros(embedder.model)
     files = score_file_paths(args)
+    log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
     result = api.prune(embedder, args.unstructured_pct, args.unstructured_scoring, files["general_fisher"],
                        files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
                        args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
     considered = sum(p["numel"] for p in result.per_param.values())
+    log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
+             " ".join(args.sparsify_layers))
     embedding = probe_embedding(embedder)
 
     folder = pruned_folder(args)
