@@ -1,7 +1,11 @@
 import json
 import os
 
+import numpy as np
+
 import pytest
+
+from safetensors import safe_open
 
 from gaprune.toy_models import build_bert, build_qwen3
 
@@ -69,3 +73,22 @@ def last_line(text: str) -> str:
 
 def listing(folder) -> list[str]:
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def published_layout(json_path: str, folder) -> str:
+    """A copy of a fisher.py/gradient.py result in ``folder`` in the published code's layout: the JSON
+    without ``tensor_file`` beside a folder of float16 ``.npy`` files, one per parameter."""
+    data = json.load(open(json_path))
+    tensor_file = os.path.join(os.path.dirname(json_path), data["metadata"].pop("tensor_file"))
+    base = os.path.basename(os.path.splitext(json_path)[0])
+    alignment = "alignment_scores" in data
+    arrays = folder / ((base.replace("alignment_scores_", "alignment_elementwise_") if alignment else base) + "_tensors")
+    arrays.mkdir(parents=True)
+    with safe_open(tensor_file, framework="np") as handle:
+        for name in handle.keys():
+            np.save(arrays / f"{name}.npy", handle.get_tensor(name).astype(np.float16))
+    if alignment:
+        data["metadata"].pop("parameter_shapes")
+    target = str(folder / os.path.basename(json_path))
+    json.dump(data, open(target, "w"))
+    return target

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import listing
+from conftest import listing, published_layout
 from gaprune import fileio
 from gaprune.cli import run
 from gaprune.features import fisher, gradient, sample
@@ -80,6 +80,22 @@ def test_damaged_tensor_file(capsys, tmp_path, bert_dir, bert_scores, damage, me
     line = fail(capsys, SparseModel.main, prune_args(bert_dir, out, bert_scores["general"], domain,
                                                      bert_scores["alignment"]))
     assert message in line and os.path.basename(tensor_path(domain)) in line
+    assert listing(out) == []
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: open(p, "r+b").truncate(os.path.getsize(p) - 7),  # the array's last bytes are gone
+    lambda p: open(p, "wb").write(b"\x93NUMPY garbage"),  # the header itself is damaged
+])
+def test_damaged_npy_in_a_published_score_folder(capsys, tmp_path, bert_dir, bert_scores, damage):
+    domain = published_layout(bert_scores["domain"], tmp_path / "scores")
+    arrays = os.path.splitext(domain)[0] + "_tensors"
+    damaged = os.path.join(arrays, sorted(os.listdir(arrays))[0])
+    damage(damaged)
+    out = tmp_path / "out"
+    line = fail(capsys, SparseModel.main, prune_args(bert_dir, out, bert_scores["general"], domain,
+                                                     bert_scores["alignment"]))
+    assert "is not a readable .npy array" in line and os.path.basename(damaged) in line
     assert listing(out) == []
 
 

@@ -2,14 +2,12 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import last_line, listing
+from conftest import last_line, listing, published_layout
 from gaprune.cli import run
 from gaprune.features import fisher, gradient
 from gaprune.model import SparseModel
@@ -136,24 +134,7 @@ def test_no_score_files_is_magnitude_pruning(capsys, tmp_path, qwen3_dir):
 
 def test_published_npy_score_folders_are_accepted(capsys, tmp_path, qwen3_dir, score_files):
     """Scores in the published layout (float16 .npy per parameter) give the mask of the same values."""
-    files = score_files["qwen3"]
-    converted = {}
-    for side, path in files.items():
-        data = json.load(open(path))
-        tensor_file = os.path.join(os.path.dirname(path), data["metadata"].pop("tensor_file"))
-        base = os.path.basename(os.path.splitext(path)[0])
-        if side == "alignment":
-            folder = tmp_path / (base.replace("alignment_scores_", "alignment_elementwise_") + "_tensors")
-        else:
-            folder = tmp_path / f"{base}_tensors"
-        folder.mkdir()
-        with safe_open(tensor_file, framework="np") as handle:
-            for name in handle.keys():
-                np.save(folder / f"{name}.npy", handle.get_tensor(name).astype(np.float16))
-        if side == "alignment":
-            data["metadata"].pop("parameter_shapes")
-        converted[side] = str(tmp_path / os.path.basename(path))
-        json.dump(data, open(converted[side], "w"))
+    converted = {side: published_layout(path, tmp_path) for side, path in score_files["qwen3"].items()}
     ours, _ = prune(capsys, qwen3_dir, converted, tmp_path / "npy", "--unstructured_pct", "0.5")
     stats = json.load(open(os.path.join(ours, "unstructured_prune_stats.json")))
     assert stats["masked_params"] == int(stats["total_params_considered"] * 0.5)
