@@ -4,7 +4,12 @@
 #   bash example_usage.sh                                   # the packaged all-MiniLM-L6-v2, CPU or GPU
 #   MODEL=Qwen/Qwen3-Embedding-4B SAMPLE_SIZE=5000 MAX_SAMPLES=5000 bash example_usage.sh   # the paper's setting
 #
+#   STRUCTURE=channels RETRAIN_STEPS=100 bash example_usage.sh   # remove half of every layer's MLP channels,
+#                                                               # then retrain: a smaller, faster model
+#
 # Overrides: MODEL, DEVICE (auto|cpu|cuda), SPARSITY (0..1), SAMPLE_SIZE, MAX_SAMPLES, BATCH_SIZE,
+# STRUCTURE (unstructured: zero single weights, the published default; channels: remove that share of MLP
+# channels; heads: of query heads, Qwen3), SCORER (dai, aligned_saliency, ...; see SparseModel.py --help),
 # GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
 # EVALUATE (1 = compare with the dense model). Relative paths are taken from where you run it.
 # Each stage prints the path it wrote; the next stage reads it from there.
@@ -29,6 +34,8 @@ DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
 RETRAIN_STEPS="${RETRAIN_STEPS:-0}"
 RETRAIN_BATCH_SIZE="${RETRAIN_BATCH_SIZE:-8}"
 EVALUATE="${EVALUATE:-1}"
+STRUCTURE="${STRUCTURE:-unstructured}"
+SCORER="${SCORER:-dai}"
 
 # Every setting is checked before the first stage runs.
 for NAME in SAMPLE_SIZE MAX_SAMPLES BATCH_SIZE RETRAIN_BATCH_SIZE; do
@@ -39,6 +46,20 @@ python -c "import math, sys; x = float(sys.argv[1]); sys.exit(not (math.isfinite
     2>/dev/null || fail "SPARSITY must be a number between 0 and 1, got '${SPARSITY}'"
 [[ "${EVALUATE}" =~ ^[01]$ ]] || fail "EVALUATE must be 0 or 1, got '${EVALUATE}'"
 [[ "${DEVICE}" =~ ^(auto|cpu|cuda)$ ]] || fail "DEVICE must be auto, cpu or cuda, got '${DEVICE}'"
+[[ "${STRUCTURE}" =~ ^(unstructured|channels|heads)$ ]] || \
+    fail "STRUCTURE must be unstructured, channels or heads, got '${STRUCTURE}'"
+python -c "import sys; from gaprune.scorers import SCORERS; sys.exit(sys.argv[1] not in SCORERS)" "${SCORER}" \
+    2>/dev/null || fail "SCORER must be one of: $(python -c 'from gaprune.scorers import SCORERS; print(*SCORERS)')"
+# gradient.py's published product mode, or the cosine mode when the scorer reads cosines (aligned_saliency, dai_paper)
+ALIGNMENT_MODE="$(python -c "import sys; from gaprune.scorers import get_scorer; from gaprune.scoring import DAIConfig
+print('local_cosine' if get_scorer(sys.argv[1]).reads_cosine(DAIConfig()) else 'product')" "${SCORER}")"
+if [ "${STRUCTURE}" = "unstructured" ]; then
+    PRUNE_ARGS=(--sparsify_layers mlp --unstructured_pct "${SPARSITY}")
+else
+    python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) < 1)" "${SPARSITY}" || \
+        fail "STRUCTURE=${STRUCTURE} needs a SPARSITY strictly between 0 and 1, got '${SPARSITY}'"
+    PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
+fi
 for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
 
 GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"
@@ -82,12 +103,13 @@ DOMAIN_FISHER="${LAST}"
 
 stage "gradient alignment" -m gaprune.features.gradient --model_name "${MODEL}" \
     --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/gradient \
-    --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
+    --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" \
+    --alignment_mode "${ALIGNMENT_MODE}"
 ALIGNMENT="${LAST}"
 
-stage "DAI pruning" -m gaprune.model.SparseModel --model_path "${MODEL}" --output_dir output/model \
-    --batch_size "${BATCH_SIZE}" --sparsify_layers mlp --unstructured_pct "${SPARSITY}" \
-    --unstructured_scoring dai --alignment_scores "${ALIGNMENT}" \
+stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel --model_path "${MODEL}" \
+    --output_dir output/model --batch_size "${BATCH_SIZE}" "${PRUNE_ARGS[@]}" \
+    --unstructured_scoring "${SCORER}" --alignment_scores "${ALIGNMENT}" \
     --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}" --device "${DEVICE}"
 
 PRUNED="${LAST}"

@@ -1,4 +1,6 @@
 """Ablation of the pruning scorers: which one keeps domain and general retrieval at 50% / 60% MLP sparsity?
+With --structure channels: which one keeps it when 25% / 50% of every layer's MLP channels are removed,
+before and after 100 steps of retraining (retrain.py's defaults, on the seed's calibration triples)?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -10,14 +12,16 @@ Data: the GCIDE definition-retrieval triples (GPL, generated on demand, not ship
     sudo apt-get install dict-gcide && python benchmarks/gcide_triples.py
     python benchmarks/ablation.py                         # all-MiniLM-L6-v2, the packaged default model
     python benchmarks/ablation.py --model tiny-qwen3      # a small Qwen3 built and trained here first
+    python benchmarks/ablation.py --structure channels    # whole MLP channels removed, then retrained
 
-Writes <output_dir>/<model>/ablation.{json,md} (and ablation.png when matplotlib is installed:
+Writes <output_dir>/<model>/ablation.{json,md} (ablation_channels.* for channels) (and ablation.png when matplotlib is installed:
 pip install -e .[plot]) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -28,9 +32,11 @@ import torch
 
 import gaprune
 from gaprune.data import load_triples
+from gaprune.evaluation import evaluate_triples, relative_change
 from gaprune.model import compare, retrain
 from gaprune.modeling import DEFAULT_MODEL
 from gaprune.fileio import model_dirname, write_json
+from gaprune.retraining import sparse_finetune
 from gaprune.toy_models import build_qwen3
 
 log = logging.getLogger("ablation")
@@ -40,6 +46,8 @@ SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "dai
            "aligned_saliency:alignment_weight=0", "aligned_saliency", "aligned_saliency:fisher_norm=tensor"]
 ROW_SCORERS = ["aligned_saliency"]
 ROW_LABEL = " (row cosine)"
+CHANNEL_SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "aligned_saliency"]
+RETRAINED = " +{steps} steps"
 
 
 def subset(path: str, size: int, seed: int, out_path: str) -> str:
@@ -52,12 +60,13 @@ def subset(path: str, size: int, seed: int, out_path: str) -> str:
     return out_path
 
 
-def calibrate(model: str, domain: str, general: str, out: str, batch_size: int) -> dict[str, str]:
+def calibrate(model: str, domain: str, general: str, out: str, batch_size: int,
+              modes: tuple[str, ...] = ("local_cosine", "row_cosine")) -> dict[str, str]:
     """Score files for one calibration subset, through the Python API on one loaded model."""
     embedder = gaprune.load_embedder(model)
     files = {side: gaprune.fisher(embedder, path, out, batch_size, max_samples=None).path
              for side, path in (("domain", domain), ("general", general))}
-    for mode in ("local_cosine", "row_cosine"):
+    for mode in modes:
         files[mode] = gaprune.alignment(embedder, general, domain, out, batch_size, max_samples=100_000,
                                         alignment_mode=mode).path
     return files
@@ -71,6 +80,41 @@ def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], spa
                          *map(str, sparsity), "--scorers", *scorers, "--seed", str(seed), "--output_dir", out])
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)["rows"]
+
+
+def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict]], calibration: dict[str, str],
+                 shares: list[float], steps: int, seed: int) -> list[dict]:
+    """Channel pruning with every scorer at every share, evaluated before and after retraining; the dense
+    model retrained the same way is the control (retraining on domain triples moves the dense scores too)."""
+    dense = gaprune.load_embedder(model)
+    domain, general = load_triples(calibration["domain"]), load_triples(calibration["general"])
+
+    def evaluated(embedder, method: str, share: float, **extra) -> dict:
+        metrics = {side: evaluate_triples(embedder, triples)["metrics"] for side, triples in heldout.items()}
+        return {"method": method, "sparsity": share, **metrics, **extra}
+
+    def retrained(embedder) -> None:  # retrain.py's defaults: lr 1e-5, batch 8, 10 warm-up steps, 25% general
+        sparse_finetune(embedder, domain, steps, 1e-5, 8, {}, general, 0.25, warmup_steps=10, seed=seed)
+
+    rows = [evaluated(dense, "dense", 0.0)]
+    control = copy.deepcopy(dense)
+    retrained(control)
+    rows.append(evaluated(control, "dense" + RETRAINED.format(steps=steps), 0.0))
+    for share in shares:
+        for scorer in CHANNEL_SCORERS:
+            embedder = copy.deepcopy(dense)
+            result = gaprune.prune_units(embedder, share, "channels", scorer, files["general"], files["domain"],
+                                         files["local_cosine"], seed=seed)
+            agreement = {"mask_agreement_with_magnitude": result.diagnostics["mask_agreement_with_magnitude"],
+                         "params_after": result.params_after}
+            rows.append(evaluated(embedder, scorer, share, **agreement))
+            retrained(embedder)
+            rows.append(evaluated(embedder, scorer + RETRAINED.format(steps=steps), share, **agreement))
+    for row in rows:
+        for side in ("domain", "general"):
+            row[f"{side}_change_percent"] = (None if row is rows[0] else
+                                             relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"]))
+    return rows
 
 
 def summarise(rows_per_seed: list[list[dict]]) -> list[dict]:
@@ -160,11 +204,14 @@ def main() -> None:
     parser.add_argument("--calibration_size", type=int, default=200, help="calibration triples per domain and seed")
     parser.add_argument("--heldout_size", type=int, default=500, help="held-out triples per domain")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.6])
+    parser.add_argument("--sparsity", type=float, nargs="+", help="shares pruned (default: 0.5 0.6; channels: 0.25 0.5)")
     parser.add_argument("--batch_size", type=int, default=8, help="fisher/gradient batch size")
     parser.add_argument("--tiny_steps", type=int, default=600, help="dense training steps of the tiny Qwen3")
     parser.add_argument("--output_dir", default="output/ablation")
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels"])
+    parser.add_argument("--retrain_steps", type=int, default=100, help="channels: retraining steps")
     args = parser.parse_args()
+    args.sparsity = args.sparsity or ([0.25, 0.5] if args.structure == "channels" else [0.5, 0.6])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
@@ -187,7 +234,12 @@ def main() -> None:
         subsets = {side: subset(path, args.calibration_size, seed, os.path.join(seed_dir, f"{side}-calibration.json"))
                    for side, path in calibration.items()}
         files = calibrate(model, subsets["domain"], subsets["general"], os.path.join(seed_dir, "scores"),
-                          args.batch_size)
+                          args.batch_size, ("local_cosine",) if args.structure == "channels" else
+                          ("local_cosine", "row_cosine"))
+        if args.structure == "channels":
+            triples = {side: load_triples(path) for side, path in heldout.items()}
+            rows_per_seed.append(channel_rows(model, files, triples, subsets, args.sparsity, args.retrain_steps, seed))
+            continue
         rows = compare_rows(model, files, heldout, args.sparsity, seed_dir, "local_cosine", SCORERS, seed)
         for row in compare_rows(model, files, heldout, args.sparsity, seed_dir, "row_cosine", ROW_SCORERS, seed):
             if row["method"] != "dense":
@@ -201,14 +253,17 @@ def main() -> None:
     sizes = {side: len(load_triples(path)) for side, path in heldout.items()}
     header = (f"{args.model}: {len(args.seeds)} seeds x {args.calibration_size} calibration triples per domain; "
               f"held-out {sizes['domain']} chemistry / {sizes['general']} general triples")
-    write_json(os.path.join(out, "ablation.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
+    name = "ablation" if args.structure == "unstructured" else f"ablation_{args.structure}"
+    if args.structure == "channels":
+        header += "; sparsity = share of every layer's MLP channels removed"
+    write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
                                                     "summary": summary, "rows_per_seed": rows_per_seed})
-    with open(os.path.join(out, "ablation.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as handle:
         handle.write(f"{header}\n\n{table}\n")
-    plot(summary, os.path.join(out, "ablation.png"), header)
+    plot(summary, os.path.join(out, f"{name}.png"), header)
     print(header)
     print(table)
-    print(os.path.join(out, "ablation.json"))
+    print(os.path.join(out, f"{name}.json"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """gaprune: Gradient-Alignment Pruning for domain-aware embedding models.
 
-The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune, evaluate,
-save_model, and DAIConfig for the scorer coefficients. They are imported on first use, so that
+The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune, prune_units
+(whole channels or heads), evaluate, save_model, and DAIConfig for the scorer coefficients. They are imported on first use, so that
 ``import gaprune.data`` stays light.
 """
 
@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {"load_embedder": "gaprune.api", "fisher": "gaprune.api", "alignment": "gaprune.api",
-            "prune": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
+            "prune": "gaprune.api", "prune_units": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
             "DAIConfig": "gaprune.scoring"}
 __all__ = list(_EXPORTS)
 

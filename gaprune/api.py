@@ -25,10 +25,11 @@ from gaprune.importance import AlignmentResult, FisherResult, fisher_information
 from gaprune.layers import select_parameters
 from gaprune.masking import MaskResult
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruning import prune_candidates
+from gaprune.pruning import StructureResult, prune_candidates, prune_structure, structure_candidates
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
-from gaprune.scoring import DAIConfig
+from gaprune.scoring import ArrayFn, DAIConfig
+from gaprune.structure import unit_plan
 
 ModelLike = Embedder | str
 
@@ -74,13 +75,32 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
     reading the given score files (results JSON paths). Save the model with gaprune.checkpoint.save_model."""
     embedder = as_embedder(model)
     config = config or DAIConfig()
+    candidates = select_parameters(embedder.model.named_parameters(), layer_types)
+    arrays = _score_arrays(embedder, candidates, scorer, config, general_fisher, domain_fisher, alignment)
+    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed)
+
+
+def prune_units(model: ModelLike, share: float, structure: str = "channels", scorer: str = "dai",
+                general_fisher: str | None = None, domain_fisher: str | None = None, alignment: str | None = None,
+                config: DAIConfig | None = None, seed: int = 42) -> StructureResult:
+    """Remove, in place, the ``share`` of every layer's MLP channels (``structure="channels"``) or query heads
+    (``"heads"``) that ``scorer`` ranks lowest; the model and its config become smaller. Score files are read
+    for the weights that carry the units (MLP, or q_proj and o_proj)."""
+    embedder = as_embedder(model)
+    config = config or DAIConfig()
+    plan = unit_plan(embedder.model, structure)
+    candidates = structure_candidates(embedder.model, plan)
+    arrays = _score_arrays(embedder, candidates, scorer, config, general_fisher, domain_fisher, alignment)
+    return prune_structure(embedder.model, plan, arrays, scorer, config, share, seed)
+
+
+def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], scorer: str, config: DAIConfig,
+                  general_fisher: str | None, domain_fisher: str | None, alignment: str | None) -> ArrayFn:
     paths = {"domain_fisher": domain_fisher, "general_fisher": general_fisher, "alignment": alignment}
     chosen = get_scorer(scorer)
     chosen.check(config, {side for side, path in paths.items() if path})
-    candidates = select_parameters(embedder.model.named_parameters(), layer_types)
-    arrays = open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
-                              need_cosine=chosen.reads_cosine(config), model_name=embedder.name)
-    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed)
+    return open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
+                            need_cosine=chosen.reads_cosine(config), model_name=embedder.name)
 
 
 @torch.no_grad()
@@ -92,4 +112,4 @@ def evaluate(model: ModelLike, data_path: str, batch_size: int = 32, max_samples
     return evaluate_triples(embedder, load_triples(data_path, max_samples), batch_size, instructions)
 
 
-__all__ = ["as_embedder", "fisher", "alignment", "prune", "evaluate", "load_embedder"]
+__all__ = ["as_embedder", "fisher", "alignment", "prune", "prune_units", "evaluate", "load_embedder"]

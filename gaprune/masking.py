@@ -20,7 +20,6 @@ ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight
 BUDGET_STRATEGIES = ("global", "uniform")
 
 
-
 def ordered_keys(score: torch.Tensor) -> torch.Tensor:
     """Map float32 values to int32 keys whose integer order is the float order (flip the magnitude bits
     of negative numbers)."""
@@ -113,7 +112,7 @@ class _MaskBuilder:
         return mask
 
 
-def _finite(score_fn: ScoreFn) -> ScoreFn:
+def checked_scores(score_fn: ScoreFn) -> ScoreFn:
     """The score function, refusing non-finite scores (a NaN is never below a threshold: it would go unmasked)."""
     def checked(name: str, weight: torch.Tensor) -> torch.Tensor:
         score = score_fn(name, weight)
@@ -144,7 +143,7 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     else:
         raise ValueError(f"unknown budget strategy {strategy!r}")
 
-    score_fn, reference_fn = _finite(score_fn), reference_fn and _finite(reference_fn)
+    score_fn, reference_fn = checked_scores(score_fn), reference_fn and checked_scores(reference_fn)
 
     def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
         return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget) if budget else None

@@ -7,9 +7,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from gaprune.masking import MaskResult, prune_lowest
+from gaprune.masking import MaskResult, checked_scores, prune_lowest
 from gaprune.scorers import REFERENCE_SCORER, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
+from gaprune.structure import CONFIG_FIELDS, LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
@@ -26,6 +27,70 @@ def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, sc
     diagnostics["mask_agreement_with_magnitude"] = result.reference_overlap / result.masked if result.masked else None
     result.diagnostics = diagnostics
     return result
+
+
+def structure_candidates(model: torch.nn.Module, plan: UnitPlan) -> dict[str, torch.Tensor]:
+    """The scored tensors of a unit plan: every weight matrix that carries a unit."""
+    named = dict(model.named_parameters())
+    return {name: named[name] for layer in plan.layers for name in layer.slices if named[name].dim() >= 2}
+
+
+@dataclasses.dataclass
+class StructureResult:
+    structure: str
+    removed: dict[str, list[int]]  # layer -> indices of the removed units (in the dense model)
+    units_before: int  # per layer
+    units_after: int
+    params_before: int  # in the whole model
+    params_after: int
+    unit_score_stats: dict[str, dict]  # layer -> min/max/mean of its unit scores and the highest removed
+    diagnostics: dict = dataclasses.field(default_factory=dict)
+
+
+def prune_structure(model: torch.nn.Module, plan: UnitPlan, arrays: ArrayFn, scorer: str, config: DAIConfig,
+                    share: float, seed: int = 42) -> StructureResult:
+    """Score every unit with ``scorer`` (its weights' scores summed), remove the lowest ``share`` of the units of
+    every layer (the same count in each) and shrink the model in place. Reports how many of the removed units
+    magnitude scores would also remove."""
+    count = units_to_remove(plan, share)
+    candidates = structure_candidates(model, plan)
+    context = ScoringContext(candidates, arrays, config, seed)
+    chosen = get_scorer(scorer)
+    diagnostics = chosen.diagnostics(context)
+    score_fn = checked_scores(chosen.build(context))
+    reference_fn = checked_scores(get_scorer(REFERENCE_SCORER).build(context))
+    removed, stats, overlap = {}, {}, 0
+    for layer in plan.layers:
+        scores = unit_scores(candidates, layer, score_fn)
+        removed[layer.layer] = lowest_units(scores, count, plan.groups)
+        reference = lowest_units(unit_scores(candidates, layer, reference_fn), count, plan.groups)
+        overlap += len(set(removed[layer.layer].tolist()) & set(reference.tolist()))
+        stats[layer.layer] = {"min": scores.min().item(), "max": scores.max().item(), "mean": scores.mean().item(),
+                              "highest_removed": scores[removed[layer.layer]].max().item()}
+    params_before = sum(p.numel() for p in model.parameters())
+    remove_units(model, plan, removed)
+    diagnostics["mask_agreement_with_magnitude"] = overlap / (count * len(plan.layers))
+    return StructureResult(plan.structure, {layer: indices.tolist() for layer, indices in removed.items()},
+                           plan.units, plan.units - count, params_before, sum(p.numel() for p in model.parameters()),
+                           stats, diagnostics)
+
+
+def structure_stats(result: StructureResult, scorer: str, share: float) -> dict:
+    """structured_prune_stats.json: what was removed, layer by layer, and the size before and after."""
+    return {
+        "structure": result.structure,
+        "scoring": scorer,
+        "share_requested": share,
+        "config_field": CONFIG_FIELDS[result.structure],
+        "units_per_layer_before": result.units_before,
+        "units_per_layer_after": result.units_after,
+        "removed_per_layer": result.units_before - result.units_after,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "diagnostics": result.diagnostics,
+        "per_layer": {layer: {"removed": indices, "unit_scores": result.unit_score_stats[layer]}
+                      for layer, indices in result.removed.items()},
+    }
 
 
 def prune_stats(result: MaskResult, scorer: str, pct: float, layer_types: Sequence[str], strategy: str) -> dict:
@@ -74,8 +139,7 @@ def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[st
             "unstructured_pruning": {
                 "unstructured_pct": pct, "unstructured_scoring": scorer, "layer_budget_strategy": strategy,
                 "rho_min": rho_min, "rho_max": rho_max, **dataclasses.asdict(config)},
-            "score_files": {f"{side}_scores": score_files.get(side)
-                            for side in ("general_fisher", "domain_fisher", "alignment")},
+            "score_files": _score_file_entries(score_files),
             "mask_accounting": {
                 "total_params_before": zeros.total,
                 "total_params_after": zeros.total - zeros.after,
@@ -87,3 +151,27 @@ def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[st
                 "newly_zeroed_params": result.newly_zeroed},
         },
     }
+
+
+def structure_evaluation_config(model_path: str, batch_size: int, scorer: str, share: float, config: DAIConfig,
+                                score_files: Mapping[str, str | None], result: StructureResult) -> dict:
+    """evaluation_config.json of a folder whose channels or heads were removed."""
+    field = CONFIG_FIELDS[result.structure]
+    return {
+        "model_path": model_path,
+        "batch_size": batch_size,
+        "structure": result.structure,
+        "sparsify_layers": LAYER_TYPES[result.structure],
+        "pruning_method": f"{result.structure}_{scorer}",
+        "meta": {
+            "structured_pruning": {"structure": result.structure, "share": share, "scoring": scorer,
+                                   **dataclasses.asdict(config)},
+            "score_files": _score_file_entries(score_files),
+            "size": {"params_before": result.params_before, "params_after": result.params_after,
+                     field: {"before": result.units_before, "after": result.units_after}},
+        },
+    }
+
+
+def _score_file_entries(score_files: Mapping[str, str | None]) -> dict[str, str | None]:
+    return {f"{side}_scores": score_files.get(side) for side in ("general_fisher", "domain_fisher", "alignment")}

@@ -6,7 +6,6 @@ same AutoModel/AutoTokenizer path as Qwen3-Embedding and all-MiniLM.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
@@ -96,3 +95,26 @@ def build_bert(folder: str, hidden_size: int = 32, intermediate_size: int = 64, 
     tokenizer.save_pretrained(folder)
     write_sentence_transformers_files(folder, hidden_size, pooling)
     return folder
+
+
+# The published Qwen3-Embedding shapes (config.json of each hub model), for building random stand-ins
+# and counting parameters without a download.
+QWEN3_EMBEDDING_SHAPES: dict[str, dict[str, int]] = {
+    "Qwen3-Embedding-0.6B": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                             "vocab_size": 151669},
+    "Qwen3-Embedding-4B": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151665},
+    "Qwen3-Embedding-8B": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151665},
+}
+
+
+def qwen3_parameter_count(shape: dict[str, int], intermediate_size: int | None = None,
+                          num_attention_heads: int | None = None) -> int:
+    """Parameters of a Qwen3Model of ``shape`` (optionally with fewer MLP channels or query heads), counted on
+    the meta device, so no memory is allocated."""
+    config = Qwen3Config(**{**shape, **({"intermediate_size": intermediate_size} if intermediate_size else {}),
+                            **({"num_attention_heads": num_attention_heads} if num_attention_heads else {})})
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen3Model(config).parameters())

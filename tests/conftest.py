@@ -7,6 +7,7 @@ import pytest
 
 from safetensors import safe_open
 
+from gaprune.features import fisher, gradient
 from gaprune.toy_models import build_bert, build_qwen3
 
 CHEM = "Instruct: Given a chemistry question, retrieve the related context.\nQuery: "
@@ -65,6 +66,22 @@ def bert_dir(tmp_path_factory, chem_triples, web_triples):
 @pytest.fixture(params=["qwen3", "bert"])
 def model_dir(request, qwen3_dir, bert_dir):
     return {"qwen3": qwen3_dir, "bert": bert_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def score_files(tmp_path_factory, qwen3_dir, bert_dir, data_files):
+    """fisher (general, domain) and gradient results for both tiny models, computed once."""
+    files = {}
+    for family, model_dir in (("qwen3", qwen3_dir), ("bert", bert_dir)):
+        out = tmp_path_factory.mktemp(f"scores-{family}")
+        common = ["--model_name", model_dir, "--max_samples", "6", "--batch_size", "2"]
+        files[family] = {
+            "general": fisher.main([*common, "--data_path", data_files["general"], "--output_dir", str(out)]),
+            "domain": fisher.main([*common, "--data_path", data_files["chem"], "--output_dir", str(out)]),
+            "alignment": gradient.main([*common, "--general_data_path", data_files["general"],
+                                        "--domain_data_path", data_files["chem"], "--output_dir", str(out)]),
+        }
+    return files
 
 
 def last_line(text: str) -> str:

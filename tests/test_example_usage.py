@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("sample general data", "sample domain data", "Fisher information, general",
-                  "Fisher information, domain", "gradient alignment", "DAI pruning", "retraining",
+                  "Fisher information, domain", "gradient alignment", "pruning (unstructured, dai)", "retraining",
                   "evaluation of output/model/tiny-qwen3_dai_prune_50%", "evaluation of output/retrain/"):
         assert f"==> {stage}" in proc.stderr
     folder = re.search(r"Pruned model: (.*)", proc.stdout).group(1)
@@ -37,6 +37,23 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     assert re.search(r"Retrained model: output/retrain/tiny-qwen3_dai_prune_50%_retrained_2steps", proc.stdout)
     assert sorted(os.listdir(tmp_path / "output" / "eval")) == [
         "tiny-qwen3_dai_prune_50%_eval.json", "tiny-qwen3_dai_prune_50%_retrained_2steps_eval.json"]
+
+
+def test_example_usage_removes_channels_then_retrains_and_evaluates(tmp_path, qwen3_dir, data_files):
+    shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
+    env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SAMPLE_SIZE="6", MAX_SAMPLES="6", BATCH_SIZE="2",
+               RETRAIN_STEPS="2", STRUCTURE="channels", SCORER="aligned_saliency")
+    proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")],
+                          env=dict(env, GENERAL_DATA=data_files["general"], DOMAIN_DATA=data_files["chem"]),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "==> pruning (channels, aligned_saliency)" in proc.stderr
+    pruned = re.search(r"Pruned model: (.*)", proc.stdout).group(1)
+    retrained = re.search(r"Retrained model: (.*)", proc.stdout).group(1)
+    assert pruned == "output/model/tiny-qwen3_aligned_saliency_channels_50%"
+    for folder in (pruned, retrained):
+        assert AutoConfig.from_pretrained(os.path.join(tmp_path, folder)).intermediate_size == 64  # of 128
+    assert len(os.listdir(tmp_path / "output" / "eval")) == 2
 
 
 def test_example_usage_stops_at_the_first_failing_stage(tmp_path, qwen3_dir):

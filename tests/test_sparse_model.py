@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -13,22 +14,6 @@ from gaprune.features import fisher, gradient
 from gaprune.model import SparseModel
 from gaprune.modeling import load_embedder
 from gaprune.toy_models import build_qwen3
-
-
-@pytest.fixture(scope="session")
-def score_files(tmp_path_factory, qwen3_dir, bert_dir, data_files):
-    """fisher (general, domain) and gradient results for both tiny models, computed once."""
-    files = {}
-    for family, model_dir in (("qwen3", qwen3_dir), ("bert", bert_dir)):
-        out = tmp_path_factory.mktemp(f"scores-{family}")
-        common = ["--model_name", model_dir, "--max_samples", "6", "--batch_size", "2"]
-        files[family] = {
-            "general": fisher.main([*common, "--data_path", data_files["general"], "--output_dir", str(out)]),
-            "domain": fisher.main([*common, "--data_path", data_files["chem"], "--output_dir", str(out)]),
-            "alignment": gradient.main([*common, "--general_data_path", data_files["general"],
-                                        "--domain_data_path", data_files["chem"], "--output_dir", str(out)]),
-        }
-    return files
 
 
 def family_of(model_dir):

@@ -16,6 +16,7 @@ from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder, resolve_device, resolve_dtype
 from gaprune.retraining import sparse_finetune, zero_masks
+from gaprune.structure import STRUCTURES
 
 log = logging.getLogger("gaprune.retrain")
 
@@ -68,8 +69,11 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     config_file = os.path.join(embedder.model_dir, "evaluation_config.json")
     named = dict(embedder.model.named_parameters())
-    if os.path.isfile(config_file):  # a SparseModel.py folder: hold the zeros of its candidate layers
-        pruning = read_json(config_file, "pruned model's evaluation_config.json")
+    pruning = read_json(config_file, "pruned model's evaluation_config.json") if os.path.isfile(config_file) else None
+    if isinstance(pruning, dict) and pruning.get("structure") in STRUCTURES:  # removed, not masked: nothing to hold
+        held = {}
+        log.info("%s were removed from this model; every weight trains", pruning["structure"])
+    elif pruning is not None:  # a SparseModel.py folder: hold the zeros of its candidate layers
         layers = (pruning.get("sparsify_layers") if isinstance(pruning, dict) else None) or ["all"]
         held = select_parameters(named.items(), layers)
     else:

@@ -1,0 +1,116 @@
+"""Encoding speed and file size of a dense model against its channel-pruned version, side by side.
+
+    python benchmarks/bench_inference.py                       # MiniLM, 50% of MLP channels removed
+    python benchmarks/bench_inference.py --pruned output/model/all-MiniLM-L6-v2_aligned_saliency_channels_50%
+
+Without --pruned, the pruned model is made here by removing --structured_pct of every layer's MLP channels
+by magnitude (speed and size depend on the shapes, not on which channels go). Both models encode the same
+texts (queries, positives and negatives of data/*-example.json, batch 32) in alternating rounds; the best
+round of each is reported as texts/s, with the ratio and the weight files' sizes. On CUDA the models also
+run in bfloat16. The parameter counts of the Qwen3-Embedding shapes with the same share removed are
+printed from their configs (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+import gaprune
+from gaprune.data import load_triples
+from gaprune.modeling import DEFAULT_MODEL, Embedder, resolve_model_dir
+from gaprune.toy_models import QWEN3_EMBEDDING_SHAPES, qwen3_parameter_count
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = [os.path.join(REPO, "data", name) for name in ("chem-example.json", "general-example.json")]
+
+
+def example_texts(count: int) -> list[str]:
+    texts = [t[key] for path in DATA for t in load_triples(path) for key in ("query", "positive", "negative")]
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+def weight_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def texts_per_second(embedder: Embedder, texts: list[str], batch_size: int) -> float:
+    synchronize(embedder.device)
+    start = time.perf_counter()
+    embedder.encode(texts, batch_size, progress=False)
+    synchronize(embedder.device)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def race(folders: dict[str, str], texts: list[str], batch_size: int, device: str, dtype: str,
+         rounds: int) -> dict[str, float]:
+    """Best texts/s of each model over ``rounds`` alternating rounds, after one warm-up batch each."""
+    embedders = {label: gaprune.load_embedder(folder, device, dtype) for label, folder in folders.items()}
+    for embedder in embedders.values():
+        embedder.encode(texts[:batch_size], batch_size, progress=False)
+    best = {label: 0.0 for label in folders}
+    for _ in range(rounds):
+        for label, embedder in embedders.items():
+            best[label] = max(best[label], texts_per_second(embedder, texts, batch_size))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="dense model folder or id (default: MiniLM)")
+    parser.add_argument("--pruned", help="a SparseModel.py --structure channels folder (default: made here)")
+    parser.add_argument("--structured_pct", type=float, default=0.5, help="share of MLP channels removed here")
+    parser.add_argument("--texts", type=int, default=384)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    texts = example_texts(args.texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = args.pruned
+        if pruned is None:
+            embedder = gaprune.load_embedder(args.model, "cpu", "float32")
+            gaprune.prune_units(embedder, args.structured_pct, "channels", "magnitude")
+            pruned = os.path.join(tmp, "pruned")
+            gaprune.save_model(embedder, pruned)
+        folders = {"dense": resolve_model_dir(args.model), "pruned": pruned}
+        sizes = {label: weight_bytes(folder) for label, folder in folders.items()}
+        settings = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "bfloat16")] if torch.cuda.is_available()
+                                           else [])
+        results = [(device, dtype, race(folders, texts, args.batch_size, device, dtype, args.rounds))
+                   for device, dtype in settings]
+
+    print(f"{args.model} against {pruned}: {len(texts)} texts of the example data, batch {args.batch_size}, "
+          f"best of {args.rounds} alternating rounds, {torch.get_num_threads()} CPU threads")
+    print("| device | dtype | dense texts/s | pruned texts/s | speed-up |")
+    print("|---|---|---|---|---|")
+    for device, dtype, speed in results:
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        print(f"| {name} | {dtype} | {speed['dense']:.1f} | {speed['pruned']:.1f} | "
+              f"{speed['pruned'] / speed['dense']:.2f}x |")
+    print(f"weight files: dense {sizes['dense'] / 1e6:.1f} MB, pruned {sizes['pruned'] / 1e6:.1f} MB "
+          f"({1 - sizes['pruned'] / sizes['dense']:.1%} smaller)")
+    for name, shape in QWEN3_EMBEDDING_SHAPES.items():
+        dense = qwen3_parameter_count(shape)
+        smaller = qwen3_parameter_count(shape, intermediate_size=round(shape["intermediate_size"]
+                                                                        * (1 - args.structured_pct)))
+        print(f"{name}: {dense / 1e9:.2f} B parameters, {smaller / 1e9:.2f} B with {args.structured_pct:.0%} of MLP "
+              f"channels removed ({1 - smaller / dense:.1%} smaller)")
+
+
+if __name__ == "__main__":
+    main()
