@@ -13,7 +13,7 @@ from conftest import last_line, listing
 from gaprune.checkpoint import PROBE_SENTENCE
 from gaprune.cli import run
 from gaprune.errors import InputError
-from gaprune.model import SparseModel, retrain
+from gaprune.model import SparseModel, compare, retrain
 from gaprune.modeling import load_embedder
 from gaprune.structure import lowest_units, remove_units, unit_plan, units_to_remove
 from gaprune.toy_models import build_qwen3
@@ -186,3 +186,24 @@ def test_a_gqa_share_rounds_to_whole_heads_per_group(tmp_path):
     folder = build_qwen3(str(tmp_path / "gqa"), num_heads=8, num_kv_heads=2)
     plan = unit_plan(load_embedder(folder, "cpu").model, "heads")
     assert units_to_remove(plan, 0.5) == 4 and units_to_remove(plan, 0.3) == 2  # 1 of 4 per group
+
+
+def test_compare_ranks_channel_pruning_scorers(capsys, tmp_path, bert_dir, data_files, score_files):
+    files = score_files["bert"]
+    path = compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                         data_files["general"], "--domain_fisher_scores", files["domain"], "--structure", "channels",
+                         "--sparsity", "0.25", "0.5", "--scorers", "magnitude", "domain_fisher",
+                         "--output_dir", str(tmp_path)])
+    rows = json.load(open(path))["rows"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [
+        ("dense", 0.0), ("magnitude", 0.25), ("domain_fisher", 0.25), ("magnitude", 0.5), ("domain_fisher", 0.5)]
+    assert [r["units_after"] for r in rows[1:]] == [48, 48, 32, 32]  # of 64 channels per layer
+    assert rows[1]["mask_agreement_with_magnitude"] == 1.0
+    dense = load_embedder(bert_dir, "cpu")
+    assert rows[3]["params_after"] == sum(p.numel() for p in dense.model.parameters()) - 2 * 32 * (2 * 32 + 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(compare.main, ["--model_path", bert_dir, "--domain_data_paths", data_files["chem"],
+                           "--general_data_paths", data_files["general"], "--structure", "channels", "--sparsity",
+                           "0.001", "--scorers", "magnitude", "--output_dir", str(tmp_path / "bad")])
+    assert "removes no channels" in capsys.readouterr().err

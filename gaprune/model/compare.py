@@ -19,10 +19,11 @@ from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_jso
 from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
-from gaprune.pruning import prune_candidates
+from gaprune.pruning import prune_candidates, prune_structure, structure_candidates
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
+from gaprune.structure import STRUCTURES, unit_plan, units_to_remove
 
 log = logging.getLogger("gaprune.compare")
 
@@ -35,7 +36,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--general_fisher_scores")
     parser.add_argument("--domain_fisher_scores")
     parser.add_argument("--alignment_scores")
-    parser.add_argument("--sparsity", type=finite_float, nargs="+", default=[0.5], help="shares of candidates to prune")
+    parser.add_argument("--sparsity", type=finite_float, nargs="+", default=[0.5],
+                        help="shares of candidate weights to zero (with --structure: of every layer's channels or "
+                             "heads to remove)")
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", *STRUCTURES],
+                        help="unstructured: zero single weights (default); channels / heads: remove whole MLP "
+                             "channels / query heads (each pruned model is loaded afresh)")
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), metavar="SCORER[:KEY=VALUE,...]",
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
                              "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all)")
@@ -104,34 +110,50 @@ def main(argv: Sequence[str] | None = None) -> str:
     domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
     embedder = load_embedder(args.model_path, args.device, args.dtype)
-    candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+    if args.structure == "unstructured":
+        candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+    else:
+        plan = unit_plan(embedder.model, args.structure)
+        for pct in args.sparsity:
+            units_to_remove(plan, pct)  # a share that removes nothing or everything fails before the dense run
+        candidates = structure_candidates(embedder.model, plan)
     array = open_score_files(score_file_paths(args), {name: list(p.shape) for name, p in candidates.items()},
                              embedder.device,
                              need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers),
                              model_name=args.model_path)
     dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
 
-    def evaluate() -> tuple[dict, dict]:
-        return ({p: evaluate_triples(embedder, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
-                {p: evaluate_triples(embedder, t, args.batch_size, args.query_instructions) for p, t in general.items()})
+    def evaluate(model) -> tuple[dict, dict]:
+        return ({p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
+                {p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in general.items()})
 
-    dense_domain, dense_general = evaluate()
+    def pruned(scoring: str, config: DAIConfig, pct: float):
+        """The model pruned by ``scoring``, and the row entries of what was pruned."""
+        if args.structure == "unstructured":
+            with torch.no_grad():
+                for name, p in candidates.items():
+                    p.copy_(dense_weights[name])
+            result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
+                                      seed=args.seed)
+            return embedder, {"masked_params": result.masked, **result.diagnostics}
+        fresh = load_embedder(args.model_path, args.device, args.dtype)
+        result = prune_structure(fresh.model, unit_plan(fresh.model, args.structure), array, scoring, config, pct,
+                                 args.seed)
+        return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
+
+    dense_domain, dense_general = evaluate(embedder)
     dense = {"method": "dense", "sparsity": 0.0, "domain": mean_metrics(dense_domain),
              "general": mean_metrics(dense_general), "domain_change_percent": None, "general_change_percent": None,
              "files": {**dense_domain, **dense_general}}
     rows = [dense]
     for pct in args.sparsity:
         for spec, scoring, config in scorers:
-            with torch.no_grad():
-                for name, p in candidates.items():
-                    p.copy_(dense_weights[name])
             log.info("pruning %.0f%% by %s", 100 * pct, spec)
-            result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy, seed=args.seed)
-            by_domain, by_general = evaluate()
+            model, entries = pruned(scoring, config, pct)
+            by_domain, by_general = evaluate(model)
             row = {"method": spec, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
-                   "domain": mean_metrics(by_domain),
-                   "general": mean_metrics(by_general), "masked_params": result.masked,
-                   "files": {**by_domain, **by_general}, **result.diagnostics}
+                   "structure": args.structure, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
+                   "files": {**by_domain, **by_general}, **entries}
             for side in ("domain", "general"):
                 row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
             rows.append(row)
