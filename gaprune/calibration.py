@@ -1,0 +1,211 @@
+"""Block-by-block calibration for activation-aware pruning (Wanda, SparseGPT, reconstruction).
+
+The calibration texts run up to the first transformer block once. Then each block in turn, and inside it
+each candidate linear layer in running order: the layer accumulates statistics of its inputs over the real
+tokens (padding excluded) and the caller prunes it; the block finally runs again on its pruned weights to
+give the next block its inputs. Every layer thus sees the outputs of the already pruned layers before it
+(SparseGPT's "true sequential" order), and memory holds the model plus the hidden states at one block
+boundary.
+
+Texts come in sides ("domain", "general"); statistics are kept per side and blended on request
+(cross-calibration): (1 - g) * domain mean + g * general mean, per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from gaprune.errors import InputError
+from gaprune.modeling import Embedder
+
+SIDES = ("domain", "general")
+
+
+@dataclass
+class InputStats:
+    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T."""
+
+    input_sq: torch.Tensor
+    hessian: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.input_sq += x.square().sum(dim=0)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+
+@dataclass
+class LayerInputs:
+    """A layer's input statistics on each side, blended: (1 - general_share) domain + general_share general."""
+
+    sides: dict[str, InputStats] = field(default_factory=dict)
+    general_share: float = 0.0
+
+    def _blend(self, pick: Callable[[InputStats], torch.Tensor]) -> torch.Tensor:
+        shares = {"domain": 1.0 - self.general_share, "general": self.general_share}
+        present = {side: stats for side, stats in self.sides.items() if stats.tokens and shares[side]}
+        if not present:
+            raise InputError("no calibration tokens reached a candidate layer (empty calibration texts?)")
+        total = sum(shares[side] for side in present)
+        return sum(pick(stats) * (shares[side] / total / stats.tokens) for side, stats in present.items())
+
+    @property
+    def input_sq(self) -> torch.Tensor:
+        return self._blend(lambda stats: stats.input_sq)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._blend(lambda stats: stats.hessian)
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
+    for path in ("layers", "encoder.layer", "model.layers"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for the first block: records what the model passes it, then stops the forward pass."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        raise _Stop
+
+
+@dataclass
+class _Batch:
+    side: str
+    real: torch.Tensor  # (B, T) True at real tokens
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> None:
+        if self.args:
+            self.args = (hidden, *self.args[1:])
+        else:
+            self.kwargs["hidden_states"] = hidden
+
+
+@torch.no_grad()
+def _first_block_inputs(embedder: Embedder, texts: Mapping[str, Sequence[str]], batch_size: int) -> list[_Batch]:
+    blocks = transformer_blocks(embedder.model)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    batches = []
+    try:
+        for side, side_texts in texts.items():
+            for start in range(0, len(side_texts), batch_size):
+                tokens = embedder.tokenize(side_texts[start:start + batch_size])
+                try:
+                    embedder.model(**tokens, use_cache=False)  # a decoder's cache would grow with every replay
+                except _Stop:
+                    args, kwargs = catcher.calls.pop()
+                    batches.append(_Batch(side, tokens["attention_mask"].bool(), args, kwargs))
+    finally:
+        blocks[0] = catcher.block
+    return batches
+
+
+def _run_block(block: torch.nn.Module, batch: _Batch) -> torch.Tensor:
+    out = block(*batch.args, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _stages(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module], names: set[str],
+            batch: _Batch) -> list[list[str]]:
+    """The block's candidate layers in the order they run, those reading the same input (q/k/v, gate/up) together."""
+    calls: list[tuple[str, int]] = []
+    handles = [modules[name].register_forward_pre_hook(
+        lambda module, args, name=name: calls.append((name, args[0].data_ptr()))) for name in names]
+    try:
+        _run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for name, pointer in calls:
+        if any(name in stage for stage in stages):
+            continue
+        if stages and pointer == last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = pointer
+    return stages
+
+
+@torch.no_grad()
+def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
+                         texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
+                         general_share: float = 0.0, hessian: bool = False, batch_size: int = 8) -> None:
+    """Calibrate and prune ``candidates`` (weights of linear layers inside the blocks) one layer after another.
+
+    ``prune_layers`` gets LayerInputs for the next candidate layers in running order (layers that read the
+    same input come together) and changes their weights in place; the layers after them are calibrated
+    on the pruned ones' outputs, and each block runs again on its pruned weights for the next block's inputs.
+    """
+    model = embedder.model
+    modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in candidates}
+    if any(not isinstance(module, torch.nn.Linear) for module in modules.values()):
+        raise InputError("activation-aware pruning works on linear layers only (select mlp or attention weights)")
+    blocks = transformer_blocks(model)
+    by_block = [{name for name, module in modules.items() if any(module is m for m in block.modules())}
+                for block in blocks]
+    outside = set(candidates) - set().union(*by_block)
+    if outside:
+        raise InputError(f"{sorted(outside)[0]} lies outside the transformer blocks; activation-aware pruning "
+                         f"calibrates block by block")
+    batches = _first_block_inputs(embedder, texts, batch_size)
+    if not batches:
+        raise InputError("no calibration texts")
+    current: list[_Batch] = []
+
+    def new_inputs(name: str) -> LayerInputs:
+        width, device = modules[name].in_features, candidates[name].device
+        return LayerInputs({side: InputStats(torch.zeros(width, device=device),
+                                             torch.zeros(width, width, device=device) if hessian else None)
+                            for side in texts}, general_share)
+
+    for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block"):
+        for stage in (_stages(block, modules, names, batches[0]) if names else []):
+            inputs = {name: new_inputs(name) for name in stage}
+            handles = [modules[name].register_forward_pre_hook(
+                lambda module, args, name=name: inputs[name].sides[current[0].side].add(args[0][current[0].real]))
+                for name in stage]
+            try:
+                for batch in batches:
+                    current[:] = [batch]
+                    _run_block(block, batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            prune_layers(inputs)
+        for batch in batches:
+            batch.with_hidden(_run_block(block, batch))

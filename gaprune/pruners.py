@@ -1,0 +1,129 @@
+"""Activation-aware pruning of one linear layer, free of models and files: Wanda, SparseGPT, and the
+SparseGPT (OBS) update of the kept weights under a mask chosen by anything else.
+
+W is (out, in); X are the layer's calibration inputs, seen only through their statistics:
+``input_sq`` = sum over tokens of x_j^2 (Wanda), ``hessian`` = X^T X summed over tokens (SparseGPT).
+Scaling either by a constant changes nothing below. Masks are True where a weight is pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gaprune.errors import InputError
+
+SPARSITY_PATTERNS = ("unstructured", "2:4", "4:8")
+DAMPENING = 0.01  # SparseGPT: add 1% of the mean Hessian diagonal to the diagonal
+BLOCK_SIZE = 128  # SparseGPT: columns per lazy-update block
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """unstructured, or exactly n pruned in every m consecutive input weights of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.m else "unstructured"
+
+
+def parse_pattern(text: str) -> Pattern:
+    if text == "unstructured":
+        return Pattern()
+    n, sep, m = text.partition(":")
+    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise InputError(f"sparsity pattern must be 'unstructured' or N:M with 0 < N < M, got {text!r}")
+    return Pattern(int(n), int(m))
+
+
+def lowest_in_groups(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the n lowest of every m consecutive scores along the last axis (ties: the earlier one)."""
+    if scores.shape[-1] % m:
+        raise InputError(f"a {n}:{m} pattern needs rows whose length is a multiple of {m}, got {scores.shape[-1]}")
+    groups = scores.reshape(-1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, torch.argsort(groups, dim=1, stable=True)[:, :n], True)
+    return mask.view(scores.shape)
+
+
+def lowest_in_rows(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Mask of the ``int(share * row length)`` lowest scores of every row (ties: the earlier one)."""
+    k = int(scores.shape[1] * share)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+    return mask
+
+
+def wanda_scores(weight: torch.Tensor, input_sq: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2: the weight's magnitude times the norm of the input it multiplies."""
+    return weight.float().abs() * input_sq.float().sqrt().unsqueeze(0)
+
+
+def wanda_mask(weight: torch.Tensor, input_sq: torch.Tensor, share: float, pattern: Pattern = Pattern()) -> torch.Tensor:
+    """Wanda: the lowest-scoring weights of each output row (or of each N:M group)."""
+    scores = wanda_scores(weight, input_sq)
+    return lowest_in_groups(scores, pattern.n, pattern.m) if pattern.structured else lowest_in_rows(scores, share)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampening: float = DAMPENING) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + lambda I)^-1, lambda = dampening * mean diag H. Inputs that were
+    always zero get H_jj = 1 and their weights zeroed in place (they never mattered). Row i of U, scaled by
+    1 / U_ii, is the OBS update of the weights after column i when column i is pruned."""
+    hessian = hessian.to(weight.dtype, copy=True)  # weight: the float32 (or float64) working copy
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    index = torch.arange(hessian.shape[0], device=hessian.device)
+    hessian[index, index] += dampening * torch.mean(torch.diag(hessian))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+@torch.no_grad()
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, pattern: Pattern = Pattern(),
+              mask: torch.Tensor | None = None, block_size: int = BLOCK_SIZE,
+              dampening: float = DAMPENING) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one layer: returns (the new weight, the mask), the layer's weight left untouched.
+
+    Columns are taken left to right in blocks. Within a block, the mask is chosen by the OBS saliency
+    w^2 / [U_ii]^2 (the ``share`` lowest of the block, or the N lowest of each M columns), unless ``mask`` is
+    given: then only the kept weights are updated (reconstruction under a fixed mask). Pruning column i
+    moves its error (w_i - q_i) / U_ii onto the columns after it along row i of U; the updates to later
+    blocks are applied once per block (the lazy batch update).
+    """
+    W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # float32 or float64
+    U = inverse_hessian_factor(hessian, W, dampening)
+    rows, columns = W.shape
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        W1, U1 = W[:, start:end].clone(), U[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        if mask is not None:
+            mask1 = mask[:, start:end]
+        elif pattern.structured:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            saliency = W1.square() / torch.diag(U1).square().unsqueeze(0)
+            mask1 = lowest_in_rows(saliency.reshape(1, -1), share).view_as(W1)
+        for i in range(end - start):
+            if mask is None and pattern.structured and i % pattern.m == 0:
+                saliency = W1[:, i:i + pattern.m].square() / torch.diag(U1)[i:i + pattern.m].square().unsqueeze(0)
+                mask1[:, i:i + pattern.m] = lowest_in_groups(saliency, pattern.n, pattern.m)
+            w, d = W1[:, i], U1[i, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            error = (w - q) / d
+            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            errors[:, i] = error
+        W[:, start:end] = W1
+        pruned[:, start:end] = mask1
+        W[:, end:] -= errors @ U[start:end, end:]
+    return W.to(weight.dtype), pruned

@@ -1,0 +1,139 @@
+"""Wanda, SparseGPT and reconstruction on one layer against hand computation, and block-by-block calibration."""
+
+import pytest
+import torch
+
+from gaprune.calibration import prune_block_by_block, transformer_blocks
+from gaprune.errors import InputError
+from gaprune.layers import select_parameters
+from gaprune.modeling import load_embedder
+from gaprune.pruners import Pattern, lowest_in_groups, parse_pattern, sparsegpt, wanda_mask
+
+TEXTS = {"domain": ["acid reacts with a base in water", "benzene is aromatic", "salt"],
+         "general": ["the river flows north", "a cat sat on the mat"]}
+
+
+def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, width, generator=generator) @ torch.randn(width, width, generator=generator) * 0.3
+
+
+def test_wanda_mask_by_hand():
+    weight = torch.tensor([[1.0, -2.0, 3.0, 0.5], [4.0, 0.1, -0.2, 1.0]])
+    input_sq = torch.tensor([4.0, 1.0, 0.25, 16.0])  # input norms 2, 1, 0.5, 4
+    # |W| * norm: row 0 = [2, 2, 1.5, 2], row 1 = [8, 0.1, 0.1, 4]
+    mask = wanda_mask(weight, input_sq, 0.5)
+    assert mask.tolist() == [[True, False, True, False],  # 1.5, then the first of the tied 2s
+                             [False, True, True, False]]
+    assert wanda_mask(weight, input_sq, 0.5, Pattern(1, 2)).tolist() == [[True, False, True, False],
+                                                                          [False, True, True, False]]
+
+
+@pytest.mark.parametrize("text", ["2:4", "4:8"])
+def test_n_m_patterns_prune_exactly_n_of_every_m(text):
+    pattern = parse_pattern(text)
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    inputs = correlated_inputs(64, 16, 1)
+    for mask in (wanda_mask(weight, inputs.square().sum(0), 0.5, pattern),
+                 lowest_in_groups(weight.abs(), pattern.n, pattern.m),
+                 sparsegpt(weight, inputs.T @ inputs, pattern=pattern, block_size=8)[1]):
+        assert (mask.view(6, -1, pattern.m).sum(-1) == pattern.n).all()
+    new, mask = sparsegpt(weight, inputs.T @ inputs, pattern=pattern, block_size=8)
+    assert ((new == 0).view(6, -1, pattern.m).sum(-1) == pattern.n).all()
+
+
+def test_patterns_that_do_not_fit_are_refused():
+    with pytest.raises(InputError, match="N:M with 0 < N < M"):
+        parse_pattern("4:2")
+    with pytest.raises(InputError, match="multiple of 4"):
+        lowest_in_groups(torch.ones(2, 6), 2, 4)
+
+
+def test_sparsegpt_update_is_least_squares_when_the_pruned_columns_come_first():
+    """With the mask fixed and the pruned columns before the kept ones, the OBS update of every row is the
+    least-squares fit of the dense output by the kept inputs (here across blocks of 4 columns)."""
+    inputs = correlated_inputs(300, 12, 0).double()
+    weight = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mask = torch.zeros(5, 12, dtype=torch.bool)
+    mask[:, :6] = True
+    new, _ = sparsegpt(weight, inputs.T @ inputs, mask=mask, block_size=4, dampening=0.0)
+    reference = torch.linalg.lstsq(inputs[:, 6:], inputs @ weight.T).solution.T
+    assert (new[:, :6] == 0).all()
+    torch.testing.assert_close(new[:, 6:], reference, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reconstruction_never_increases_the_output_error(seed):
+    inputs = correlated_inputs(256, 32, seed)
+    weight = torch.randn(24, 32, generator=torch.Generator().manual_seed(100 + seed))
+    for mask in (wanda_mask(weight, torch.ones(32), 0.5),  # magnitude per row
+                 torch.rand(24, 32, generator=torch.Generator().manual_seed(seed)) < 0.6,
+                 lowest_in_groups(weight.abs(), 2, 4)):
+        new, kept_mask = sparsegpt(weight, inputs.T @ inputs, mask=mask, block_size=8)
+        assert torch.equal(kept_mask, mask) and (new[mask] == 0).all()
+        reconstructed = ((new - weight) @ inputs.T).norm()
+        mask_only = ((weight.masked_fill(mask, 0) - weight) @ inputs.T).norm()
+        assert reconstructed < mask_only
+
+
+def hooked_input_sq(model, names, embedder, texts):
+    """sum over real tokens of x^2 at each named linear layer, from one plain forward pass per text batch."""
+    sums = {name: 0 for name in names}
+    handles = []
+    current = {}
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+
+        def record(module, args, name=name):
+            sums[name] = sums[name] + args[0][current["real"]].float().square().sum(0)
+        handles.append(module.register_forward_pre_hook(record))
+    with torch.no_grad():
+        for side_texts in texts.values():
+            for start in range(0, len(side_texts), 2):
+                tokens = embedder.tokenize(side_texts[start:start + 2])
+                current["real"] = tokens["attention_mask"].bool()
+                model(**tokens)
+    for handle in handles:
+        handle.remove()
+    return sums
+
+
+def test_each_block_is_calibrated_on_the_outputs_of_the_pruned_blocks_before_it(model_dir):
+    embedder = load_embedder(model_dir, "cpu")
+    candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    seen = {}
+
+    def prune_layers(inputs):
+        for name, layer in inputs.items():
+            seen[name] = layer.sides["domain"].input_sq + layer.sides["general"].input_sq
+            with torch.no_grad():
+                candidates[name][:, ::2] = 0  # prune every other input column
+    prune_block_by_block(embedder, candidates, TEXTS, prune_layers, batch_size=2)
+    # the pruned model run as a whole sees, at every layer, what block-by-block calibration saw there
+    expected = hooked_input_sq(embedder.model, list(candidates), embedder, TEXTS)
+    assert len(transformer_blocks(embedder.model)) == 2 and set(seen) == set(candidates)
+    for name in candidates:
+        torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_cross_calibration_blends_per_token_means(bert_dir):
+    embedder = load_embedder(bert_dir, "cpu")
+    candidates = select_parameters(embedder.model.named_parameters(), ["mlp_up"])
+    name = next(iter(candidates))
+    blends = {}
+
+    def record(share):
+        def prune_layers(inputs):
+            if name in inputs:
+                layer = inputs[name]
+                domain, general = layer.sides["domain"], layer.sides["general"]
+                blends[share] = (layer.input_sq, layer.hessian, domain, general)
+        return prune_layers
+    for share in (0.0, 0.25, 1.0):
+        prune_block_by_block(embedder, candidates, TEXTS, record(share), general_share=share, hessian=True)
+    _, _, domain, general = blends[0.25]
+    torch.testing.assert_close(blends[0.0][0], domain.input_sq / domain.tokens)
+    torch.testing.assert_close(blends[1.0][1], general.hessian / general.tokens)
+    torch.testing.assert_close(blends[0.25][0], 0.75 * domain.input_sq / domain.tokens
+                               + 0.25 * general.input_sq / general.tokens)
+    torch.testing.assert_close(torch.diag(blends[0.25][1]), blends[0.25][0])  # diag of X^T X = sum of x^2
