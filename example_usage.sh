@@ -41,9 +41,17 @@ SCORER="${SCORER:-dai}"
 for NAME in SAMPLE_SIZE MAX_SAMPLES BATCH_SIZE RETRAIN_BATCH_SIZE; do
     [[ "${!NAME}" =~ ^[1-9][0-9]*$ ]] || fail "${NAME} must be a whole number of at least 1, got '${!NAME}'"
 done
+[ "${BATCH_SIZE}" -ge 2 ] || fail "BATCH_SIZE must be at least 2 (gradient.py pairs a general and a domain half), got ${BATCH_SIZE}"
+[ "${MAX_SAMPLES}" -ge "${BATCH_SIZE}" ] || fail "MAX_SAMPLES (${MAX_SAMPLES}) must be at least BATCH_SIZE (${BATCH_SIZE})"
+[ $((2 * SAMPLE_SIZE)) -ge "${BATCH_SIZE}" ] || \
+    fail "SAMPLE_SIZE (${SAMPLE_SIZE}) must be at least half of BATCH_SIZE (${BATCH_SIZE}) for one gradient step"
 [[ "${RETRAIN_STEPS}" =~ ^[0-9]+$ ]] || fail "RETRAIN_STEPS must be a whole number (0: no retraining), got '${RETRAIN_STEPS}'"
 python -c "import math, sys; x = float(sys.argv[1]); sys.exit(not (math.isfinite(x) and 0 <= x <= 1))" "${SPARSITY}" \
     2>/dev/null || fail "SPARSITY must be a number between 0 and 1, got '${SPARSITY}'"
+if [ "${RETRAIN_STEPS}" -gt 0 ]; then  # retrain.py mixes round(0.25 x batch) general triples into each batch
+    python -c "import sys; b = int(sys.argv[1]); sys.exit(not 1 <= round(0.25 * b) < b)" "${RETRAIN_BATCH_SIZE}" || \
+        fail "RETRAIN_BATCH_SIZE must be at least 3 (a quarter of each batch is general data), got ${RETRAIN_BATCH_SIZE}"
+fi
 [[ "${EVALUATE}" =~ ^[01]$ ]] || fail "EVALUATE must be 0 or 1, got '${EVALUATE}'"
 [[ "${DEVICE}" =~ ^(auto|cpu|cuda)$ ]] || fail "DEVICE must be auto, cpu or cuda, got '${DEVICE}'"
 [[ "${STRUCTURE}" =~ ^(unstructured|channels|heads)$ ]] || \

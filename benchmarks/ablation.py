@@ -83,7 +83,7 @@ def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], spa
 
 
 def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict]], calibration: dict[str, str],
-                 shares: list[float], steps: int, seed: int) -> list[dict]:
+                 shares: list[float], steps: int, seed: int, retrained_scorers: list[str]) -> list[dict]:
     """Channel pruning with every scorer at every share, evaluated before and after retraining; the dense
     model retrained the same way is the control (retraining on domain triples moves the dense scores too)."""
     dense = gaprune.load_embedder(model)
@@ -108,6 +108,8 @@ def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict
             agreement = {"mask_agreement_with_magnitude": result.diagnostics["mask_agreement_with_magnitude"],
                          "params_after": result.params_after}
             rows.append(evaluated(embedder, scorer, share, **agreement))
+            if scorer not in retrained_scorers:
+                continue
             retrained(embedder)
             rows.append(evaluated(embedder, scorer + RETRAINED.format(steps=steps), share, **agreement))
     for row in rows:
@@ -197,6 +199,28 @@ def train_tiny_qwen3(folder: str, calibration: dict[str, str], steps: int) -> st
                          "--max_length", "96", "--output_dir", folder])
 
 
+def report(rows_per_seed: list[list[dict]], args: argparse.Namespace, out: str, model: str,
+           heldout: dict[str, str]) -> None:
+    """Write <out>/<name>.{json,md,png} from the seeds done so far and print the table."""
+    summary = summarise(rows_per_seed)
+    summary.sort(key=lambda e: (e["sparsity"], e["method"] != "dense"))
+    table = markdown(summary)
+    sizes = {side: len(load_triples(path)) for side, path in heldout.items()}
+    header = (f"{args.model}: {len(rows_per_seed)} seeds x {args.calibration_size} calibration triples per domain; "
+              f"held-out {sizes['domain']} chemistry / {sizes['general']} general triples")
+    name = "ablation" if args.structure == "unstructured" else f"ablation_{args.structure}"
+    if args.structure == "channels":
+        header += "; sparsity = share of every layer's MLP channels removed"
+    write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
+                                                    "summary": summary, "rows_per_seed": rows_per_seed})
+    with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"{header}\n\n{table}\n")
+    plot(summary, os.path.join(out, f"{name}.png"), header)
+    print(header)
+    print(table)
+    print(os.path.join(out, f"{name}.json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or id, or 'tiny-qwen3' (default: MiniLM)")
@@ -210,6 +234,8 @@ def main() -> None:
     parser.add_argument("--output_dir", default="output/ablation")
     parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels"])
     parser.add_argument("--retrain_steps", type=int, default=100, help="channels: retraining steps")
+    parser.add_argument("--retrain_scorers", nargs="+", default=CHANNEL_SCORERS,
+                        help="channels: the scorers whose pruned models are also retrained (default: all)")
     args = parser.parse_args()
     args.sparsity = args.sparsity or ([0.25, 0.5] if args.structure == "channels" else [0.5, 0.6])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -238,7 +264,9 @@ def main() -> None:
                           ("local_cosine", "row_cosine"))
         if args.structure == "channels":
             triples = {side: load_triples(path) for side, path in heldout.items()}
-            rows_per_seed.append(channel_rows(model, files, triples, subsets, args.sparsity, args.retrain_steps, seed))
+            rows_per_seed.append(channel_rows(model, files, triples, subsets, args.sparsity, args.retrain_steps, seed,
+                                              args.retrain_scorers))
+            report(rows_per_seed, args, out, model, heldout)  # the seeds so far, in case the run is cut short
             continue
         rows = compare_rows(model, files, heldout, args.sparsity, seed_dir, "local_cosine", SCORERS, seed)
         for row in compare_rows(model, files, heldout, args.sparsity, seed_dir, "row_cosine", ROW_SCORERS, seed):
@@ -247,23 +275,7 @@ def main() -> None:
                 rows.append(row)
         rows_per_seed.append(rows)
 
-    summary = summarise(rows_per_seed)
-    summary.sort(key=lambda e: (e["sparsity"], e["method"] != "dense"))
-    table = markdown(summary)
-    sizes = {side: len(load_triples(path)) for side, path in heldout.items()}
-    header = (f"{args.model}: {len(args.seeds)} seeds x {args.calibration_size} calibration triples per domain; "
-              f"held-out {sizes['domain']} chemistry / {sizes['general']} general triples")
-    name = "ablation" if args.structure == "unstructured" else f"ablation_{args.structure}"
-    if args.structure == "channels":
-        header += "; sparsity = share of every layer's MLP channels removed"
-    write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
-                                                    "summary": summary, "rows_per_seed": rows_per_seed})
-    with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"{header}\n\n{table}\n")
-    plot(summary, os.path.join(out, f"{name}.png"), header)
-    print(header)
-    print(table)
-    print(os.path.join(out, f"{name}.json"))
+    report(rows_per_seed, args, out, model, heldout)
 
 
 if __name__ == "__main__":

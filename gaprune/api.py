@@ -15,6 +15,8 @@ The command-line stages are thin front ends over these functions.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Sequence
 
 import torch
@@ -32,6 +34,7 @@ from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import unit_plan
 
 ModelLike = Embedder | str
+log = logging.getLogger("gaprune")
 
 
 def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto") -> Embedder:
@@ -58,6 +61,9 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON."""
     embedder = as_embedder(model)
+    if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
+        log.warning("the general and domain data are the same file (%s): their gradients can only agree",
+                    domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
                                 use_distributed, alignment_mode)

@@ -14,7 +14,7 @@ TRIPLE_KEYS = ("query", "positive", "negative")
 
 
 def load_records(path: str, required_keys: Sequence[str] = TRIPLE_KEYS) -> list[dict]:
-    """Read a JSON list of objects whose ``required_keys`` hold strings; empty lists are an error."""
+    """Read a JSON list of objects whose ``required_keys`` hold non-blank strings; empty lists are an error."""
     records = read_json(path, "data file")
     if not isinstance(records, list):
         raise InputError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
@@ -28,6 +28,8 @@ def load_records(path: str, required_keys: Sequence[str] = TRIPLE_KEYS) -> list[
                 raise InputError(f"{path}: record {index} has no '{key}' field")
             if not isinstance(record[key], str):
                 raise InputError(f"{path}: record {index} field '{key}' is not a string")
+            if not record[key].strip():  # an empty text embeds as special tokens only: silently useless
+                raise InputError(f"{path}: record {index} field '{key}' is empty")
     return records
 
 

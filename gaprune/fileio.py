@@ -23,13 +23,18 @@ log = logging.getLogger(__name__)
 
 def read_json(path: str, what: str = "file") -> Any:
     """Parse a JSON file; a missing, malformed or non-UTF-8 file is an InputError naming ``what`` and the path."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not os.path.exists(path):
         raise InputError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} is not a regular file")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Notepad) is skipped
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        hint = " (JSON Lines? give one JSON list of records)" if err.msg == "Extra data" and err.colno == 1 else ""
+        raise InputError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}{hint}") from None
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text") from None
 
@@ -54,10 +59,14 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> None:
         raise InputError(f"{flag} {path} is not writable ({existing})")
 
 
-def check_output_file(path: str, flag: str = "--output_file") -> None:
-    """``path`` can be written as a file: not a folder, in a folder that is or can become writable."""
+def check_output_file(path: str, flag: str = "--output_file", inputs: Sequence[str] = ()) -> None:
+    """``path`` can be written as a file: not a folder, not one of the run's ``inputs``, in a folder that is
+    or can become writable."""
     if os.path.isdir(path):
         raise InputError(f"{flag} {path} is a folder, not a file")
+    for source in inputs:
+        if os.path.realpath(source) == os.path.realpath(path):
+            raise InputError(f"{flag} {path} is an input of this run; writing it would overwrite {source}")
     check_output_dir(os.path.dirname(path) or ".", f"the folder of {flag}")
 
 

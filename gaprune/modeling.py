@@ -71,6 +71,8 @@ def resolve_model_dir(path: str) -> str:
     or a hub snapshot for an id like Qwen/Qwen3-Embedding-4B."""
     if path in PACKAGED_MODELS and not os.path.isdir(path):
         return PACKAGED_MODELS[path]()
+    if os.path.isfile(path):
+        raise InputError(f"{path} is a file; give the model's folder")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"{path} is not a model folder (no config.json)")

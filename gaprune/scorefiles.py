@@ -185,6 +185,8 @@ class ScoreArrays:
 
     def __init__(self, json_path: str, kind: str):
         self.path, self.kind = json_path, kind
+        if json_path.endswith(".safetensors"):
+            raise InputError(f"{json_path} holds the arrays; give the results .json written beside it")
         data = read_json(json_path, f"{kind} score file")
         required = "complete_scores" if kind == "fisher" else "alignment_scores"
         if not isinstance(data, dict) or not isinstance(data.get(required), dict) \
@@ -310,7 +312,8 @@ def _warn_on_mixed_up_files(arrays: Mapping[str, ScoreArrays | None], model_name
     if domain and general:
         if os.path.realpath(domain.path) == os.path.realpath(general.path):
             log.warning("the same file is given as domain and general Fisher scores: %s", domain.path)
-        elif domain.metadata.get("data_path") and domain.metadata.get("data_path") == general.metadata.get("data_path"):
+        elif domain.metadata.get("data_path") and isinstance(general.metadata.get("data_path"), str) and \
+                os.path.realpath(str(domain.metadata["data_path"])) == os.path.realpath(general.metadata["data_path"]):
             log.warning("the domain and general Fisher files were computed on the same data: %s",
                         domain.metadata["data_path"])
 

@@ -172,6 +172,49 @@ def test_output_file_that_is_a_folder(capsys, tmp_path, bert_dir, data_files):
     assert "is a folder, not a file" in line
 
 
+def test_an_output_file_that_is_an_input_is_refused(capsys, tmp_path, bert_dir, data_files):
+    data = tmp_path / "chem.json"
+    shutil.copy(data_files["chem"], data)
+    before = data.read_bytes()
+    line = fail(capsys, evaluate.main, ["--model_path", bert_dir, "--data_paths", str(data), "--output_file",
+                                        str(tmp_path / "." / "chem.json")])
+    assert "is an input of this run" in line
+    line = fail(capsys, sample.main, ["--model_name", bert_dir, "--input_file", str(data), "--output_file",
+                                      str(data), "--target_sample_size", "2"])
+    assert "is an input of this run" in line
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("texts, message", [
+    ({"query": "", "positive": "", "negative": ""}, "record 0 field 'query' is empty"),
+    ({"query": "acid", "positive": "  ", "negative": "base"}, "record 0 field 'positive' is empty"),
+])
+def test_blank_texts_are_refused(capsys, tmp_path, bert_dir, texts, message):
+    data = tmp_path / "blank.json"
+    data.write_text(json.dumps([texts] * 4))
+    line = fail(capsys, fisher.main, ["--model_name", bert_dir, "--data_path", str(data), "--output_dir",
+                                      str(tmp_path / "out")])
+    assert message in line and listing(tmp_path / "out") == []
+
+
+def test_paths_of_the_wrong_kind_say_what_they_are(capsys, tmp_path, bert_dir, data_files, bert_scores):
+    line = fail(capsys, fisher.main, ["--model_name", bert_dir, "--data_path", str(tmp_path), "--output_dir",
+                                      str(tmp_path / "out")])
+    assert "is a folder, not a file" in line
+    line = fail(capsys, fisher.main, ["--model_name", os.path.join(bert_dir, "config.json"), "--data_path",
+                                      data_files["chem"], "--output_dir", str(tmp_path / "out")])
+    assert "is a file; give the model's folder" in line
+    line = fail(capsys, SparseModel.main, prune_args(bert_dir, tmp_path / "out", tensor_path(bert_scores["general"]),
+                                                     bert_scores["domain"], bert_scores["alignment"]))
+    assert "holds the arrays; give the results .json written beside it" in line
+    jsonl = tmp_path / "triples.jsonl"
+    jsonl.write_text("\n".join(json.dumps(t) for t in json.load(open(data_files["chem"]))))
+    line = fail(capsys, fisher.main, ["--model_name", bert_dir, "--data_path", str(jsonl), "--output_dir",
+                                      str(tmp_path / "out")])
+    assert "JSON Lines? give one JSON list of records" in line
+    assert listing(tmp_path / "out") == []
+
+
 def test_os_errors_become_one_line_naming_the_path(capsys, tmp_path):
     def full_disk(argv):
         raise OSError(28, "No space left on device", str(tmp_path / "x.json"))
@@ -321,7 +364,13 @@ def run_example(tmp_path, env_extra, cwd=None):
 
 @pytest.mark.parametrize("env, message", [({"RETRAIN_STEPS": "abc"}, "RETRAIN_STEPS must be a whole number"),
                                           ({"SPARSITY": "1.5"}, "SPARSITY must be a number between 0 and 1"),
-                                          ({"GENERAL_DATA": "nowhere.json"}, "data file not found")])
+                                          ({"GENERAL_DATA": "nowhere.json"}, "data file not found"),
+                                          ({"BATCH_SIZE": "1"}, "BATCH_SIZE must be at least 2"),
+                                          ({"MAX_SAMPLES": "2"}, "MAX_SAMPLES (2) must be at least BATCH_SIZE (4)"),
+                                          ({"RETRAIN_STEPS": "1", "RETRAIN_BATCH_SIZE": "2"},
+                                           "RETRAIN_BATCH_SIZE must be at least 3"),
+                                          ({"STRUCTURE": "rows"}, "STRUCTURE must be unstructured, channels or heads"),
+                                          ({"SCORER": "bogus"}, "SCORER must be one of")])
 def test_example_usage_checks_settings_before_any_stage(tmp_path, env, message):
     proc = run_example(tmp_path, env)
     assert proc.returncode != 0 and message in proc.stderr and "==> " not in proc.stderr

@@ -37,7 +37,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     records = load_records(args.input_file, required_keys=[args.text_key])
-    check_output_file(args.output_file)
+    check_output_file(args.output_file, inputs=[args.input_file])
     if len(records) <= args.target_sample_size:
         log.warning("%s has %d records, not more than --target_sample_size %d: writing them all unchanged",
                     args.input_file, len(records), args.target_sample_size)

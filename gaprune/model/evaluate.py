@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
     output = args.output_file or os.path.join("output", "eval",
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
-    check_output_file(output)
+    check_output_file(output, inputs=args.data_paths)
     report = {"model_path": args.model_path, "baseline_model": args.baseline_model,
               "timestamp": datetime.now().isoformat(), "query_instructions": args.query_instructions,
               "results": evaluate_model(args.model_path, files, args)}

@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise InputError(f"--general_ratio must be in [0, 1), got {args.general_ratio}")
     if args.lr <= 0 or args.warmup_steps < 0:
         raise InputError("--lr must be positive and --warmup_steps not negative")
+    if args.warmup_steps > args.steps:
+        log.warning("--warmup_steps %d is more than --steps %d: the learning rate never reaches --lr",
+                    args.warmup_steps, args.steps)
     if args.general_data_path:
         n_general = round(args.batch_size * args.general_ratio)
         if args.general_ratio > 0 and n_general == 0:
