@@ -1,6 +1,8 @@
 """Ablation of the pruning scorers: which one keeps domain and general retrieval at 50% / 60% MLP sparsity?
 With --structure channels: which one keeps it when 25% / 50% of every layer's MLP channels are removed,
 before and after 100 steps of retraining (retrain.py's defaults, on the seed's calibration triples)?
+With --structure field: do they beat Wanda and SparseGPT at 50%, 60% and 2:4, with and without the OBS
+reconstruction of the kept weights (all calibrated on the same texts)?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -13,6 +15,7 @@ Data: the GCIDE definition-retrieval triples (GPL, generated on demand, not ship
     python benchmarks/ablation.py                         # all-MiniLM-L6-v2, the packaged default model
     python benchmarks/ablation.py --model tiny-qwen3      # a small Qwen3 built and trained here first
     python benchmarks/ablation.py --structure channels    # whole MLP channels removed, then retrained
+    python benchmarks/ablation.py --structure field       # against Wanda and SparseGPT, 2:4, reconstruction
 
 Writes <output_dir>/<model>/ablation.{json,md} (ablation_channels.* for channels) (and ablation.png when matplotlib is installed:
 pip install -e .[plot]) and prints the table.
@@ -46,6 +49,9 @@ SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "dai
            "aligned_saliency:alignment_weight=0", "aligned_saliency", "aligned_saliency:fisher_norm=tensor"]
 ROW_SCORERS = ["aligned_saliency"]
 ROW_LABEL = " (row cosine)"
+FIELD_SCORERS = ["magnitude", "wanda", "sparsegpt", "domain_fisher", "aligned_saliency"]
+RECONSTRUCTED_SCORERS = ["magnitude", "wanda", "domain_fisher", "aligned_saliency"]
+RECONSTRUCTED = " + reconstruction"
 CHANNEL_SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "aligned_saliency"]
 RETRAINED = " +{steps} steps"
 
@@ -73,13 +79,34 @@ def calibrate(model: str, domain: str, general: str, out: str, batch_size: int,
 
 
 def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], sparsity: list[float], out: str,
-                 alignment: str, scorers: list[str], seed: int) -> list[dict]:
+                 alignment: str, scorers: list[str], seed: int, extra: list[str] = ()) -> list[dict]:
     path = compare.main(["--model_path", model, "--domain_data_paths", heldout["domain"], "--general_data_paths",
                          heldout["general"], "--domain_fisher_scores", files["domain"], "--general_fisher_scores",
                          files["general"], "--alignment_scores", files[alignment], "--sparsity",
-                         *map(str, sparsity), "--scorers", *scorers, "--seed", str(seed), "--output_dir", out])
+                         *map(str, sparsity), "--scorers", *scorers, "--seed", str(seed), "--output_dir", out, *extra])
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)["rows"]
+
+
+def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calibration: dict[str, str],
+               calibration_size: int, out: str, seed: int) -> list[dict]:
+    """The field's pruners against gaprune's scorers, with and without reconstruction, at 50%, 60% and 2:4,
+    all calibrated on the seed's calibration triples of both sides (cross-calibrated 50/50)."""
+    texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"],
+             "--calibration_samples", str(calibration_size)]
+    rows: list[dict] = []
+    for pattern, sparsity in (("unstructured", [0.5, 0.6]), ("2:4", [0.5])):
+        for reconstruct, scorers in ((False, FIELD_SCORERS), (True, RECONSTRUCTED_SCORERS)):
+            flags = [*texts, "--sparsity_pattern", pattern, *(["--reconstruct"] if reconstruct else [])]
+            for row in compare_rows(model, files, heldout, sparsity, out, "local_cosine", scorers, seed, flags):
+                if row["method"] == "dense":
+                    if not rows:
+                        rows.append(row)
+                    continue
+                row["method"] += (RECONSTRUCTED if reconstruct else "") + ("" if pattern == "unstructured"
+                                                                           else f" ({pattern})")
+                rows.append(row)
+    return rows
 
 
 def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict]], calibration: dict[str, str],
@@ -232,7 +259,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="fisher/gradient batch size")
     parser.add_argument("--tiny_steps", type=int, default=600, help="dense training steps of the tiny Qwen3")
     parser.add_argument("--output_dir", default="output/ablation")
-    parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels"])
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels", "field"],
+                        help="unstructured: gaprune's scorers; channels: channel removal and retraining; field: "
+                             "Wanda, SparseGPT and reconstruction against the Fisher scorers, also at 2:4")
     parser.add_argument("--retrain_steps", type=int, default=100, help="channels: retraining steps")
     parser.add_argument("--retrain_scorers", nargs="+", default=CHANNEL_SCORERS,
                         help="channels: the scorers whose pruned models are also retrained (default: all)")
@@ -260,8 +289,12 @@ def main() -> None:
         subsets = {side: subset(path, args.calibration_size, seed, os.path.join(seed_dir, f"{side}-calibration.json"))
                    for side, path in calibration.items()}
         files = calibrate(model, subsets["domain"], subsets["general"], os.path.join(seed_dir, "scores"),
-                          args.batch_size, ("local_cosine",) if args.structure == "channels" else
+                          args.batch_size, ("local_cosine",) if args.structure != "unstructured" else
                           ("local_cosine", "row_cosine"))
+        if args.structure == "field":
+            rows_per_seed.append(field_rows(model, files, heldout, subsets, args.calibration_size, seed_dir, seed))
+            report(rows_per_seed, args, out, model, heldout)
+            continue
         if args.structure == "channels":
             triples = {side: load_triples(path) for side, path in heldout.items()}
             rows_per_seed.append(channel_rows(model, files, triples, subsets, args.sparsity, args.retrain_steps, seed,

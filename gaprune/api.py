@@ -27,7 +27,10 @@ from gaprune.importance import AlignmentResult, FisherResult, fisher_information
 from gaprune.layers import select_parameters
 from gaprune.masking import MaskResult
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruning import StructureResult, prune_candidates, prune_structure, structure_candidates
+from gaprune.errors import InputError
+from gaprune.masking import parse_pattern
+from gaprune.pruning import (Calibration, StructureResult, prune_calibrated, prune_candidates, prune_structure,
+                             structure_candidates)
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
@@ -76,14 +79,25 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
 def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher: str | None = None,
           domain_fisher: str | None = None, alignment: str | None = None, layer_types: Sequence[str] = ("mlp",),
           config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
-          rho_max: float = 0.95, seed: int = 42) -> MaskResult:
+          rho_max: float = 0.95, seed: int = 42, pattern: str = "unstructured",
+          calibration: Calibration | None = None, reconstruct: bool = False) -> MaskResult:
     """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
-    reading the given score files (results JSON paths). Save the model with gaprune.checkpoint.save_model."""
+    reading the given score files (results JSON paths); with an N:M ``pattern`` ("2:4"), N of every M
+    weights of each row instead. Wanda and SparseGPT, and ``reconstruct`` (the OBS update of the kept
+    weights under the mask), need ``calibration`` texts. Save the model with gaprune.checkpoint.save_model."""
     embedder = as_embedder(model)
     config = config or DAIConfig()
+    chosen = get_scorer(scorer)
+    sparsity_pattern = parse_pattern(pattern)
+    if (chosen.needs_activations or reconstruct) and calibration is None:
+        raise InputError(f"{scorer if chosen.needs_activations else 'reconstruction'} needs calibration texts")
     candidates = select_parameters(embedder.model.named_parameters(), layer_types)
     arrays = _score_arrays(embedder, candidates, scorer, config, general_fisher, domain_fisher, alignment)
-    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed)
+    if chosen.needs_activations or reconstruct:
+        return prune_calibrated(embedder, candidates, scorer, sparsity, calibration, reconstruct, sparsity_pattern,
+                                arrays, config, strategy, rho_min, rho_max, seed)
+    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed,
+                            sparsity_pattern)
 
 
 def prune_units(model: ModelLike, share: float, structure: str = "channels", scorer: str = "dai",

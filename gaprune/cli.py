@@ -9,10 +9,15 @@ import math
 import sys
 from typing import Callable, Sequence
 
+from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
 from gaprune.layers import LAYER_TYPES
+from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
+from gaprune.pruning import Calibration
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
+
+log = logging.getLogger("gaprune")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -84,6 +89,61 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> None:
     coefficient("general_weight", "aligned_saliency: lambda_g")
     coefficient("fisher_norm", "dai_paper, aligned_saliency: Fisher divided by its mean over all candidates "
                                "(global) or per tensor, or raw (none)", choices=FISHER_NORMS)
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """N:M patterns, and the calibration texts of Wanda, SparseGPT and reconstruction (SparseModel.py, compare.py)."""
+    group = parser.add_argument_group("patterns and calibration (Wanda, SparseGPT, reconstruction)")
+    group.add_argument("--sparsity_pattern", default="unstructured", choices=SPARSITY_PATTERNS,
+                       help="unstructured (default), or N of every M consecutive input weights of each row "
+                            "(2:4 is the pattern GPUs accelerate); the share is then N/M")
+    group.add_argument("--reconstruct", action="store_true",
+                       help="after masking, update the kept weights to restore each layer's outputs on the "
+                            "calibration texts (the SparseGPT/OBS update under the chosen mask)")
+    group.add_argument("--calibration_data", help="domain triples whose texts calibrate wanda, sparsegpt and "
+                                                  "--reconstruct")
+    group.add_argument("--general_calibration_data", help="general triples, blended in (cross-calibration)")
+    group.add_argument("--calibration_samples", type=positive_int, default=128,
+                       help="triples per calibration file; each gives 3 texts (default: 128)")
+    group.add_argument("--calibration_mix", type=finite_float,
+                       help="share of the general side in the blended statistics (default: 0.5 with both files, "
+                            "else the one given)")
+    group.add_argument("--calibration_max_length", type=positive_int, help="tokens per calibration text "
+                                                                           "(default: the model's limit)")
+    group.add_argument("--calibration_batch_size", type=positive_int, default=8)
+
+
+def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration | None:
+    """The calibration texts the flags name, read now (before any model loads); None when not ``needed``."""
+    files = {side: path for side, path in (("domain", args.calibration_data),
+                                           ("general", args.general_calibration_data)) if path}
+    if not needed:
+        if files:
+            log.warning("calibration data is only used by wanda, sparsegpt and --reconstruct; ignored")
+        return None
+    if not files:
+        raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
+                         "--general_calibration_data")
+    mix = args.calibration_mix
+    if mix is None:
+        mix = 0.5 if len(files) == 2 else float("general" in files)
+    if not 0.0 <= mix <= 1.0:
+        raise InputError(f"--calibration_mix must be between 0 and 1, got {mix}")
+    if (mix > 0 and "general" not in files) or (mix < 1 and "domain" not in files):
+        raise InputError(f"--calibration_mix {mix} needs both --calibration_data and --general_calibration_data")
+    texts = {side: triple_texts(load_triples(path, args.calibration_samples)) for side, path in files.items()}
+    return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length)
+
+
+def effective_share(pct: float, pattern: str, flag: str = "--unstructured_pct") -> float:
+    """The share pruned: ``pct``, or N/M for an N:M pattern (where ``pct`` must be 0 or N/M)."""
+    parsed = parse_pattern(pattern)
+    if not parsed.structured:
+        return pct
+    share = parsed.n / parsed.m
+    if pct not in (0.0, share):
+        raise InputError(f"--sparsity_pattern {pattern} prunes {share:g} of the weights; {flag} {pct:g} contradicts it")
+    return share
 
 
 def scoring_config(args: argparse.Namespace) -> DAIConfig:

@@ -39,6 +39,11 @@ def load_triples(path: str, max_samples: int | None = None) -> list[dict]:
     return triples if max_samples is None else triples[:max_samples]
 
 
+def triple_texts(triples: Sequence[dict]) -> list[str]:
+    """Every text of the triples: each query, positive and negative."""
+    return [triple[key] for triple in triples for key in TRIPLE_KEYS]
+
+
 def batched(items: Sequence, batch_size: int) -> list[Sequence]:
     """Consecutive batches in order; the last one may be smaller."""
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

@@ -18,6 +18,49 @@ from gaprune.layers import layer_key
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight) -> flat float32 scores
 BUDGET_STRATEGIES = ("global", "uniform")
+SPARSITY_PATTERNS = ("unstructured", "2:4", "4:8")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """unstructured, or exactly n pruned in every m consecutive input weights of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.m else "unstructured"
+
+
+def parse_pattern(text: str) -> Pattern:
+    if text == "unstructured":
+        return Pattern()
+    n, sep, m = text.partition(":")
+    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise InputError(f"sparsity pattern must be 'unstructured' or N:M with 0 < N < M, got {text!r}")
+    return Pattern(int(n), int(m))
+
+
+def lowest_in_groups(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the n lowest of every m consecutive scores along the last axis (ties: the earlier one)."""
+    if scores.shape[-1] % m:
+        raise InputError(f"a {n}:{m} pattern needs rows whose length is a multiple of {m}, got {scores.shape[-1]}")
+    groups = scores.reshape(-1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, torch.argsort(groups, dim=1, stable=True)[:, :n], True)
+    return mask.view(scores.shape)
+
+
+def lowest_in_rows(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Mask of the ``int(share * row length)`` lowest scores of every row (ties: the earlier one)."""
+    k = int(scores.shape[1] * share)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+    return mask
 
 
 def ordered_keys(score: torch.Tensor) -> torch.Tensor:
@@ -87,6 +130,7 @@ class MaskResult:
     per_layer_allocations: dict[str, dict]
     reference_overlap: int | None = None  # masked weights that the reference scorer would also mask
     diagnostics: dict = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] | None = None  # name -> bool mask (on the host), when asked for
 
 
 def _score_stats(score: torch.Tensor) -> dict[str, float]:
@@ -124,11 +168,14 @@ def checked_scores(score_fn: ScoreFn) -> ScoreFn:
 
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
-                 rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None) -> MaskResult:
+                 rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None,
+                 pattern: Pattern = Pattern(), keep_masks: bool = False) -> MaskResult:
     """Zero, in place, the lowest-scoring ``int(total * pct)`` candidate weights (global), or each layer's
     share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact.
+    With an N:M ``pattern``, the N lowest of every M consecutive weights of each row instead (``pct`` unused).
 
     With ``reference_fn``, also count how many masked weights the same budget under that scorer masks.
+    With ``keep_masks``, the result holds every tensor's mask.
     """
     total = sum(p.numel() for p in candidates.values())
     k = int(total * pct)
@@ -136,7 +183,9 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     for name in candidates:
         groups.setdefault("all" if strategy == "global" else layer_key(name, fallback_parts=2), []).append(name)
     sizes = {g: sum(candidates[n].numel() for n in names) for g, names in groups.items()}
-    if strategy == "global":
+    if pattern.structured:
+        budgets = {g: sum(candidates[n].numel() // pattern.m * pattern.n for n in names) for g, names in groups.items()}
+    elif strategy == "global":
         budgets = {"all": k}
     elif strategy == "uniform":
         budgets = uniform_allocation(sizes, k, rho_min, rho_max) if k > 0 else {g: 0 for g in groups}
@@ -146,9 +195,15 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     score_fn, reference_fn = checked_scores(score_fn), reference_fn and checked_scores(reference_fn)
 
     def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
-        return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget) if budget else None
+        if pattern.structured or not budget:
+            return None
+        return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget)
+
+    def in_groups(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return lowest_in_groups(score.view(weight.shape[0], -1), pattern.n, pattern.m).view(-1)
 
     per_param: dict[str, dict] = {}
+    masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
     masked_total = newly_zeroed = 0
     overlap = 0 if reference_fn else None
     for group, names in groups.items():
@@ -157,11 +212,15 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
         for name in names:
             weight = candidates[name]
             if build_reference is not None:
-                reference_mask = build_reference(reference_fn(name, weight))
+                reference_score = reference_fn(name, weight)
+                reference_mask = (in_groups(reference_score, weight) if pattern.structured
+                                  else build_reference(reference_score))
             score = score_fn(name, weight)
-            mask = build_mask(score)
+            mask = in_groups(score, weight) if pattern.structured else build_mask(score)
             if build_reference is not None:
                 overlap += int((mask & reference_mask).sum())
+            if masks is not None:
+                masks[name] = mask.view(weight.shape).cpu()
             flat = weight.view(-1)
             newly_zeroed += int((flat[mask] != 0).sum())
             flat[mask] = 0
@@ -184,4 +243,4 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
         if strategy == "uniform":
             info["allocated"] = budgets[layer]
     return MaskResult(masked=masked_total, newly_zeroed=newly_zeroed, per_param=per_param,
-                      per_layer_allocations=allocations, reference_overlap=overlap)
+                      per_layer_allocations=allocations, reference_overlap=overlap, masks=masks)

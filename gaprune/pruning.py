@@ -7,26 +7,116 @@ from typing import Mapping, Sequence
 
 import torch
 
-from gaprune.masking import MaskResult, checked_scores, prune_lowest
-from gaprune.scorers import REFERENCE_SCORER, ScoringContext, get_scorer
+from gaprune.calibration import LayerInputs, prune_block_by_block
+from gaprune.errors import InputError
+from gaprune.layers import layer_key
+from gaprune.masking import (MaskResult, Pattern, checked_scores, lowest_in_groups, lowest_in_rows,
+                             prune_lowest)
+from gaprune.modeling import Embedder
+from gaprune.pruners import sparsegpt
+from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
                      pct: float, strategy: str = "global", rho_min: float = 0.05, rho_max: float = 0.95,
-                     seed: int = 42) -> MaskResult:
+                     seed: int = 42, pattern: Pattern = Pattern(), keep_masks: bool = False) -> MaskResult:
     """Score with ``scorer`` and zero the lowest ``int(total * pct)`` weights in place (global budget, or each
-    layer's share: uniform). Reports the scorer's diagnostics and how much of the mask magnitude pruning
-    at the same budget shares."""
+    layer's share: uniform; or N of every M with an N:M ``pattern``). Reports the scorer's diagnostics and
+    how much of the mask magnitude pruning at the same budget shares."""
     context = ScoringContext(candidates, arrays, config, seed)
-    chosen = get_scorer(scorer)
+    chosen = _score_based(scorer, "this budget")
     diagnostics = chosen.diagnostics(context)
     result = prune_lowest(candidates, chosen.build(context), pct, strategy, rho_min, rho_max,
-                          reference_fn=get_scorer(REFERENCE_SCORER).build(context))
+                          reference_fn=get_scorer(REFERENCE_SCORER).build(context), pattern=pattern,
+                          keep_masks=keep_masks)
     diagnostics["mask_agreement_with_magnitude"] = result.reference_overlap / result.masked if result.masked else None
     result.diagnostics = diagnostics
     return result
+
+
+def _score_based(scorer: str, what: str) -> Scorer:
+    chosen = get_scorer(scorer)
+    if chosen.needs_activations:
+        raise InputError(f"{scorer} prunes layer by layer from calibration data; {what} needs a score-based scorer")
+    return chosen
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Calibration texts by side ("domain", "general") and how they are used."""
+
+    texts: dict[str, list[str]]
+    general_share: float  # of the blended statistics (cross-calibration)
+    batch_size: int = 8
+    max_length: int | None = None  # tokens per text while calibrating (None: the model's)
+
+
+def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
+                     calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
+                     arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
+                     rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42) -> MaskResult:
+    """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
+    any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
+    the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
+    SparseGPT: each block of columns; N:M patterns: each group); a score-based mask keeps its budget."""
+    config = config or DAIConfig()
+    chosen = get_scorer(scorer)
+    fixed: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    diagnostics: dict = {}
+    if not chosen.needs_activations:  # the scorer's mask, chosen once over all candidates
+        dense = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
+        result = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
+                                  keep_masks=True)
+        diagnostics = result.diagnostics
+        fixed = result.masks
+    per_param: dict[str, dict] = {}
+    newly_zeroed = 0
+
+    def prune_layers(inputs: dict[str, LayerInputs]) -> None:
+        nonlocal newly_zeroed
+        for name, layer_inputs in inputs.items():
+            weight = candidates[name]
+            if fixed:
+                mask = fixed[name].to(weight.device)
+                start = dense[name].to(weight.device)
+            elif chosen.layer_pruner is not None:
+                start, mask = chosen.layer_pruner(weight, layer_inputs, pct, pattern)
+            else:
+                score = chosen.build(ScoringContext({name: weight}, arrays, config, seed, {name: layer_inputs}))
+                score = checked_scores(score)(name, weight).view(weight.shape)
+                mask = lowest_in_groups(score, pattern.n, pattern.m) if pattern.structured else lowest_in_rows(score, pct)
+                start = weight
+            if reconstruct:
+                start, _ = sparsegpt(start, layer_inputs.hessian, mask=mask)
+            newly_zeroed += int((mask & (weight != 0)).sum()) if not fixed else 0
+            weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
+            masked = int(mask.sum())
+            per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
+
+    maximum = embedder.max_length
+    if calibration.max_length:
+        embedder.max_length = min(maximum, calibration.max_length)
+    try:
+        prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
+                             hessian=reconstruct or chosen.layer_pruner is not None,
+                             batch_size=calibration.batch_size)
+    finally:
+        embedder.max_length = maximum
+    if fixed:
+        newly_zeroed = result.newly_zeroed
+    allocations: dict[str, dict] = {}
+    for name, info in per_param.items():
+        layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
+        layer["size"] += info["numel"]
+        layer["masked"] += info["masked"]
+    for info in allocations.values():
+        info["ratio"] = info["masked"] / info["size"]
+    masked = sum(info["masked"] for info in per_param.values())
+    return MaskResult(masked=masked, newly_zeroed=newly_zeroed, per_param=per_param,
+                      per_layer_allocations=allocations, diagnostics=diagnostics)
 
 
 def structure_candidates(model: torch.nn.Module, plan: UnitPlan) -> dict[str, torch.Tensor]:
@@ -52,10 +142,10 @@ def prune_structure(model: torch.nn.Module, plan: UnitPlan, arrays: ArrayFn, sco
     """Score every unit with ``scorer`` (its weights' scores summed), remove the lowest ``share`` of the units of
     every layer (the same count in each) and shrink the model in place. Reports how many of the removed units
     magnitude scores would also remove."""
+    chosen = _score_based(scorer, f"--structure {plan.structure}")
     count = units_to_remove(plan, share)
     candidates = structure_candidates(model, plan)
     context = ScoringContext(candidates, arrays, config, seed)
-    chosen = get_scorer(scorer)
     diagnostics = chosen.diagnostics(context)
     score_fn = checked_scores(chosen.build(context))
     reference_fn = checked_scores(get_scorer(REFERENCE_SCORER).build(context))
@@ -128,8 +218,10 @@ class ModelZeros:
 
 def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[str], scorer: str, pct: float,
                       strategy: str, rho_min: float, rho_max: float, config: DAIConfig,
-                      score_files: Mapping[str, str | None], result: MaskResult, zeros: ModelZeros) -> dict:
-    """evaluation_config.json: the settings, the score files and the mask accounting of a pruned folder."""
+                      score_files: Mapping[str, str | None], result: MaskResult, zeros: ModelZeros,
+                      extra: Mapping | None = None) -> dict:
+    """evaluation_config.json: the settings, the score files and the mask accounting of a pruned folder
+    (``extra``: the pattern, reconstruction and calibration, recorded only when used)."""
     return {
         "model_path": model_path,
         "batch_size": batch_size,
@@ -138,7 +230,7 @@ def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[st
         "meta": {
             "unstructured_pruning": {
                 "unstructured_pct": pct, "unstructured_scoring": scorer, "layer_budget_strategy": strategy,
-                "rho_min": rho_min, "rho_max": rho_max, **dataclasses.asdict(config)},
+                "rho_min": rho_min, "rho_max": rho_max, **dataclasses.asdict(config), **(extra or {})},
             "score_files": _score_file_entries(score_files),
             "mask_accounting": {
                 "total_params_before": zeros.total,

@@ -5,9 +5,10 @@ gradient.py --alignment_mode local_cosine/row_cosine, which diagnostics it repor
 a tensor. SparseModel.py, compare.py and the CLI checks ask this registry; nothing else knows a
 scorer by name. Adding a scorer is one entry in SCORERS.
 
-Score-only scorers are all that exist today. A pruner that needs calibration activations (Wanda) or
-updates the kept weights (SparseGPT) declares it with ``needs_activations`` / ``updates_weights``, so
-the orchestration can run the calibration pass and hand it the inputs it needs.
+Activation-aware entries declare ``needs_activations``: the orchestration then calibrates block by
+block (gaprune.calibration) and hands each layer's input statistics in ``ScoringContext.inputs``.
+Wanda is a score (|W| times input norm) compared within each output row; SparseGPT chooses its mask
+while it updates the weights, so it is a ``layer_pruner`` rather than a score.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Callable, Mapping
 
 import torch
 
+from gaprune.calibration import LayerInputs
 from gaprune.errors import InputError
-from gaprune.masking import ScoreFn
-from gaprune import scoring
+from gaprune.masking import Pattern, ScoreFn
+from gaprune import pruners, scoring
 from gaprune.scoring import ArrayFn, DAIConfig
 
 SIDES = ("domain_fisher", "general_fisher", "alignment")  # the score files a scorer may read
@@ -33,6 +35,7 @@ class ScoringContext:
     arrays: ArrayFn  # (side, name) -> array, or None where no file was given; side "alignment_cosine" too
     config: DAIConfig
     seed: int = 42
+    inputs: Mapping[str, LayerInputs] = field(default_factory=dict)  # calibration statistics, by parameter
 
 
 def _no_files(config: DAIConfig) -> tuple[str, ...]:
@@ -47,12 +50,15 @@ def _never(config: DAIConfig) -> bool:
 class Scorer:
     name: str
     summary: str  # one line for --help and the README
-    build: Callable[[ScoringContext], ScoreFn]
+    build: Callable[[ScoringContext], ScoreFn] | None  # None for a layer_pruner
     required_files: Callable[[DAIConfig], tuple[str, ...]] = _no_files  # sides it cannot run without
     reads_cosine: Callable[[DAIConfig], bool] = _never  # needs cosine arrays in a given alignment file
     diagnostics: Callable[[ScoringContext], dict] = field(default=lambda context: {})
     needs_activations: bool = False  # calibration inputs of each candidate layer (activation-aware pruners)
     updates_weights: bool = False  # changes the kept weights, not only zeroes the pruned ones
+    budget: str | None = None  # where the share is taken when not over all candidates: "row" (Wanda), "block"
+    # (weight, its LayerInputs, share, pattern) -> (new weight, mask): prunes one layer itself (SparseGPT)
+    layer_pruner: Callable[[torch.Tensor, LayerInputs, float, Pattern], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def check(self, config: DAIConfig, given: set[str]) -> None:
         """The coefficients make sense for this scorer and every file it cannot run without is in ``given``."""
@@ -131,6 +137,15 @@ def _build_magnitude(context: ScoringContext) -> ScoreFn:
     return lambda name, weight: scoring.magnitude(weight)
 
 
+def _build_wanda(context: ScoringContext) -> ScoreFn:
+    return lambda name, weight: pruners.wanda_scores(weight, context.inputs[name].input_sq).reshape(-1)
+
+
+def _sparsegpt_layer(weight: torch.Tensor, inputs: LayerInputs, share: float,
+                     pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    return pruners.sparsegpt(weight, inputs.hessian, share, pattern)
+
+
 def _dai_diagnostics(context: ScoringContext) -> dict:
     return {"median_fisher_to_compression_ratio":
             scoring.fisher_to_compression_ratio(context.candidates, context.arrays, context.config)}
@@ -146,6 +161,10 @@ SCORERS: dict[str, Scorer] = {scorer.name: scorer for scorer in (
     Scorer("magnitude", "|w|", _build_magnitude),
     _fisher_saliency("domain_fisher"),
     _fisher_saliency("general_fisher"),
+    Scorer("wanda", "|W| ||X||_2 compared within each output row (Wanda; needs calibration data)", _build_wanda,
+           needs_activations=True, budget="row"),
+    Scorer("sparsegpt", "SparseGPT: OBS mask and update of the kept weights (needs calibration data)", None,
+           needs_activations=True, updates_weights=True, budget="block", layer_pruner=_sparsegpt_layer),
 )}
 REFERENCE_SCORER = "magnitude"  # every mask reports how much of it this scorer's mask shares
 
@@ -158,5 +177,9 @@ def get_scorer(name: str) -> Scorer:
 
 def score_function(name: str, arrays: ArrayFn, config: DAIConfig, seed: int = 42,
                    candidates: Mapping[str, torch.Tensor] | None = None) -> ScoreFn:
-    """The per-tensor score function of a registered scorer (``candidates``: for the global Fisher mean)."""
-    return get_scorer(name).build(ScoringContext(candidates or {}, arrays, config, seed))
+    """The per-tensor score function of a registered score-based scorer (``candidates``: for the global
+    Fisher mean)."""
+    chosen = get_scorer(name)
+    if chosen.build is None or chosen.needs_activations:
+        raise InputError(f"{name} needs calibration data and prunes layer by layer; it has no score function")
+    return chosen.build(ScoringContext(candidates or {}, arrays, config, seed))

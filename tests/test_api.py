@@ -56,7 +56,9 @@ def test_a_scorer_is_one_registry_entry(monkeypatch, bert_dir):
 
 def test_every_registered_scorer_declares_its_files():
     assert list(SCORERS) == ["dai", "dai_paper", "aligned_saliency", "random", "magnitude", "domain_fisher",
-                             "general_fisher"]
+                             "general_fisher", "wanda", "sparsegpt"]
+    assert [s.name for s in SCORERS.values() if s.needs_activations] == ["wanda", "sparsegpt"]
+    assert [s.name for s in SCORERS.values() if s.updates_weights] == ["sparsegpt"]
     config = gaprune.DAIConfig()
     assert get_scorer("domain_fisher").required_files(config) == ("domain_fisher",)
     assert get_scorer("aligned_saliency").required_files(config) == ("domain_fisher", "general_fisher")
@@ -64,5 +66,5 @@ def test_every_registered_scorer_declares_its_files():
     assert not get_scorer("aligned_saliency").reads_cosine(gaprune.DAIConfig(alignment_weight=0))
     with pytest.raises(InputError, match="needs --general_fisher_scores"):
         get_scorer("general_fisher").check(config, {"domain_fisher"})
-    with pytest.raises(InputError, match="unknown scorer 'wanda'"):
-        get_scorer("wanda")
+    with pytest.raises(InputError, match="unknown scorer 'obc'"):
+        get_scorer("obc")

@@ -7,7 +7,8 @@ from gaprune.calibration import prune_block_by_block, transformer_blocks
 from gaprune.errors import InputError
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder
-from gaprune.pruners import Pattern, lowest_in_groups, parse_pattern, sparsegpt, wanda_mask
+from gaprune.masking import Pattern, lowest_in_groups, parse_pattern
+from gaprune.pruners import sparsegpt, wanda_mask
 
 TEXTS = {"domain": ["acid reacts with a base in water", "benzene is aromatic", "salt"],
          "general": ["the river flows north", "a cat sat on the mat"]}

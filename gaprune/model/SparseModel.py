@@ -14,15 +14,16 @@ import torch
 from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
-from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                        finish, finite_float, run, score_file_paths, scoring_config)
+from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
+                        calibration_from_args, check_scorer_inputs, effective_share, finish, finite_float, run,
+                        score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
 from gaprune.pruning import ModelZeros, evaluation_config, prune_stats, structure_evaluation_config, structure_stats
-from gaprune.scorers import SCORERS
+from gaprune.scorers import SCORERS, get_scorer
 from gaprune.structure import CONFIG_FIELDS, STRUCTURES
 
 log = logging.getLogger("gaprune.sparse")
@@ -53,6 +54,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--rho_min", type=finite_float, default=0.05, help="uniform: least share pruned per layer")
     parser.add_argument("--rho_max", type=finite_float, default=0.95, help="uniform: largest share pruned per layer")
     add_scoring_args(parser)
+    add_calibration_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -68,6 +70,17 @@ def validate(args) -> None:
                              f"got {args.structured_pct}")
         if args.unstructured_pct:
             raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
+        if args.sparsity_pattern != "unstructured" or args.reconstruct:
+            raise InputError(f"--structure {args.structure} removes whole units; --sparsity_pattern and --reconstruct "
+                             f"apply to masks")
+        if get_scorer(args.unstructured_scoring).needs_activations:
+            raise InputError(f"--structure {args.structure} needs a score-based scorer, not "
+                             f"{args.unstructured_scoring}")
+    effective_share(args.unstructured_pct, args.sparsity_pattern)
+    chosen = get_scorer(args.unstructured_scoring)
+    if chosen.needs_activations and args.layer_budget_strategy != "global":
+        raise InputError(f"{chosen.name} takes its share of each {chosen.budget}; --layer_budget_strategy does not "
+                         f"apply")
     if not 0.0 <= args.rho_min <= args.rho_max <= 1.0:
         raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
     if args.batch_size < 1:
@@ -82,8 +95,10 @@ def pruned_folder(args) -> str:
     if args.structure != "unstructured":
         return output_folder(args.output_dir, args.model_path,
                              f"{args.unstructured_scoring}_{args.structure}_{round(args.structured_pct * 100, 2):g}%")
-    return output_folder(args.output_dir, args.model_path,
-                         f"{args.unstructured_scoring}_prune_{round(args.unstructured_pct * 100, 2):g}%")
+    amount = (args.sparsity_pattern.replace(":", "of") if args.sparsity_pattern != "unstructured"
+              else f"{round(args.unstructured_pct * 100, 2):g}%")
+    suffix = "_reconstructed" if args.reconstruct else ""
+    return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
 def show_layer_types(model_path: str) -> None:
@@ -103,24 +118,29 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if args.show_layer_types:
         show_layer_types(args.model_path)
         return None
+    calibration = calibration_from_args(args, get_scorer(args.unstructured_scoring).needs_activations
+                                        or args.reconstruct)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
     if args.structure == "unstructured":
-        folder = mask_weights(args, embedder)
+        folder = mask_weights(args, embedder, calibration)
     else:
         folder = remove_units(args, embedder)
     return finish(folder)
 
 
-def mask_weights(args, embedder) -> str:
+def mask_weights(args, embedder, calibration) -> str:
     config = scoring_config(args)
-    log.info("pruning %.1f%% of %s by %s (%s budget)", 100 * args.unstructured_pct, " ".join(args.sparsify_layers),
-             args.unstructured_scoring, args.layer_budget_strategy)
+    share = effective_share(args.unstructured_pct, args.sparsity_pattern)
+    strategy = get_scorer(args.unstructured_scoring).budget or args.layer_budget_strategy
+    log.info("pruning %.1f%% of %s by %s (%s budget, %s)", 100 * share, " ".join(args.sparsify_layers),
+             args.unstructured_scoring, strategy, args.sparsity_pattern)
     zeros_before = count_zeros(embedder.model)
     files = score_file_paths(args)
-    result = api.prune(embedder, args.unstructured_pct, args.unstructured_scoring, files["general_fisher"],
+    result = api.prune(embedder, share, args.unstructured_scoring, files["general_fisher"],
                        files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
-                       args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed)
+                       args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed, args.sparsity_pattern,
+                       calibration, args.reconstruct)
     considered = sum(p["numel"] for p in result.per_param.values())
     log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
              " ".join(args.sparsify_layers))
@@ -132,15 +152,29 @@ def mask_weights(args, embedder) -> str:
         zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
                            after=count_zeros(embedder.model))
         write_json(os.path.join(tmp, "evaluation_config.json"), evaluation_config(
-            args.model_path, args.batch_size, args.sparsify_layers, args.unstructured_scoring, args.unstructured_pct,
-            args.layer_budget_strategy, args.rho_min, args.rho_max, config, files, result, zeros))
+            args.model_path, args.batch_size, args.sparsify_layers, args.unstructured_scoring, share,
+            strategy, args.rho_min, args.rho_max, config, files, result, zeros, calibration_record(args, calibration)))
         write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(
-            result, args.unstructured_scoring, args.unstructured_pct, args.sparsify_layers, args.layer_budget_strategy))
+            result, args.unstructured_scoring, share, args.sparsify_layers, strategy))
 
     print(f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
           f"model zeros {zeros.before:,} -> {zeros.after:,}")
     print(describe_probe(embedding))
     return folder
+
+
+def calibration_record(args, calibration) -> dict:
+    """What evaluation_config.json adds when a pattern, reconstruction or calibration texts were used."""
+    record = {}
+    if args.sparsity_pattern != "unstructured":
+        record["sparsity_pattern"] = args.sparsity_pattern
+    if args.reconstruct:
+        record["reconstruct"] = True
+    if calibration is not None:
+        record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
+                                 "texts": {side: len(texts) for side, texts in calibration.texts.items()},
+                                 "general_share": calibration.general_share, "max_length": calibration.max_length}
+    return record
 
 
 def remove_units(args, embedder) -> str:

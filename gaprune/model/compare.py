@@ -10,8 +10,9 @@ from typing import Sequence
 
 import torch
 
-from gaprune.cli import (ArgumentParser, add_layer_args, add_runtime_args, add_scoring_args, check_scorer_inputs,
-                        finish, finite_float, positive_int, run, score_file_paths, scoring_config)
+from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
+                        calibration_from_args, check_scorer_inputs, effective_share, finish, finite_float, positive_int,
+                        run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
@@ -19,7 +20,8 @@ from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_jso
 from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
-from gaprune.pruning import prune_candidates, prune_structure, structure_candidates
+from gaprune.masking import parse_pattern
+from gaprune.pruning import prune_calibrated, prune_candidates, prune_structure, structure_candidates
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
@@ -42,9 +44,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--structure", default="unstructured", choices=["unstructured", *STRUCTURES],
                         help="unstructured: zero single weights (default); channels / heads: remove whole MLP "
                              "channels / query heads (each pruned model is loaded afresh)")
-    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), metavar="SCORER[:KEY=VALUE,...]",
+    parser.add_argument("--scorers", nargs="+", metavar="SCORER[:KEY=VALUE,...]",
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
-                             "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all)")
+                             "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all; wanda and "
+                             "sparsegpt only with calibration data)")
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
     parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"])
@@ -53,6 +56,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer")
     parser.add_argument("--output_dir", default="output/compare")
     add_scoring_args(parser)
+    add_calibration_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -103,9 +107,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
-    scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in args.scorers]
+    calibrated = bool(args.calibration_data or args.general_calibration_data)
+    specs = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
+    scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
+        if args.structure != "unstructured" and get_scorer(scoring).needs_activations:
+            raise InputError(f"--structure {args.structure} needs score-based scorers, not {scoring}")
+    shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
+    if args.structure != "unstructured" and (args.sparsity_pattern != "unstructured" or args.reconstruct):
+        raise InputError(f"--structure {args.structure} removes whole units; --sparsity_pattern and --reconstruct "
+                         f"apply to masks")
+    calibration = calibration_from_args(args, args.reconstruct or any(get_scorer(scoring).needs_activations
+                                                                      for _, scoring, _ in scorers))
     check_output_dir(args.output_dir)
     domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
@@ -133,8 +147,13 @@ def main(argv: Sequence[str] | None = None) -> str:
             with torch.no_grad():
                 for name, p in candidates.items():
                     p.copy_(dense_weights[name])
-            result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
-                                      seed=args.seed)
+            if get_scorer(scoring).needs_activations or args.reconstruct:
+                result = prune_calibrated(embedder, candidates, scoring, pct, calibration, args.reconstruct,
+                                          parse_pattern(args.sparsity_pattern), array, config,
+                                          args.layer_budget_strategy, seed=args.seed)
+            else:
+                result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
+                                          seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
             return embedder, {"masked_params": result.masked, **result.diagnostics}
         fresh = load_embedder(args.model_path, args.device, args.dtype)
         result = prune_structure(fresh.model, unit_plan(fresh.model, args.structure), array, scoring, config, pct,
@@ -146,13 +165,14 @@ def main(argv: Sequence[str] | None = None) -> str:
              "general": mean_metrics(dense_general), "domain_change_percent": None, "general_change_percent": None,
              "files": {**dense_domain, **dense_general}}
     rows = [dense]
-    for pct in args.sparsity:
+    for pct in dict.fromkeys(shares):
         for spec, scoring, config in scorers:
             log.info("pruning %.0f%% by %s", 100 * pct, spec)
             model, entries = pruned(scoring, config, pct)
             by_domain, by_general = evaluate(model)
             row = {"method": spec, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
-                   "structure": args.structure, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
+                   "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
+                   "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
                    "files": {**by_domain, **by_general}, **entries}
             for side in ("domain", "general"):
                 row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])

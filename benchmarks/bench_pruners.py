@@ -1,0 +1,61 @@
+"""Time of the activation-aware pruners on one model: Wanda, SparseGPT and reconstruction under a mask.
+
+    python benchmarks/bench_pruners.py                      # MiniLM MLP, 1,200 texts of at most 128 tokens
+
+The calibration texts are the queries, positives and negatives of data/*-example.json, repeated to
+--texts. Each method prunes a fresh copy of the model at 50% (and SparseGPT at 2:4) and the seconds of
+the whole call (calibration pass included, model loading excluded) are printed with the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import time
+
+import torch
+
+import gaprune
+from gaprune.data import load_triples, triple_texts
+from gaprune.modeling import DEFAULT_MODEL
+from gaprune.pruning import Calibration
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = [("wanda", "unstructured", False), ("sparsegpt", "unstructured", False), ("sparsegpt", "2:4", False),
+        ("magnitude", "unstructured", True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--texts", type=int, default=1200)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    pool = [text for name in ("chem-example.json", "general-example.json")
+            for text in triple_texts(load_triples(os.path.join(REPO, "data", name)))]
+    texts = [pool[i % len(pool)] for i in range(args.texts)]
+    calibration = Calibration({"domain": texts}, 0.0, args.batch_size, args.max_length)
+    print(f"{args.model}: MLP weights at 50%, {len(texts)} calibration texts of at most {args.max_length} tokens, "
+          f"{torch.get_num_threads()} CPU threads")
+    print("| method | pattern | seconds | peak RSS (GiB) |")
+    print("|---|---|---|---|")
+    for scorer, pattern, reconstruct in RUNS:
+        embedder = gaprune.load_embedder(args.model, args.device)
+        start = time.perf_counter()
+        gaprune.prune(embedder, 0.5, scorer, pattern=pattern, calibration=calibration, reconstruct=reconstruct)
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        label = scorer + (" + reconstruction" if reconstruct else "")
+        print(f"| {label} | {pattern} | {seconds:.1f} | {peak:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Wanda, SparseGPT, N:M patterns and reconstruction through SparseModel.py and compare.py."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import listing
+from gaprune.cli import run
+from gaprune.data import load_triples, triple_texts
+from gaprune.model import SparseModel, compare
+from gaprune.modeling import load_embedder
+
+
+def prune(tmp_path, model_dir, data_files, *extra) -> tuple[str, dict, dict]:
+    folder = SparseModel.main(["--model_path", model_dir, "--output_dir", str(tmp_path), "--calibration_data",
+                               data_files["chem"], "--calibration_samples", "6", *extra])
+    return folder, load_file(os.path.join(folder, "model.safetensors")), json.load(
+        open(os.path.join(folder, "unstructured_prune_stats.json")))
+
+
+def first_layer_input_sq(embedder, texts, module_name) -> torch.Tensor:
+    """sum over real tokens of x_j^2 at a layer of the dense model (the first block sees no pruned layer)."""
+    module = embedder.model.get_submodule(module_name)
+    real = {}
+    handle = module.register_forward_pre_hook(
+        lambda m, args: real.__setitem__("sum", real.get("sum", 0) + args[0][real["mask"]].square().sum(0)))
+    with torch.no_grad():
+        for start in range(0, len(texts), 8):
+            tokens = embedder.tokenize(texts[start:start + 8])
+            real["mask"] = tokens["attention_mask"].bool()
+            embedder.model(**tokens)
+    handle.remove()
+    return real["sum"]
+
+
+def test_wanda_prunes_half_of_each_row_by_weight_times_input_norm(tmp_path, bert_dir, data_files):
+    folder, weights, stats = prune(tmp_path, bert_dir, data_files, "--unstructured_scoring", "wanda",
+                                   "--unstructured_pct", "0.5")
+    assert os.path.basename(folder) == "tiny-bert_wanda_prune_50%"
+    assert stats["layer_budget_strategy"] == "row" and stats["masked_params"] == stats["total_params_considered"] // 2
+    dense = load_embedder(bert_dir, "cpu")
+    name = "encoder.layer.0.intermediate.dense"
+    input_sq = first_layer_input_sq(dense, triple_texts(load_triples(data_files["chem"], 6)), name)
+    weight = dict(dense.model.named_parameters())[name + ".weight"].detach()
+    metric = weight.abs() * input_sq.sqrt()
+    expected = torch.zeros_like(weight, dtype=torch.bool)
+    for row in range(weight.shape[0]):  # the half of each row with the smallest |W| * ||X||
+        expected[row, torch.argsort(metric[row], stable=True)[:weight.shape[1] // 2]] = True
+    assert torch.equal(weights[name + ".weight"] == 0, expected)
+    for key, value in weights.items():  # nothing outside the candidates moves
+        if "intermediate.dense.weight" not in key and not ("output.dense.weight" in key and "attention" not in key):
+            assert torch.equal(value, dense.model.state_dict()[key]), key
+
+
+def test_sparsegpt_2_4_zeroes_two_of_every_four_and_updates_the_rest(tmp_path, qwen3_dir, data_files):
+    folder, weights, stats = prune(tmp_path, qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                                   "--sparsity_pattern", "2:4")
+    assert os.path.basename(folder) == "tiny-qwen3_sparsegpt_prune_2of4"
+    dense = load_file(os.path.join(qwen3_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["sparsity_pattern"] == "2:4" and config["calibration"]["texts"] == {"domain": 18}
+    for name in stats["per_param"]:
+        zeros = (weights[name] == 0).view(weights[name].shape[0], -1, 4).sum(-1)
+        assert (zeros == 2).all(), name
+        kept = weights[name] != 0
+        assert not torch.equal(weights[name][kept], dense[name][kept])  # the kept weights were updated
+
+
+def layer_output_error(weights, dense, embedder, texts, name) -> float:
+    """|| (W' - W) X || of one first-block layer on the calibration texts."""
+    module = embedder.model.get_submodule(name.rpartition(".")[0])
+    captured = []
+    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        embedder.model(**embedder.tokenize(texts))
+    handle.remove()
+    return ((weights[name] - dense[name]) @ torch.cat(captured).T).norm().item()
+
+
+def test_reconstruction_keeps_the_mask_and_lowers_the_layer_error(tmp_path, qwen3_dir, data_files):
+    _, masked, _ = prune(tmp_path / "a", qwen3_dir, data_files, "--unstructured_scoring", "magnitude",
+                         "--unstructured_pct", "0.5")
+    folder, rebuilt, stats = prune(tmp_path / "b", qwen3_dir, data_files, "--unstructured_scoring", "magnitude",
+                                   "--unstructured_pct", "0.5", "--reconstruct")
+    assert os.path.basename(folder) == "tiny-qwen3_magnitude_prune_50%_reconstructed"
+    assert stats["masked_params"] == stats["total_params_considered"] // 2
+    dense_embedder = load_embedder(qwen3_dir, "cpu")
+    dense = {k: v.detach() for k, v in dense_embedder.model.state_dict().items()}
+    texts = triple_texts(load_triples(data_files["chem"], 6))
+    for name in stats["per_param"]:
+        assert torch.equal(masked[name] == 0, rebuilt[name] == 0), name
+    for name in ("layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"):  # inputs no pruning changed
+        assert layer_output_error(rebuilt, dense, dense_embedder, texts, name) < \
+            layer_output_error(masked, dense, dense_embedder, texts, name)
+
+
+def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_files):
+    path = compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                         data_files["general"], "--scorers", "magnitude", "wanda", "sparsegpt", "--sparsity_pattern",
+                         "2:4", "--calibration_data", data_files["chem"], "--general_calibration_data",
+                         data_files["general"], "--calibration_samples", "4", "--output_dir", str(tmp_path)])
+    rows = json.load(open(path))["rows"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("magnitude", 0.5), ("wanda", 0.5),
+                                                            ("sparsegpt", 0.5)]
+    assert all(r["masked_params"] == 4096 and r["sparsity_pattern"] == "2:4" for r in rows[1:])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5"], "need --calibration_data"),
+    (["--unstructured_scoring", "magnitude", "--sparsity_pattern", "2:4", "--unstructured_pct", "0.3"],
+     "prunes 0.5 of the weights; --unstructured_pct 0.3 contradicts it"),
+    (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5", "--layer_budget_strategy", "uniform"],
+     "wanda takes its share of each row"),
+    (["--unstructured_scoring", "wanda", "--structure", "channels", "--structured_pct", "0.5"],
+     "needs a score-based scorer"),
+    (["--unstructured_scoring", "magnitude", "--reconstruct", "--unstructured_pct", "0.5", "--calibration_data",
+      "missing.json"], "data file not found: missing.json"),
+    (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
+      "--calibration_mix", "0.5"], "--calibration_mix 0.5 needs both"),
+])
+def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
+    extra = [data_files["chem"] if item == "CHEM" else item for item in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run(SparseModel.main, ["--model_path", bert_dir, "--output_dir", str(tmp_path / "out"), *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert exit_info.value.code == 1 and len(err) == 1 and message in err[0]
+    assert listing(tmp_path / "out") == []
