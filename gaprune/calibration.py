@@ -22,9 +22,6 @@ from tqdm.auto import tqdm
 from gaprune.errors import InputError
 from gaprune.modeling import Embedder
 
-SIDES = ("domain", "general")
-
-
 @dataclass
 class InputStats:
     """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T."""
@@ -140,9 +137,9 @@ def _run_block(block: torch.nn.Module, batch: _Batch) -> torch.Tensor:
 def _stages(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module], names: set[str],
             batch: _Batch) -> list[list[str]]:
     """The block's candidate layers in the order they run, those reading the same input (q/k/v, gate/up) together."""
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs stay referenced, so identity is meaningful
     handles = [modules[name].register_forward_pre_hook(
-        lambda module, args, name=name: calls.append((name, args[0].data_ptr()))) for name in names]
+        lambda module, args, name=name: calls.append((name, args[0]))) for name in names]
     try:
         _run_block(block, batch)
     finally:
@@ -150,14 +147,17 @@ def _stages(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module], name
             handle.remove()
     stages: list[list[str]] = []
     last_input = None
-    for name, pointer in calls:
+    for name, tensor in calls:
         if any(name in stage for stage in stages):
             continue
-        if stages and pointer == last_input:
+        if stages and tensor is last_input:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_input = pointer
+        last_input = tensor
+    missing = names - {name for stage in stages for name in stage}
+    if missing:
+        raise InputError(f"{sorted(missing)[0]} never ran on the calibration texts; it cannot be calibrated")
     return stages
 
 
@@ -172,6 +172,9 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     on the pruned ones' outputs, and each block runs again on its pruned weights for the next block's inputs.
     """
     model = embedder.model
+    if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
+        raise InputError("activation-aware pruning replays one attention mask in every block; this model mixes "
+                         f"attention types {sorted(set(model.config.layer_types))}")
     modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in candidates}
     if any(not isinstance(module, torch.nn.Linear) for module in modules.values()):
         raise InputError("activation-aware pruning works on linear layers only (select mlp or attention weights)")
@@ -195,10 +198,10 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block"):
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
-            inputs = {name: new_inputs(name) for name in stage}
-            handles = [modules[name].register_forward_pre_hook(
-                lambda module, args, name=name: inputs[name].sides[current[0].side].add(args[0][current[0].real]))
-                for name in stage]
+            shared = new_inputs(stage[0])  # the layers of a stage read one input: one set of statistics
+            inputs = {name: shared for name in stage}
+            handles = [modules[stage[0]].register_forward_pre_hook(
+                lambda module, args: shared.sides[current[0].side].add(args[0][current[0].real]))]
             try:
                 for batch in batches:
                     current[:] = [batch]

@@ -118,8 +118,8 @@ def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration
     files = {side: path for side, path in (("domain", args.calibration_data),
                                            ("general", args.general_calibration_data)) if path}
     if not needed:
-        if files:
-            log.warning("calibration data is only used by wanda, sparsegpt and --reconstruct; ignored")
+        if files or args.calibration_mix is not None:
+            log.warning("calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored")
         return None
     if not files:
         raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
@@ -131,8 +131,23 @@ def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration
         raise InputError(f"--calibration_mix must be between 0 and 1, got {mix}")
     if (mix > 0 and "general" not in files) or (mix < 1 and "domain" not in files):
         raise InputError(f"--calibration_mix {mix} needs both --calibration_data and --general_calibration_data")
-    texts = {side: triple_texts(load_triples(path, args.calibration_samples)) for side, path in files.items()}
+    weights = {"domain": 1.0 - mix, "general": mix}
+    texts = {side: triple_texts(load_triples(path, args.calibration_samples)) for side, path in files.items()
+             if weights[side] > 0}  # a side blended at 0 is not run at all
     return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length)
+
+
+def check_calibrated_request(scorers: Sequence[str], share: float, pattern: str, reconstruct: bool,
+                             strategy: str) -> None:
+    """Flag combinations of the calibrated pruners that would do nothing or not what they say."""
+    for name in scorers:
+        chosen = get_scorer(name)
+        if reconstruct and chosen.updates_weights:
+            raise InputError(f"{name} already updates the kept weights; --reconstruct would add nothing")
+        if chosen.needs_activations and strategy != "global":
+            raise InputError(f"{name} takes its share of each {chosen.budget}; --layer_budget_strategy does not apply")
+        if (chosen.needs_activations or reconstruct) and share == 0 and pattern == "unstructured":
+            raise InputError(f"{name}{' with --reconstruct' if reconstruct else ''} at a share of 0 prunes nothing")
 
 
 def effective_share(pct: float, pattern: str, flag: str = "--unstructured_pct") -> float:

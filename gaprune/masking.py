@@ -166,16 +166,28 @@ def checked_scores(score_fn: ScoreFn) -> ScoreFn:
     return checked
 
 
+def layer_allocations(per_param: Mapping[str, dict]) -> dict[str, dict]:
+    """Per layer: the candidate weights, how many are masked, and the ratio."""
+    allocations: dict[str, dict] = {}
+    for name, info in per_param.items():
+        layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
+        layer["size"] += info["numel"]
+        layer["masked"] += info["masked"]
+    for info in allocations.values():
+        info["ratio"] = info["masked"] / info["size"]
+    return allocations
+
+
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
                  rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None,
-                 pattern: Pattern = Pattern(), keep_masks: bool = False) -> MaskResult:
+                 pattern: Pattern = Pattern(), keep_masks: bool = False, apply: bool = True) -> MaskResult:
     """Zero, in place, the lowest-scoring ``int(total * pct)`` candidate weights (global), or each layer's
     share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact.
     With an N:M ``pattern``, the N lowest of every M consecutive weights of each row instead (``pct`` unused).
 
     With ``reference_fn``, also count how many masked weights the same budget under that scorer masks.
-    With ``keep_masks``, the result holds every tensor's mask.
+    With ``keep_masks``, the result holds every tensor's mask; without ``apply`` the weights stay as they are.
     """
     total = sum(p.numel() for p in candidates.values())
     k = int(total * pct)
@@ -223,7 +235,8 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
                 masks[name] = mask.view(weight.shape).cpu()
             flat = weight.view(-1)
             newly_zeroed += int((flat[mask] != 0).sum())
-            flat[mask] = 0
+            if apply:
+                flat[mask] = 0
             masked = int(mask.sum())
             masked_total += masked
             stats = _score_stats(score)
@@ -233,14 +246,9 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
                                "mean_importance": stats["mean"], "score_stats": stats}
     if masked_total != sum(budgets.values()):  # exact counts are this module's promise
         raise RuntimeError(f"masked {masked_total} weights, but the budget was {sum(budgets.values())}")
-    allocations: dict[str, dict] = {}
-    for name, info in per_param.items():
-        layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
-        layer["size"] += info["numel"]
-        layer["masked"] += info["masked"]
-    for layer, info in allocations.items():
-        info["ratio"] = info["masked"] / info["size"]
-        if strategy == "uniform":
+    allocations = layer_allocations(per_param)
+    if strategy == "uniform" and not pattern.structured:
+        for layer, info in allocations.items():
             info["allocated"] = budgets[layer]
     return MaskResult(masked=masked_total, newly_zeroed=newly_zeroed, per_param=per_param,
                       per_layer_allocations=allocations, reference_overlap=overlap, masks=masks)

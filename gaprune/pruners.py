@@ -27,14 +27,16 @@ def wanda_mask(weight: torch.Tensor, input_sq: torch.Tensor, share: float, patte
     return lowest_in_groups(scores, pattern.n, pattern.m) if pattern.structured else lowest_in_rows(scores, share)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampening: float = DAMPENING) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampening: float = DAMPENING,
+                           zero_dead: bool = True) -> torch.Tensor:
     """The upper Cholesky factor U of (H + lambda I)^-1, lambda = dampening * mean diag H. Inputs that were
-    always zero get H_jj = 1 and their weights zeroed in place (they never mattered). Row i of U, scaled by
-    1 / U_ii, is the OBS update of the weights after column i when column i is pruned."""
+    always zero get H_jj = 1 and (``zero_dead``) their weights zeroed in place: they never mattered. Row i
+    of U, scaled by 1 / U_ii, is the OBS update of the weights after column i when column i is pruned."""
     hessian = hessian.to(weight.dtype, copy=True)  # weight: the float32 (or float64) working copy
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1
-    weight[:, dead] = 0
+    if zero_dead:
+        weight[:, dead] = 0
     index = torch.arange(hessian.shape[0], device=hessian.device)
     hessian[index, index] += dampening * torch.mean(torch.diag(hessian))
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
@@ -54,7 +56,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, p
     blocks are applied once per block (the lazy batch update).
     """
     W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # float32 or float64
-    U = inverse_hessian_factor(hessian, W, dampening)
+    U = inverse_hessian_factor(hessian, W, dampening, zero_dead=mask is None)  # a given mask is kept as given
     rows, columns = W.shape
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, columns, block_size):

@@ -9,19 +9,19 @@ import torch
 
 from gaprune.calibration import LayerInputs, prune_block_by_block
 from gaprune.errors import InputError
-from gaprune.layers import layer_key
-from gaprune.masking import (MaskResult, Pattern, checked_scores, lowest_in_groups, lowest_in_rows,
-                             prune_lowest)
+from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
+                             lowest_in_rows, prune_lowest)
 from gaprune.modeling import Embedder
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
-from gaprune.structure import CONFIG_FIELDS, LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
+from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
                      pct: float, strategy: str = "global", rho_min: float = 0.05, rho_max: float = 0.95,
-                     seed: int = 42, pattern: Pattern = Pattern(), keep_masks: bool = False) -> MaskResult:
+                     seed: int = 42, pattern: Pattern = Pattern(), keep_masks: bool = False,
+                     apply: bool = True) -> MaskResult:
     """Score with ``scorer`` and zero the lowest ``int(total * pct)`` weights in place (global budget, or each
     layer's share: uniform; or N of every M with an N:M ``pattern``). Reports the scorer's diagnostics and
     how much of the mask magnitude pruning at the same budget shares."""
@@ -30,7 +30,7 @@ def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, sc
     diagnostics = chosen.diagnostics(context)
     result = prune_lowest(candidates, chosen.build(context), pct, strategy, rho_min, rho_max,
                           reference_fn=get_scorer(REFERENCE_SCORER).build(context), pattern=pattern,
-                          keep_masks=keep_masks)
+                          keep_masks=keep_masks, apply=apply)
     diagnostics["mask_agreement_with_magnitude"] = result.reference_overlap / result.masked if result.masked else None
     result.diagnostics = diagnostics
     return result
@@ -63,15 +63,10 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     SparseGPT: each block of columns; N:M patterns: each group); a score-based mask keeps its budget."""
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
-    fixed: dict[str, torch.Tensor] = {}
-    dense: dict[str, torch.Tensor] = {}
-    diagnostics: dict = {}
-    if not chosen.needs_activations:  # the scorer's mask, chosen once over all candidates
-        dense = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
-        result = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
-                                  keep_masks=True)
-        diagnostics = result.diagnostics
-        fixed = result.masks
+    fixed: MaskResult | None = None
+    if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
+        fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
+                                 keep_masks=True, apply=False)
     per_param: dict[str, dict] = {}
     newly_zeroed = 0
 
@@ -79,9 +74,9 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
         nonlocal newly_zeroed
         for name, layer_inputs in inputs.items():
             weight = candidates[name]
-            if fixed:
-                mask = fixed[name].to(weight.device)
-                start = dense[name].to(weight.device)
+            if fixed is not None:  # the weight is still dense: its layer comes up for the first time
+                mask = fixed.masks.pop(name).to(weight.device)
+                start = weight
             elif chosen.layer_pruner is not None:
                 start, mask = chosen.layer_pruner(weight, layer_inputs, pct, pattern)
             else:
@@ -91,7 +86,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                 start = weight
             if reconstruct:
                 start, _ = sparsegpt(start, layer_inputs.hessian, mask=mask)
-            newly_zeroed += int((mask & (weight != 0)).sum()) if not fixed else 0
+            newly_zeroed += int((mask & (weight != 0)).sum())
             weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
             masked = int(mask.sum())
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
@@ -105,18 +100,11 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                              batch_size=calibration.batch_size)
     finally:
         embedder.max_length = maximum
-    if fixed:
-        newly_zeroed = result.newly_zeroed
-    allocations: dict[str, dict] = {}
-    for name, info in per_param.items():
-        layer = allocations.setdefault(layer_key(name, fallback_parts=2), {"size": 0, "masked": 0})
-        layer["size"] += info["numel"]
-        layer["masked"] += info["masked"]
-    for info in allocations.values():
-        info["ratio"] = info["masked"] / info["size"]
-    masked = sum(info["masked"] for info in per_param.values())
-    return MaskResult(masked=masked, newly_zeroed=newly_zeroed, per_param=per_param,
-                      per_layer_allocations=allocations, diagnostics=diagnostics)
+    if fixed is not None:  # the scorer's own report: its score statistics and budget
+        fixed.masks = None
+        return fixed
+    return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
+                      per_param=per_param, per_layer_allocations=layer_allocations(per_param))
 
 
 def structure_candidates(model: torch.nn.Module, plan: UnitPlan) -> dict[str, torch.Tensor]:
@@ -253,7 +241,7 @@ def structure_evaluation_config(model_path: str, batch_size: int, scorer: str, s
         "model_path": model_path,
         "batch_size": batch_size,
         "structure": result.structure,
-        "sparsify_layers": LAYER_TYPES[result.structure],
+        "sparsify_layers": UNIT_LAYER_TYPES[result.structure],
         "pruning_method": f"{result.structure}_{scorer}",
         "meta": {
             "structured_pruning": {"structure": result.structure, "share": share, "scoring": scorer,

@@ -34,7 +34,7 @@ _UNIT_SLICES: dict[tuple[str, str], list[tuple[str, int]]] = {
     ("qwen3", "heads"): [(r"self_attn\.q_proj\.(weight|bias)$", 0), (r"self_attn\.o_proj\.weight$", 1)],
 }
 CONFIG_FIELDS = {"channels": "intermediate_size", "heads": "num_attention_heads"}
-LAYER_TYPES = {"channels": ["mlp"], "heads": ["attn_q", "attn_o"]}  # the tensors whose scores rank the units
+UNIT_LAYER_TYPES = {"channels": ["mlp"], "heads": ["attn_q", "attn_o"]}  # the tensors whose scores rank the units
 _WHY_NOT = {("bert", "heads"): "a BERT-family config derives the head size from hidden_size / num_attention_heads, "
                                "so fewer heads cannot be written as a standard checkpoint"}
 
@@ -85,6 +85,8 @@ def unit_plan(model: torch.nn.Module, structure: str) -> UnitPlan:
                     raise InputError(f"{name} has {param.shape[axis]} entries along axis {axis}, "
                                      f"not {layer.units} units of {width}")
     counts = {layer.units for layer in layers.values()}
+    if not counts:
+        raise InputError(f"no tensor of this {family}-style model carries {structure} under the known names")
     if len(counts) != 1:
         raise InputError(f"layers differ in their number of {structure} ({sorted(counts)}); "
                          f"a standard config needs one {CONFIG_FIELDS[structure]}")
@@ -94,7 +96,7 @@ def unit_plan(model: torch.nn.Module, structure: str) -> UnitPlan:
 def units_to_remove(plan: UnitPlan, share: float) -> int:
     """``int(share * units)`` per layer, a multiple of the groups; at least one unit and one kept per group."""
     per_group = plan.units // plan.groups
-    count = int(share * per_group) * plan.groups
+    count = int(share * per_group + 1e-9) * plan.groups  # 0.58 of 100 is 58, not 57
     what = f"{plan.structure} ({plan.units} per layer" + (
         f", {per_group} per key/value group)" if plan.groups > 1 else ")")
     if count == 0:

@@ -66,7 +66,7 @@ def test_sparsegpt_2_4_zeroes_two_of_every_four_and_updates_the_rest(tmp_path, q
         zeros = (weights[name] == 0).view(weights[name].shape[0], -1, 4).sum(-1)
         assert (zeros == 2).all(), name
         kept = weights[name] != 0
-        assert not torch.equal(weights[name][kept], dense[name][kept])  # the kept weights were updated
+        assert (weights[name][kept] != dense[name][kept]).float().mean() > 0.9  # the kept weights were updated
 
 
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
@@ -120,6 +120,9 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
       "missing.json"], "data file not found: missing.json"),
     (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
       "--calibration_mix", "0.5"], "--calibration_mix 0.5 needs both"),
+    (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--reconstruct", "--calibration_data",
+      "CHEM"], "sparsegpt already updates the kept weights"),
+    (["--unstructured_scoring", "wanda", "--calibration_data", "CHEM"], "wanda at a share of 0 prunes nothing"),
 ])
 def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
     extra = [data_files["chem"] if item == "CHEM" else item for item in extra]

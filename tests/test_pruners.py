@@ -63,6 +63,31 @@ def test_sparsegpt_update_is_least_squares_when_the_pruned_columns_come_first():
     torch.testing.assert_close(new[:, 6:], reference, atol=1e-8, rtol=1e-8)
 
 
+def test_sparsegpt_unstructured_takes_its_share_of_every_block_and_updates_the_rest():
+    inputs = correlated_inputs(200, 24, 3)
+    weight = torch.randn(10, 24, generator=torch.Generator().manual_seed(4))
+    new, mask = sparsegpt(weight, inputs.T @ inputs, 0.5, block_size=8)
+    assert [int(mask[:, start:start + 8].sum()) for start in (0, 8, 16)] == [40, 40, 40]
+    assert torch.equal(new == 0, mask)
+    assert (new[~mask] != weight[~mask]).float().mean() > 0.9  # the kept weights absorbed the error
+    # with the mask fixed, the lazy block updates give what one block over all columns gives
+    blocked, _ = sparsegpt(weight.double(), (inputs.T @ inputs).double(), mask=mask, block_size=8)
+    whole, _ = sparsegpt(weight.double(), (inputs.T @ inputs).double(), mask=mask, block_size=24)
+    torch.testing.assert_close(blocked, whole, atol=1e-10, rtol=1e-10)
+
+
+def test_a_fixed_mask_is_kept_as_given_even_where_an_input_never_fired():
+    inputs = correlated_inputs(100, 8, 5)
+    inputs[:, 3] = 0  # a dead input
+    weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    mask = lowest_in_groups(weight.abs(), 2, 4)
+    mask[:, 3] = False
+    new, _ = sparsegpt(weight, inputs.T @ inputs, mask=mask, block_size=4)
+    assert torch.equal(new == 0, mask) and torch.equal(new[:, 3], weight[:, 3])
+    free, free_mask = sparsegpt(weight, inputs.T @ inputs, 0.5, block_size=4)  # SparseGPT's own mask prunes it
+    assert free_mask[:, 3].all() and (free[:, 3] == 0).all()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_reconstruction_never_increases_the_output_error(seed):
     inputs = correlated_inputs(256, 32, seed)
@@ -99,9 +124,10 @@ def hooked_input_sq(model, names, embedder, texts):
     return sums
 
 
-def test_each_block_is_calibrated_on_the_outputs_of_the_pruned_blocks_before_it(model_dir):
+@pytest.mark.parametrize("layer_types", [["mlp"], ["linear"]])
+def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(model_dir, layer_types):
     embedder = load_embedder(model_dir, "cpu")
-    candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    candidates = select_parameters(embedder.model.named_parameters(), layer_types)
     seen = {}
 
     def prune_layers(inputs):

@@ -65,6 +65,18 @@ def test_removing_query_heads_that_write_nothing_keeps_the_embeddings(qwen3_dir)
     torch.testing.assert_close(embedder.encode(TEXTS, progress=False), before, atol=1e-5, rtol=0)
 
 
+def test_head_scores_sum_the_query_rows_and_output_columns_of_each_head(qwen3_dir):
+    embedder = load_embedder(qwen3_dir, "cpu")
+    attention = [layer.self_attn for layer in embedder.model.layers]
+    expected = []
+    for attn in attention:  # magnitude: sum of |w| over head h's 16 rows of q_proj and 16 columns of o_proj
+        q, o = attn.q_proj.weight.detach().abs(), attn.o_proj.weight.detach().abs()
+        sums = torch.tensor([q[h * 16:(h + 1) * 16].sum() + o[:, h * 16:(h + 1) * 16].sum() for h in range(4)])
+        expected.append(sorted([int(torch.argmin(sums[:2])), 2 + int(torch.argmin(sums[2:]))]))
+    result = gaprune.prune_units(embedder, 0.5, "heads", "magnitude")
+    assert [result.removed[f"layers.{i}"] for i in range(2)] == expected
+
+
 def test_lowest_units_takes_the_same_count_from_each_group():
     scores = torch.tensor([5.0, 1.0, 3.0, 2.0, 0.5, 0.6, 9.0, 8.0])
     assert lowest_units(scores, 2).tolist() == [4, 5]

@@ -15,7 +15,8 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_scorer_inputs, effective_share, finish, finite_float, run,
+                        calibration_from_args, check_calibrated_request, check_scorer_inputs, effective_share,
+                        finish, finite_float, run,
                         score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
@@ -76,11 +77,10 @@ def validate(args) -> None:
         if get_scorer(args.unstructured_scoring).needs_activations:
             raise InputError(f"--structure {args.structure} needs a score-based scorer, not "
                              f"{args.unstructured_scoring}")
-    effective_share(args.unstructured_pct, args.sparsity_pattern)
-    chosen = get_scorer(args.unstructured_scoring)
-    if chosen.needs_activations and args.layer_budget_strategy != "global":
-        raise InputError(f"{chosen.name} takes its share of each {chosen.budget}; --layer_budget_strategy does not "
-                         f"apply")
+    if args.structure == "unstructured":
+        check_calibrated_request([args.unstructured_scoring], effective_share(args.unstructured_pct,
+                                                                              args.sparsity_pattern),
+                                 args.sparsity_pattern, args.reconstruct, args.layer_budget_strategy)
     if not 0.0 <= args.rho_min <= args.rho_max <= 1.0:
         raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
     if args.batch_size < 1:
@@ -125,14 +125,15 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if args.structure == "unstructured":
         folder = mask_weights(args, embedder, calibration)
     else:
-        folder = remove_units(args, embedder)
+        folder = shrink_model(args, embedder)
     return finish(folder)
 
 
 def mask_weights(args, embedder, calibration) -> str:
     config = scoring_config(args)
     share = effective_share(args.unstructured_pct, args.sparsity_pattern)
-    strategy = get_scorer(args.unstructured_scoring).budget or args.layer_budget_strategy
+    strategy = (args.sparsity_pattern if args.sparsity_pattern != "unstructured"  # where the share is taken
+                else get_scorer(args.unstructured_scoring).budget or args.layer_budget_strategy)
     log.info("pruning %.1f%% of %s by %s (%s budget, %s)", 100 * share, " ".join(args.sparsify_layers),
              args.unstructured_scoring, strategy, args.sparsity_pattern)
     zeros_before = count_zeros(embedder.model)
@@ -177,7 +178,7 @@ def calibration_record(args, calibration) -> dict:
     return record
 
 
-def remove_units(args, embedder) -> str:
+def shrink_model(args, embedder) -> str:
     config = scoring_config(args)
     log.info("removing %.1f%% of every layer's %s by %s", 100 * args.structured_pct, args.structure,
              args.unstructured_scoring)

@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_scorer_inputs, effective_share, finish, finite_float, positive_int,
+                        calibration_from_args, check_calibrated_request, check_scorer_inputs, effective_share,
+                        finish, finite_float, positive_int,
                         run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
@@ -115,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         if args.structure != "unstructured" and get_scorer(scoring).needs_activations:
             raise InputError(f"--structure {args.structure} needs score-based scorers, not {scoring}")
     shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
+    if args.structure == "unstructured":
+        for share in shares:
+            check_calibrated_request([scoring for _, scoring, _ in scorers], share, args.sparsity_pattern,
+                                     args.reconstruct, args.layer_budget_strategy)
     if args.structure != "unstructured" and (args.sparsity_pattern != "unstructured" or args.reconstruct):
         raise InputError(f"--structure {args.structure} removes whole units; --sparsity_pattern and --reconstruct "
                          f"apply to masks")
@@ -135,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                              embedder.device,
                              need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers),
                              model_name=args.model_path)
-    dense_weights = {name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
+    dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
+                     if args.structure == "unstructured" else {})  # structures load each model afresh
 
     def evaluate(model) -> tuple[dict, dict]:
         return ({p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
@@ -170,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             log.info("pruning %.0f%% by %s", 100 * pct, spec)
             model, entries = pruned(scoring, config, pct)
             by_domain, by_general = evaluate(model)
+            if model is not embedder:  # a fresh smaller model: free it before the next one loads
+                del model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             row = {"method": spec, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
                    "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
