@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
 import logging
 import os
@@ -67,8 +68,17 @@ def subset(path: str, size: int, seed: int, out_path: str) -> str:
 
 
 def calibrate(model: str, domain: str, general: str, out: str, batch_size: int,
-              modes: tuple[str, ...] = ("local_cosine", "row_cosine")) -> dict[str, str]:
-    """Score files for one calibration subset, through the Python API on one loaded model."""
+              modes: tuple[str, ...] = ("local_cosine", "row_cosine"), reuse: bool = False) -> dict[str, str]:
+    """Score files for one calibration subset, through the Python API on one loaded model (``reuse``: the
+    first ones an earlier run wrote in ``out``, where there are)."""
+    if reuse:
+        found = {side: sorted(glob.glob(os.path.join(out, f"{side}-calibration_fisher_complete_scores_*.json")))
+                 for side in ("domain", "general")}
+        for mode in modes:
+            found[mode] = [path for path in sorted(glob.glob(os.path.join(out, "*", "alignment_scores_*.json")))
+                           if json.load(open(path))["metadata"].get("alignment_mode") == mode]
+        if all(found.values()):
+            return {kind: paths[0] for kind, paths in found.items()}
     embedder = gaprune.load_embedder(model)
     files = {side: gaprune.fisher(embedder, path, out, batch_size, max_samples=None).path
              for side, path in (("domain", domain), ("general", general))}
@@ -263,6 +273,7 @@ def main() -> None:
                         help="unstructured: gaprune's scorers; channels: channel removal and retraining; field: "
                              "Wanda, SparseGPT and reconstruction against the Fisher scorers, also at 2:4")
     parser.add_argument("--retrain_steps", type=int, default=100, help="channels: retraining steps")
+    parser.add_argument("--reuse_scores", action="store_true", help="use the score files an earlier run left")
     parser.add_argument("--retrain_scorers", nargs="+", default=CHANNEL_SCORERS,
                         help="channels: the scorers whose pruned models are also retrained (default: all)")
     args = parser.parse_args()
@@ -290,7 +301,7 @@ def main() -> None:
                    for side, path in calibration.items()}
         files = calibrate(model, subsets["domain"], subsets["general"], os.path.join(seed_dir, "scores"),
                           args.batch_size, ("local_cosine",) if args.structure != "unstructured" else
-                          ("local_cosine", "row_cosine"))
+                          ("local_cosine", "row_cosine"), args.reuse_scores)
         if args.structure == "field":
             rows_per_seed.append(field_rows(model, files, heldout, subsets, seed_dir, seed))
             report(rows_per_seed, args, out, model, heldout)
