@@ -25,10 +25,9 @@ from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples
 from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
 from gaprune.layers import select_parameters
-from gaprune.masking import MaskResult
-from gaprune.modeling import Embedder, load_embedder
 from gaprune.errors import InputError
-from gaprune.masking import parse_pattern
+from gaprune.masking import MaskResult, parse_pattern
+from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruning import (Calibration, StructureResult, prune_calibrated, prune_candidates, prune_structure,
                              structure_candidates)
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from gaprune.errors import InputError
 from gaprune.modeling import Embedder
 
+
 @dataclass
 class InputStats:
     """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T."""
@@ -97,10 +98,6 @@ class _Batch:
     real: torch.Tensor  # (B, T) True at real tokens
     args: tuple
     kwargs: dict
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
 
     def with_hidden(self, hidden: torch.Tensor) -> None:
         if self.args:

@@ -137,9 +137,24 @@ def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration
     return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length)
 
 
-def check_calibrated_request(scorers: Sequence[str], share: float, pattern: str, reconstruct: bool,
-                             strategy: str) -> None:
-    """Flag combinations of the calibrated pruners that would do nothing or not what they say."""
+def check_pruning_request(scorers: Sequence[str], structure: str, shares: Sequence[float], pattern: str,
+                          reconstruct: bool, strategy: str) -> None:
+    """Flag combinations of scorers, structure, pattern and reconstruction that would do nothing or not what
+    they say (SparseModel.py and compare.py)."""
+    if structure != "unstructured":
+        if pattern != "unstructured" or reconstruct:
+            raise InputError(f"--structure {structure} removes whole units; --sparsity_pattern and --reconstruct "
+                             f"apply to masks")
+        for name in scorers:
+            if get_scorer(name).needs_activations:
+                raise InputError(f"--structure {structure} needs a score-based scorer, not {name}")
+        return
+    for share in shares:
+        _check_calibrated_request(scorers, share, pattern, reconstruct, strategy)
+
+
+def _check_calibrated_request(scorers: Sequence[str], share: float, pattern: str, reconstruct: bool,
+                              strategy: str) -> None:
     for name in scorers:
         chosen = get_scorer(name)
         if reconstruct and chosen.updates_weights:

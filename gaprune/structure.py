@@ -13,26 +13,24 @@ estimate of the loss increase from removing the whole unit.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from gaprune.errors import InputError
-from gaprune.layers import detect_family, layer_key, strip_prefix
+from gaprune.layers import detect_family, layer_key, name_matches
 from gaprune.masking import ScoreFn
 
 STRUCTURES = ("channels", "heads")
 
-# (family, structure) -> (parameter-name pattern, axis along which the units lie)
-_UNIT_SLICES: dict[tuple[str, str], list[tuple[str, int]]] = {
-    ("qwen3", "channels"): [(r"mlp\.gate_proj\.(weight|bias)$", 0), (r"mlp\.up_proj\.(weight|bias)$", 0),
-                            (r"mlp\.down_proj\.weight$", 1)],
-    ("bert", "channels"): [(r"intermediate\.dense\.(weight|bias)$", 0),
-                           (r"(?<!attention\.)output\.dense\.weight$", 1)],
-    ("qwen3", "heads"): [(r"self_attn\.q_proj\.(weight|bias)$", 0), (r"self_attn\.o_proj\.weight$", 1)],
+# structure -> (layer type of gaprune.layers, axis along which the units lie): rows of the tensors that write
+# the units (with their biases), columns of the tensor that reads them (its bias is per output: kept)
+_UNIT_SLICES: dict[str, list[tuple[str, int]]] = {
+    "channels": [("mlp_gate", 0), ("mlp_up", 0), ("mlp_down", 1)],
+    "heads": [("attn_q", 0), ("attn_o", 1)],
 }
+_FAMILIES = {"channels": ("qwen3", "bert"), "heads": ("qwen3",)}
 CONFIG_FIELDS = {"channels": "intermediate_size", "heads": "num_attention_heads"}
 UNIT_LAYER_TYPES = {"channels": ["mlp"], "heads": ["attn_q", "attn_o"]}  # the tensors whose scores rank the units
 _WHY_NOT = {("bert", "heads"): "a BERT-family config derives the head size from hidden_size / num_attention_heads, "
@@ -66,7 +64,7 @@ def unit_plan(model: torch.nn.Module, structure: str) -> UnitPlan:
     if (family, structure) in _WHY_NOT:
         raise InputError(f"--structure {structure} is not available for {family}-family models: "
                          f"{_WHY_NOT[family, structure]}")
-    if (family, structure) not in _UNIT_SLICES:
+    if family not in _FAMILIES[structure]:
         raise InputError(f"--structure {structure} needs Qwen3/Llama-style or BERT-style parameter names; "
                          f"this model's are unknown")
     config = model.config
@@ -76,8 +74,8 @@ def unit_plan(model: torch.nn.Module, structure: str) -> UnitPlan:
         groups = config.num_key_value_heads
     layers: dict[str, LayerUnits] = {}
     for name, param in named.items():
-        for pattern, axis in _UNIT_SLICES[family, structure]:
-            if re.search(pattern, strip_prefix(name)):
+        for layer_type, axis in _UNIT_SLICES[structure]:
+            if name_matches(name, family, [layer_type]) and (axis == 0 or param.dim() >= 2):
                 key = layer_key(name, fallback_parts=2)
                 layer = layers.setdefault(key, LayerUnits(key, {}, param.shape[axis] // width))
                 layer.slices[name] = axis

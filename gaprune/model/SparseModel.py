@@ -15,7 +15,7 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_calibrated_request, check_scorer_inputs, effective_share,
+                        calibration_from_args, check_pruning_request, check_scorer_inputs, effective_share,
                         finish, finite_float, run,
                         score_file_paths, scoring_config)
 from gaprune.errors import InputError
@@ -71,16 +71,9 @@ def validate(args) -> None:
                              f"got {args.structured_pct}")
         if args.unstructured_pct:
             raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
-        if args.sparsity_pattern != "unstructured" or args.reconstruct:
-            raise InputError(f"--structure {args.structure} removes whole units; --sparsity_pattern and --reconstruct "
-                             f"apply to masks")
-        if get_scorer(args.unstructured_scoring).needs_activations:
-            raise InputError(f"--structure {args.structure} needs a score-based scorer, not "
-                             f"{args.unstructured_scoring}")
-    if args.structure == "unstructured":
-        check_calibrated_request([args.unstructured_scoring], effective_share(args.unstructured_pct,
-                                                                              args.sparsity_pattern),
-                                 args.sparsity_pattern, args.reconstruct, args.layer_budget_strategy)
+    check_pruning_request([args.unstructured_scoring], args.structure,
+                          [effective_share(args.unstructured_pct, args.sparsity_pattern)], args.sparsity_pattern,
+                          args.reconstruct, args.layer_budget_strategy)
     if not 0.0 <= args.rho_min <= args.rho_max <= 1.0:
         raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
     if args.batch_size < 1:

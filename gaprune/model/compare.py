@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_calibrated_request, check_scorer_inputs, effective_share,
+                        calibration_from_args, check_pruning_request, check_scorer_inputs, effective_share,
                         finish, finite_float, positive_int,
                         run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
@@ -113,16 +113,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
-        if args.structure != "unstructured" and get_scorer(scoring).needs_activations:
-            raise InputError(f"--structure {args.structure} needs score-based scorers, not {scoring}")
     shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
-    if args.structure == "unstructured":
-        for share in shares:
-            check_calibrated_request([scoring for _, scoring, _ in scorers], share, args.sparsity_pattern,
-                                     args.reconstruct, args.layer_budget_strategy)
-    if args.structure != "unstructured" and (args.sparsity_pattern != "unstructured" or args.reconstruct):
-        raise InputError(f"--structure {args.structure} removes whole units; --sparsity_pattern and --reconstruct "
-                         f"apply to masks")
+    check_pruning_request([scoring for _, scoring, _ in scorers], args.structure, shares, args.sparsity_pattern,
+                          args.reconstruct, args.layer_budget_strategy)
     calibration = calibration_from_args(args, args.reconstruct or any(get_scorer(scoring).needs_activations
                                                                       for _, scoring, _ in scorers))
     check_output_dir(args.output_dir)
