@@ -46,12 +46,14 @@ def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto") -> 
 
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
-           score_dtype: str = "float32", on_first_loss=None) -> FisherResult:
+           score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "device") -> FisherResult:
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
-    With ``output_dir`` the score files are written and ``result.path`` is the results JSON."""
+    With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
+    Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only."""
     embedder = as_embedder(model)
     triples = load_triples(data_path, max_samples)
-    result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss)
+    result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
+                                accumulate_on=accumulate_on)
     if output_dir is not None:
         result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
     return result
@@ -59,16 +61,24 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
 
 def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, output_dir: str | None = None,
               batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
-              seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True) -> AlignmentResult:
+              seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True,
+              fisher_output_dir: str | None = None, with_fisher: bool = False,
+              accumulate_on: str = "device") -> AlignmentResult:
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
-    score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON."""
+    score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
+    ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
+    with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``)."""
     embedder = as_embedder(model)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
-                                use_distributed, alignment_mode)
+                                use_distributed, alignment_mode, with_fisher or fisher_output_dir is not None,
+                                accumulate_on=accumulate_on)
+    if fisher_output_dir is not None:
+        for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
+            result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name)
     if output_dir is not None:
         result.path = save_alignment(result, output_dir, embedder.name, general_data_path, domain_data_path,
                                      use_distributed)

@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Callable, Sequence
 
+from gaprune import distributed
 from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
 from gaprune.layers import LAYER_TYPES
@@ -58,6 +59,13 @@ def add_runtime_args(parser: argparse.ArgumentParser,
                         help="auto = cuda when present (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help=dtype_help)
+
+
+def add_scale_args(parser: argparse.ArgumentParser) -> None:
+    """Where the scoring stages keep their float32 sums (the memory plan decides for auto)."""
+    parser.add_argument("--accumulate_on", default="auto", choices=["auto", "device", "cpu"],
+                        help="where the float32 sums live: device (beside the model), cpu (host memory, pinned "
+                             "copies), auto (device unless the memory plan says it would be over 90%% full)")
 
 
 def add_layer_args(parser: argparse.ArgumentParser, default: Sequence[str]) -> None:
@@ -214,3 +222,5 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.shutdown()

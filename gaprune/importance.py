@@ -10,7 +10,7 @@ goes to the host per batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gaprune.data import batched, shuffled_batches
+from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import select_parameters
 from gaprune.loss import triplet_loss
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 FISHER_EPS = 1e-8
 NORM_EPS = 1e-8
+
+
+ACCUMULATE_ON = ("device", "cpu")  # where the float32 sums live (the memory plan picks one for --accumulate_on auto)
 
 
 def _accumulator_dtype(embedder: Embedder) -> torch.dtype:
@@ -40,6 +44,28 @@ def _dtype_name(embedder: Embedder) -> str:
 def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Each parameter's gradient; parameters the loss does not reach (e.g. BERT's pooler) get zeros."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+class _Host:
+    """Gradients copied into pinned host buffers (asynchronously, then one wait) so that the sums can live
+    in host memory when they do not fit beside the model on the GPU. A no-op for a model on the CPU."""
+
+    def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str):
+        if accumulate_on not in ACCUMULATE_ON:
+            raise ValueError(f"accumulate_on must be one of {ACCUMULATE_ON}, got {accumulate_on!r}")
+        device = params[0].device if params else torch.device("cpu")
+        self.device = torch.device("cpu") if accumulate_on == "cpu" else device
+        self.buffers = None
+        if self.device != device:
+            self.buffers = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
+
+    def __call__(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        if self.buffers is None:
+            return grads
+        for buffer, grad in zip(self.buffers, grads):
+            buffer.copy_(grad, non_blocking=True)
+        torch.cuda.synchronize()
+        return self.buffers
 
 
 @dataclass
@@ -56,24 +82,63 @@ class FisherResult:
     path: str | None = None  # the results JSON, once written
 
 
+class _FisherSums:
+    """Sum over batches of each squared gradient: a full array for the selected parameters, only the sum
+    of squares for the others (all their mean score needs)."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.nn.Parameter]], selected: dict[str, torch.nn.Parameter],
+                 dtype: torch.dtype, device: torch.device):
+        self.named, self.selected = named, selected
+        self.full = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in selected.items()}
+        self.others = [(n, p) for n, p in named if n not in selected]
+        self.other_sums = torch.zeros(len(self.others), dtype=dtype, device=named[0][1].device)
+
+    def add(self, selected_grads: Sequence[torch.Tensor], other_sq_norms: torch.Tensor | None) -> None:
+        for total, grad in zip(self.full.values(), selected_grads):
+            total.addcmul_(grad, grad)
+        if other_sq_norms is not None:
+            self.other_sums += other_sq_norms
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.full.values(), self.other_sums]
+
+    def result(self, num_samples: int, first_loss: float, mean_loss: float, batch_size: int,
+               layer_types: Sequence[str], compute_dtype: str) -> FisherResult:
+        """F = sum / num_samples + 1e-8, and every parameter's mean F."""
+        for array in self.full.values():
+            array.div_(num_samples).add_(FISHER_EPS)
+        numels = torch.tensor([p.numel() for _, p in self.others], dtype=self.other_sums.dtype,
+                              device=self.other_sums.device)
+        other_means = dict(zip((name for name, _ in self.others),
+                               (self.other_sums / num_samples / numels + FISHER_EPS).tolist()))
+        mean_scores = {name: self.full[name].mean().item() if name in self.full else other_means[name]
+                       for name, _ in self.named}
+        return FisherResult(per_weight=self.full, mean_scores=mean_scores,
+                            shapes={n: list(p.shape) for n, p in self.named}, num_samples=num_samples,
+                            first_loss=first_loss, mean_loss=mean_loss, batch_size=batch_size,
+                            layer_types=list(layer_types), compute_dtype=compute_dtype)
+
+
 def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: int, layer_types: Sequence[str],
-                       on_first_loss: Callable[[float], None] | None = None) -> FisherResult:
+                       on_first_loss: Callable[[float], None] | None = None, world: World | None = None,
+                       accumulate_on: str = "device") -> FisherResult:
     """Fisher diagonal over ``triples`` in file order, batches of ``min(batch_size, len(triples))``.
 
-    Selected parameters keep a full float32 array; for the rest only the sum of squares is kept,
-    which is all their mean score needs.
+    Under torchrun each rank takes every world-size-th batch and the sums are added across ranks at the
+    end: the result is the single-process one. ``accumulate_on="cpu"`` keeps the float32 sums in host memory.
     """
+    world = world or current_world()
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     selected = select_parameters(named, layer_types)
-    device, dtype = embedder.device, _accumulator_dtype(embedder)
-    full = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in selected.items()}
-    others = [(n, p) for n, p in named if n not in selected]
-    other_sums = torch.zeros(len(others), dtype=dtype, device=device)
-    loss_sum = torch.zeros((), dtype=dtype, device=device)
+    host = _Host(list(selected.values()), accumulate_on)
+    sums = _FisherSums(named, selected, _accumulator_dtype(embedder), host.device)
+    other_params = [p for _, p in sums.others]
+    loss_sum = torch.zeros((), dtype=sums.other_sums.dtype, device=embedder.device)
     first_loss = float("nan")
 
     batches = batched(triples, min(batch_size, len(triples)))
-    for index, batch in enumerate(tqdm(batches, desc="fisher", unit="batch")):
+    mine = world.shard(list(enumerate(batches)))
+    for index, batch in tqdm(mine, desc="fisher", unit="batch", disable=not world.is_main):
         embedder.model.zero_grad(set_to_none=True)
         loss = triplet_loss(embedder, batch)
         loss.backward()
@@ -82,22 +147,13 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
             if on_first_loss:
                 on_first_loss(first_loss)
         loss_sum += loss.detach()
-        for name, grad in zip(full, _grads(list(selected.values()))):
-            full[name].addcmul_(grad, grad)
-        if others:
-            norms = torch._foreach_norm(_grads([p for _, p in others]), 2, dtype=dtype)
-            other_sums += torch.stack(norms).square()
+        norms = (torch.stack(torch._foreach_norm(_grads(other_params), 2, dtype=sums.other_sums.dtype)).square()
+                 if other_params else None)
+        sums.add(host(_grads(list(selected.values()))), norms)
     embedder.model.zero_grad(set_to_none=True)
-
-    n = len(triples)
-    for array in full.values():
-        array.div_(n).add_(FISHER_EPS)
-    numels = torch.tensor([p.numel() for _, p in others], dtype=dtype, device=device)
-    other_means = dict(zip((name for name, _ in others), (other_sums / n / numels + FISHER_EPS).tolist()))
-    mean_scores = {name: full[name].mean().item() if name in full else other_means[name] for name, _ in named}
-    return FisherResult(per_weight=full, mean_scores=mean_scores, shapes={n: list(p.shape) for n, p in named},
-                        num_samples=n, first_loss=first_loss, mean_loss=(loss_sum / len(batches)).item(),
-                        batch_size=batch_size, layer_types=list(layer_types), compute_dtype=_dtype_name(embedder))
+    world.sum_([*sums.tensors(), loss_sum])
+    return sums.result(len(triples), first_loss, (loss_sum / len(batches)).item(), batch_size, layer_types,
+                       _dtype_name(embedder))
 
 
 def elementwise_alignment(avg_general: torch.Tensor, avg_domain: torch.Tensor) -> torch.Tensor:
@@ -162,19 +218,30 @@ class AlignmentResult:
     compute_dtype: str
     general_data_size: int
     domain_data_size: int
+    fisher: dict[str, FisherResult] = field(default_factory=dict)  # "general"/"domain", with_fisher only
     path: str | None = None  # the results JSON, once written
 
 
 def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequence[dict], batch_size: int,
                        max_samples: int, layer_types: Sequence[str], seed: int = 42,
-                       distributed: bool = False, alignment_mode: str = "product") -> AlignmentResult:
+                       distributed: bool = False, alignment_mode: str = "product", with_fisher: bool = False,
+                       world: World | None = None, accumulate_on: str = "device") -> AlignmentResult:
     """Cosine agreement of general and domain gradients, per parameter and (for selected ones) per weight.
 
     Each step: a general half-batch of batch_size // 2 and a domain half-batch of the rest, each from
     its own seeded shuffled pass. Sums of both gradients give the averaged gradients; per step and
     parameter, the cosine of the two gradients counts a conflict when negative. Besides the published
     element-wise product, ``alignment_mode`` local_cosine / row_cosine also keeps a true cosine in [-1, 1].
+
+    ``with_fisher``: the same pass also sums each half-batch's squared gradients into a Fisher result per
+    side (``result.fisher``), equal to fisher.py --batch_size <half-batch> over the triples the steps drew.
+
+    Under torchrun the steps are shared out among the ranks and every sum is added across ranks at the end.
+    With ``distributed`` the ranks' concurrent half-batches also form one contrastive loss (embeddings
+    gathered: in-batch negatives from every rank), so a step covers world-size half-batches per side and the
+    result is no longer the single-process one; without it the result equals one process.
     """
+    world = world or current_world()
     cosine_fn = ALIGNMENT_MODES[alignment_mode]
     general_half, domain_half = batch_size // 2, batch_size - batch_size // 2
     if general_half < 1:
@@ -183,43 +250,62 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     general_batches = shuffled_batches(general, general_half, generator)
     domain_batches = shuffled_batches(domain, domain_half, generator)
     steps = min(len(general_batches), len(domain_batches), max_samples // batch_size)
+    gather = distributed and world.is_distributed
+    if gather and steps % world.size:  # every step is a collective: each rank must take as many
+        log.warning("gathering across %d processes: dropping the last %d of %d steps", world.size,
+                    steps % world.size, steps)
+        steps -= steps % world.size
     if steps == 0:
         raise InputError(f"not enough data for one step: need {general_half} general and {domain_half} domain "
-                         f"triples (have {len(general)} and {len(domain)}) and --max_samples >= {batch_size}")
+                         f"triples (have {len(general)} and {len(domain)}) and --max_samples >= {batch_size}"
+                         + (f" per process ({world.size} processes gathering)" if gather else ""))
 
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     selected = select_parameters(named, layer_types)
+    is_selected = torch.tensor([name in selected for name, _ in named])
     device, dtype = embedder.device, _accumulator_dtype(embedder)
-    sum_general = [torch.zeros(p.shape, dtype=dtype, device=device) for p in params]
-    sum_domain = [torch.zeros(p.shape, dtype=dtype, device=device) for p in params]
+    host = _Host(params, accumulate_on)
+    sum_general = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
+    sum_domain = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
+    fisher = {side: _FisherSums(named, selected, dtype, host.device) for side in ("general", "domain")} \
+        if with_fisher else {}
     seen = torch.zeros(len(params), device=device)
     conflicts = torch.zeros(len(params), device=device)
     loss_sums = torch.zeros(2, dtype=dtype, device=device)
+    first_losses = torch.full((2,), float("nan"), dtype=dtype, device=device)
 
-    for step in tqdm(range(steps), desc="alignment", unit="step"):
+    def side_gradients(side: str, batch: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         embedder.model.zero_grad(set_to_none=True)
-        general_loss = triplet_loss(embedder, general_batches[step], distributed)
-        general_loss.backward()
-        general_grads = _grads(params)
-        embedder.model.zero_grad(set_to_none=True)
-        domain_loss = triplet_loss(embedder, domain_batches[step], distributed)
-        domain_loss.backward()
-        domain_grads = _grads(params)
+        loss = triplet_loss(embedder, batch, distributed)
+        loss.backward()
+        grads = _grads(params)
+        sq_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).square()
+        if fisher:
+            on_host = host(grads)
+            fisher[side].add([g for g, chosen in zip(on_host, is_selected.tolist()) if chosen],
+                             sq_norms[~is_selected.to(sq_norms.device)])
+        return loss.detach(), grads, sq_norms
 
-        torch._foreach_add_(sum_general, general_grads)
-        torch._foreach_add_(sum_domain, domain_grads)
-        norms_g = torch.stack(torch._foreach_norm(general_grads, 2, dtype=dtype))
-        norms_d = torch.stack(torch._foreach_norm(domain_grads, 2, dtype=dtype))
+    for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
+        general_loss, general_grads, sq_norms_g = side_gradients("general", general_batches[step])
+        torch._foreach_add_(sum_general, host(general_grads))
+        domain_loss, domain_grads, sq_norms_d = side_gradients("domain", domain_batches[step])
+        torch._foreach_add_(sum_domain, host(domain_grads))
         dots = torch.stack([torch.dot(g.flatten().to(dtype), d.flatten().to(dtype))
                             for g, d in zip(general_grads, domain_grads)])
-        both = (norms_g > 0) & (norms_d > 0)
-        cosines = dots / (norms_g * norms_d).clamp(min=torch.finfo(dtype).tiny)
+        both = (sq_norms_g > 0) & (sq_norms_d > 0)
+        cosines = dots / (sq_norms_g * sq_norms_d).sqrt().clamp(min=torch.finfo(dtype).tiny)
         seen += both
         conflicts += both & (cosines < 0)
-        loss_sums += torch.stack([general_loss.detach(), domain_loss.detach()]).to(dtype)
+        losses = torch.stack([general_loss, domain_loss]).to(dtype)
+        loss_sums += losses
+        if step == 0:
+            first_losses.copy_(losses)
         del general_grads, domain_grads
     embedder.model.zero_grad(set_to_none=True)
+    world.sum_([*sum_general, *sum_domain, seen, conflicts, loss_sums,
+                *(t for sums in fisher.values() for t in sums.tensors())])
 
     alignment, elementwise, cosine = {}, {}, {}
     for index, (name, _) in enumerate(named):
@@ -237,6 +323,11 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         sum_general[index] = sum_domain[index] = None  # free as we go
     rates = torch.where(seen > 0, conflicts / seen.clamp(min=1), torch.zeros_like(seen)).tolist()
     losses = (loss_sums / steps).tolist()
+    firsts = first_losses.tolist()
+    halves = {"general": general_half, "domain": domain_half}
+    fisher_results = {side: sums.result(steps * halves[side], firsts[index],
+                                        losses[index], halves[side], layer_types, _dtype_name(embedder))
+                      for index, (side, sums) in enumerate(fisher.items())}
     return AlignmentResult(
         alignment_scores=alignment,
         conflict_rates={name: rate for (name, _), rate in zip(named, rates)},
@@ -254,4 +345,5 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         compute_dtype=_dtype_name(embedder),
         general_data_size=len(general),
         domain_data_size=len(domain),
+        fisher=fisher_results,
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from gaprune import api
-from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, positive_int, run
+from gaprune import api, distributed
+from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
+from gaprune.layers import select_parameters
+from gaprune.memory import fisher_plan, measured_line
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
 
@@ -27,6 +29,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--score_dtype", default="float32", choices=sorted(SCORE_DTYPES),
                         help="dtype of the per-weight arrays on disk (default: float32)")
     add_runtime_args(parser)
+    add_scale_args(parser)
     return parser
 
 
@@ -41,16 +44,25 @@ def print_report(result: FisherResult) -> None:
         print(f"  {name}: {score:.6e}")
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
+    """Under torchrun every rank scores its share of the batches; rank 0 writes and prints."""
     args = build_parser().parse_args(argv)
+    world = distributed.init_from_env(args.device)
     triples = load_triples(args.data_path, args.max_samples)  # bad data or output locations fail before the model loads
     check_output_dir(args.output_dir)
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("%d triples from %s; model %s on %s (%s), pooling %s", len(triples), args.data_path, args.model_name,
              embedder.device, embedder.model.dtype, embedder.pooling)
-    result = api.fisher(embedder, args.data_path, args.output_dir, args.batch_size, args.max_samples,
-                        args.sparsify_layers, args.score_dtype,
-                        on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"))
+    plan = fisher_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
+                       triples, args.batch_size, args.accumulate_on)
+    log.info("%s", plan.line())
+    result = api.fisher(embedder, args.data_path, args.output_dir if world.is_main else None, args.batch_size,
+                        args.max_samples, args.sparsify_layers, args.score_dtype,
+                        on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"),
+                        accumulate_on=plan.accumulate_on)
+    log.info("%s", measured_line(plan, embedder.device))
+    if not world.is_main:
+        return None
     print_report(result)
     print(f"Per-weight scores for {len(result.per_weight)} parameters: "
           f"{tensor_file_for(result.path)}")

@@ -8,11 +8,13 @@ from typing import Sequence
 
 import numpy as np
 
-from gaprune import api
-from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, positive_int, run
+from gaprune import api, distributed
+from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
+from gaprune.layers import select_parameters
+from gaprune.memory import alignment_plan, measured_line
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
@@ -26,7 +28,9 @@ def build_parser() -> ArgumentParser:
                         help="triples per step: batch_size // 2 general, the rest domain (default: 2)")
     parser.add_argument("--max_samples", type=positive_int, default=1000, help="stop before processing more")
     parser.add_argument("--use_distributed", action=argparse.BooleanOptionalAction, default=True,
-                        help="gather embeddings across processes when torch.distributed is initialised (default: on)")
+                        help="under torchrun, gather the ranks' embeddings into one contrastive loss per step "
+                             "(in-batch negatives from every process); --no-use_distributed: every rank's "
+                             "steps stand alone and the result equals one process (default: on)")
     parser.add_argument("--domain_data_path", default="data/sample/chem-example-output.json")
     parser.add_argument("--general_data_path", default="data/sample/general-example.json")
     parser.add_argument("--output_dir", default="output")
@@ -37,7 +41,11 @@ def build_parser() -> ArgumentParser:
                              "local_cosine / row_cosine: also a cosine in [-1, 1] of the two gradients over "
                              "each weight's 3x3 neighbourhood / output row, for the dai_paper and "
                              "aligned_saliency scorers (default: product)")
+    parser.add_argument("--fisher_output_dir", default=None,
+                        help="one calibration pass: also write the general and domain Fisher files (as fisher.py "
+                             "--batch_size <half-batch> would over the triples the steps draw) into this folder")
     add_runtime_args(parser)
+    add_scale_args(parser)
     return parser
 
 
@@ -62,18 +70,32 @@ def print_report(result: AlignmentResult) -> None:
           f"parameters conflicting in over half the steps: {int((rate_values > 0.5).sum())}")
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
+    """Under torchrun every rank takes its share of the steps; rank 0 writes and prints."""
     args = build_parser().parse_args(argv)
+    world = distributed.init_from_env(args.device)
     general = load_triples(args.general_data_path)  # bad data or output locations fail before the model loads
     domain = load_triples(args.domain_data_path)
     check_output_dir(args.output_dir)
+    if args.fisher_output_dir is not None:
+        check_output_dir(args.fisher_output_dir, "--fisher_output_dir")
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("%d general and %d domain triples; model %s on %s (%s)", len(general), len(domain), args.model_name,
              embedder.device, embedder.model.dtype)
-    result = api.alignment(embedder, args.general_data_path, args.domain_data_path, args.output_dir,
-                           args.batch_size, args.max_samples, args.sparsify_layers, args.seed, args.alignment_mode,
-                           args.use_distributed)
+    plan = alignment_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
+                          general, domain, args.batch_size, args.fisher_output_dir is not None, args.accumulate_on)
+    log.info("%s", plan.line())
+    result = api.alignment(embedder, args.general_data_path, args.domain_data_path,
+                           args.output_dir if world.is_main else None, args.batch_size, args.max_samples,
+                           args.sparsify_layers, args.seed, args.alignment_mode, args.use_distributed,
+                           args.fisher_output_dir if world.is_main else None,
+                           with_fisher=args.fisher_output_dir is not None, accumulate_on=plan.accumulate_on)
+    log.info("%s", measured_line(plan, embedder.device))
+    if not world.is_main:
+        return None
     print_report(result)
+    for side, fisher in result.fisher.items():
+        print(f"{side.capitalize()} Fisher scores (same pass, {fisher.num_samples} triples): {fisher.path}")
     print(f"Element-wise alignment for {len(result.elementwise)} parameters"
           f"{f' (with {args.alignment_mode} arrays)' if result.cosine else ''}: "
           f"{tensor_file_for(result.path)}")

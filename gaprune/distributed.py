@@ -1,0 +1,97 @@
+"""torchrun: one process per GPU (or several CPU processes), each taking its share of the batches.
+
+Under ``torchrun --nproc_per_node N script.py ...`` the scripts call ``init_from_env``; every rank then
+takes batches rank, rank + N, rank + 2N, ... (``World.shard``), accumulates its own sums, and the sums
+are added across ranks once at the end, tensor by tensor (``World.sum_``), so memory stays one tensor
+above a single process. Rank 0 alone writes files and prints results. Without torchrun nothing changes:
+``World()`` is one rank of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from gaprune.errors import InputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """Every ``size``-th item from ``rank``: the ranks' shares are disjoint and cover ``items``."""
+        return list(items[self.rank::self.size])
+
+    def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Add each tensor across ranks in place, one at a time (tensors on the CPU are sent as they are
+        with gloo; with nccl they travel through the GPU one at a time)."""
+        if not self.is_distributed:
+            return
+        on_gpu = dist.get_backend() == "nccl"
+        for tensor in tensors:
+            if on_gpu and tensor.device.type == "cpu":
+                staged = tensor.cuda()
+                dist.all_reduce(staged)
+                tensor.copy_(staged)
+            else:
+                dist.all_reduce(tensor)
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_world() -> World:
+    """The initialised process group's rank and size, else one process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(device: str = "auto") -> World:
+    """Join the process group torchrun describes in the environment (nccl on CUDA, each rank on GPU
+    LOCAL_RANK; gloo on the CPU). Without torchrun: one process, nothing initialised."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return current_world()
+    if not dist.is_available():
+        raise InputError("this PyTorch build has no torch.distributed; run without torchrun")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"torchrun started more processes per node than there are GPUs "
+                             f"({torch.cuda.device_count()}); lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    world = current_world()
+    log.info("rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
+    return world
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,160 @@
+"""A stage's peak memory, estimated before it runs, and what was really used, measured after.
+
+The scoring stages hold: the model; one set of gradients (gradient.py holds two: the general side's
+while the domain side's backward runs); float32 sums (fisher.py: one array per selected weight;
+gradient.py: two per parameter, plus two per selected weight with --fisher_output_dir); and the
+activations autograd keeps for one batch, which grow with the batch's padded tokens. The sums can
+live in host memory instead (``--accumulate_on cpu``); ``auto`` puts them there when the device would
+otherwise be more than ``DEVICE_SHARE`` full.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from gaprune.data import TRIPLE_KEYS, batched
+from gaprune.modeling import Embedder
+
+GB = 1024 ** 3
+DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
+
+
+def _process_rss() -> int:
+    """Resident memory of this process now (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def activation_bytes_per_token(config, dtype_bytes: int) -> int:
+    """What autograd keeps per token for the backward pass: per layer the inputs and outputs of the norms,
+    projections, attention and MLP activation in the model's dtype (norms also as float32)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    query = heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    per_layer = dtype_bytes * (4 * hidden + 4 * query + 4 * kv + 4 * config.intermediate_size) + 4 * 2 * hidden
+    return per_layer * config.num_hidden_layers + dtype_bytes * 2 * hidden
+
+
+def batch_tokens(embedder: Embedder, batches: Sequence[Sequence[dict]]) -> int:
+    """The most padded tokens one batch puts through the model (queries, positives and negatives each padded
+    to their longest text, capped at the model's max length)."""
+    most = 0
+    for batch in filter(None, batches):
+        tokens = 0
+        for key in TRIPLE_KEYS:
+            lengths = embedder.tokenizer([record[key] for record in batch], truncation=True,
+                                         max_length=embedder.max_length)["input_ids"]
+            tokens += len(batch) * max(len(ids) for ids in lengths)
+        most = max(most, tokens)
+    return most
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes by part on the compute device (``device``) and in host memory (``host``)."""
+
+    stage: str
+    device_name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    capacity: int | None = None  # the GPU's memory; None on the CPU
+    accumulate_on: str = "device"
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    def line(self) -> str:
+        def parts(items: dict[str, int]) -> str:
+            return " + ".join(f"{name} {value / GB:.2f}" for name, value in items.items() if value)
+        text = f"memory plan ({self.stage}, sums on {self.accumulate_on}): {self.device_name} " \
+               f"{parts(self.device)} = {self.device_total / GB:.2f} GB"
+        if self.capacity:
+            text += f" of {self.capacity / GB:.0f} GB"
+        if self.host and self.device_name != "host":
+            text += f"; host {parts(self.host)} = {self.host_total / GB:.2f} GB"
+        return text
+
+
+def _capacity(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
+                 sum_arrays_all: int, sum_arrays_selected: int, gradient_copies: int,
+                 accumulate_on: str = "auto") -> MemoryPlan:
+    """The plan of a scoring stage: ``sum_arrays_all`` float32 arrays the size of every parameter and
+    ``sum_arrays_selected`` the size of the selected ones; ``gradient_copies`` sets of gradients alive at
+    once. ``accumulate_on`` auto becomes cpu where the device would be over ``DEVICE_SHARE`` full."""
+    model = embedder.model
+    device = embedder.device
+    dtype_bytes = model.dtype.itemsize
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    numel_all = sum(p.numel() for p in trainable)
+    numel_selected = sum(p.numel() for p in selected.values())
+    sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
+    on_gpu = device.type == "cuda"
+    plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=_capacity(device))
+    plan.device = {
+        "model": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "gradients": gradient_copies * numel_all * dtype_bytes,
+        "sums": sum_bytes,
+        "activations": batch_tokens(embedder, batches) * activation_bytes_per_token(model.config, dtype_bytes),
+    }
+    if not on_gpu:
+        plan.device = {"runtime": _process_rss() - plan.device["model"], **plan.device}
+        plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
+        return plan
+    if accumulate_on == "auto":
+        accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
+    plan.accumulate_on = accumulate_on
+    if accumulate_on == "cpu":
+        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": numel_all * dtype_bytes}
+    return plan
+
+
+def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: Sequence[dict], batch_size: int,
+                accumulate_on: str = "auto") -> MemoryPlan:
+    return plan_scoring("fisher", embedder, selected, batched(triples, min(batch_size, len(triples))), 0, 1, 1,
+                        accumulate_on)
+
+
+def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], general: Sequence[dict],
+                   domain: Sequence[dict], batch_size: int, with_fisher: bool,
+                   accumulate_on: str = "auto") -> MemoryPlan:
+    """gradient.py's plan: its longest half-batches are taken from the longest triples of each side."""
+    def longest(records: Sequence[dict], size: int) -> list[dict]:
+        return sorted(records, key=lambda r: -sum(len(r[k]) for k in TRIPLE_KEYS))[:size]
+    halves = [longest(general, batch_size // 2), longest(domain, batch_size - batch_size // 2)]
+    return plan_scoring("gradient" + (" + fisher" if with_fisher else ""), embedder, selected, halves, 2,
+                        2 if with_fisher else 0, 2, accumulate_on)
+
+
+def measured_line(plan: MemoryPlan, device: torch.device) -> str:
+    """The peak really used against the plan's estimate."""
+    if device.type == "cuda":
+        peak, planned, where = torch.cuda.max_memory_allocated(device), plan.device_total, "GPU"
+    else:
+        peak, planned, where = peak_rss(), plan.device_total + plan.host_total, "resident"
+    return (f"memory used ({plan.stage}): peak {where} {peak / GB:.2f} GB against {planned / GB:.2f} GB planned "
+            f"({(peak - planned) / planned:+.0%})")

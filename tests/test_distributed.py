@@ -1,0 +1,109 @@
+"""torchrun (2 CPU processes on gloo) against one process, and the one-pass calibration against three runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gaprune.features import fisher, gradient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def arrays(json_path: str) -> dict[str, np.ndarray]:
+    data = json.load(open(json_path))
+    return load_file(os.path.join(os.path.dirname(json_path), data["metadata"]["tensor_file"]))
+
+
+def torchrun(module: str, args: list[str], nproc: int = 2) -> str:
+    """Run ``python -m module args`` under torchrun on the CPU; the path rank 0 printed last."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", module, *args, "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"rank {nproc - 1} of {nproc} (gloo)" in done.stderr  # really shared out
+    return done.stdout.strip().splitlines()[-1]
+
+
+def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        scale = np.abs(b[name]).max()
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_files):
+    common = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "7", "--batch_size", "2"]
+    single = fisher.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.features.fisher", [*common, "--output_dir", str(tmp_path / "two")])
+    assert os.path.dirname(shared) == str(tmp_path / "two") and len(os.listdir(tmp_path / "two")) == 3  # rank 0 only
+    assert_close(arrays(shared), arrays(single))
+    one, two = json.load(open(single)), json.load(open(shared))
+    for name, value in one["summary_statistics"].items():
+        assert two["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
+    assert two["metadata"]["num_samples"] == 7
+    assert two["metadata"]["first_batch_loss"] == pytest.approx(one["metadata"]["first_batch_loss"], rel=1e-6)
+    assert two["metadata"]["mean_loss"] == pytest.approx(one["metadata"]["mean_loss"], rel=1e-5)
+
+
+def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files):
+    common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
+              data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", "local_cosine",
+              "--no-use_distributed"]
+    single = gradient.main([*common, "--output_dir", str(tmp_path / "one"), "--fisher_output_dir",
+                            str(tmp_path / "one-fisher"), "--device", "cpu"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two"),
+                                                    "--fisher_output_dir", str(tmp_path / "two-fisher")])
+    assert_close(arrays(shared), arrays(single))
+    one, two = json.load(open(single)), json.load(open(shared))
+    for key in ("alignment_scores", "conflict_rates"):
+        for name, value in one[key].items():
+            assert two[key][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, name)
+    for side in ("general", "chem"):
+        [a] = [f for f in os.listdir(tmp_path / "one-fisher") if f.startswith(side) and "complete" in f
+               and f.endswith(".json")]
+        [b] = [f for f in os.listdir(tmp_path / "two-fisher") if f.startswith(side) and "complete" in f
+               and f.endswith(".json")]
+        assert_close(arrays(str(tmp_path / "two-fisher" / b)), arrays(str(tmp_path / "one-fisher" / a)))
+
+
+def test_torchrun_gathering_makes_one_loss_of_both_ranks(tmp_path, qwen3_dir, data_files):
+    """With --use_distributed (the published default) each step's loss spans both ranks' half-batches:
+    5 steps do not split evenly, so the last is dropped, and the in-batch negatives double the loss's
+    candidates, so the mean loss differs from the one-process run over the same steps."""
+    common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
+              data_files["chem"], "--max_samples", "10", "--batch_size", "2"]
+    gathered = json.load(open(torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "g")])))
+    alone = json.load(open(torchrun("gaprune.features.gradient",
+                                    [*common, "--output_dir", str(tmp_path / "a"), "--no-use_distributed"])))
+    assert alone["metadata"]["processed_batches"] == 5
+    assert gathered["metadata"]["processed_batches"] == 4
+    assert gathered["losses"]["general"] != pytest.approx(alone["losses"]["general"], rel=1e-3)
+
+
+def test_one_pass_equals_fisher_runs_at_the_published_batch_sizes(capsys, tmp_path, qwen3_dir, data_files):
+    """gradient.py --batch_size 2 draws every one of the 12 triples of each file once (max_samples 24):
+    its per-side Fisher equals fisher.py --batch_size 1 over the same file."""
+    passed = gradient.main(["--model_name", qwen3_dir, "--general_data_path", data_files["general"],
+                            "--domain_data_path", data_files["chem"], "--max_samples", "24", "--batch_size", "2",
+                            "--output_dir", str(tmp_path / "g"), "--fisher_output_dir", str(tmp_path / "f1")])
+    assert "Domain Fisher scores (same pass, 12 triples)" in capsys.readouterr().out
+    assert json.load(open(passed))["metadata"]["processed_batches"] == 12
+    for side, data in (("general", data_files["general"]), ("chem", data_files["chem"])):
+        separate = fisher.main(["--model_name", qwen3_dir, "--data_path", data, "--batch_size", "1",
+                                "--output_dir", str(tmp_path / "f3")])
+        [same] = [f for f in os.listdir(tmp_path / "f1") if f.startswith(side) and "complete" in f and f.endswith(".json")]
+        one_pass = json.load(open(tmp_path / "f1" / same))
+        assert_close(arrays(str(tmp_path / "f1" / same)), arrays(separate))
+        reference = json.load(open(separate))
+        assert one_pass["metadata"]["num_samples"] == reference["metadata"]["num_samples"] == 12
+        assert one_pass["metadata"]["mean_loss"] == pytest.approx(reference["metadata"]["mean_loss"], rel=1e-5)
+        for name, value in reference["summary_statistics"].items():
+            assert one_pass["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
