@@ -275,23 +275,23 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     loss_sums = torch.zeros(2, dtype=dtype, device=device)
     first_losses = torch.full((2,), float("nan"), dtype=dtype, device=device)
 
-    def side_gradients(side: str, batch: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def side_gradients(side: str, batch: list[dict], total: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """One side's loss and gradients, added to its sums (copied to the host once where they live there)."""
         embedder.model.zero_grad(set_to_none=True)
         loss = triplet_loss(embedder, batch, distributed)
         loss.backward()
         grads = _grads(params)
         sq_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).square()
+        on_host = host(grads)
+        torch._foreach_add_(total, on_host)
         if fisher:
-            on_host = host(grads)
             fisher[side].add([g for g, chosen in zip(on_host, is_selected.tolist()) if chosen],
                              sq_norms[~is_selected.to(sq_norms.device)])
         return loss.detach(), grads, sq_norms
 
     for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
-        general_loss, general_grads, sq_norms_g = side_gradients("general", general_batches[step])
-        torch._foreach_add_(sum_general, host(general_grads))
-        domain_loss, domain_grads, sq_norms_d = side_gradients("domain", domain_batches[step])
-        torch._foreach_add_(sum_domain, host(domain_grads))
+        general_loss, general_grads, sq_norms_g = side_gradients("general", general_batches[step], sum_general)
+        domain_loss, domain_grads, sq_norms_d = side_gradients("domain", domain_batches[step], sum_domain)
         dots = torch.stack([torch.dot(g.flatten().to(dtype), d.flatten().to(dtype))
                             for g, d in zip(general_grads, domain_grads)])
         both = (sq_norms_g > 0) & (sq_norms_d > 0)

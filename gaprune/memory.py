@@ -24,7 +24,7 @@ GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
 
 
-def _process_rss() -> int:
+def process_rss() -> int:
     """Resident memory of this process now (Linux), 0 where unknown."""
     try:
         with open("/proc/self/statm", encoding="ascii") as handle:
@@ -102,10 +102,12 @@ def _capacity(device: torch.device) -> int | None:
 
 def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
                  sum_arrays_all: int, sum_arrays_selected: int, gradient_copies: int,
-                 accumulate_on: str = "auto") -> MemoryPlan:
+                 accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
     """The plan of a scoring stage: ``sum_arrays_all`` float32 arrays the size of every parameter and
     ``sum_arrays_selected`` the size of the selected ones; ``gradient_copies`` sets of gradients alive at
-    once. ``accumulate_on`` auto becomes cpu where the device would be over ``DEVICE_SHARE`` full."""
+    once. ``accumulate_on`` auto becomes cpu where the device would be over ``DEVICE_SHARE`` full.
+    ``runtime_rss``: the process's resident memory before the model was loaded (Python, torch, the data),
+    counted on a CPU run. ``capacity``: plan for a GPU of that many bytes (default: the model's GPU, if any)."""
     model = embedder.model
     device = embedder.device
     dtype_bytes = model.dtype.itemsize
@@ -113,8 +115,9 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     numel_all = sum(p.numel() for p in trainable)
     numel_selected = sum(p.numel() for p in selected.values())
     sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
-    on_gpu = device.type == "cuda"
-    plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=_capacity(device))
+    capacity = capacity or _capacity(device)
+    on_gpu = capacity is not None
+    plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=capacity)
     plan.device = {
         "model": sum(p.numel() * p.element_size() for p in model.parameters()),
         "gradients": gradient_copies * numel_all * dtype_bytes,
@@ -122,7 +125,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         "activations": batch_tokens(embedder, batches) * activation_bytes_per_token(model.config, dtype_bytes),
     }
     if not on_gpu:
-        plan.device = {"runtime": _process_rss() - plan.device["model"], **plan.device}
+        plan.device = {"runtime": runtime_rss, **plan.device}
         plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
         return plan
     if accumulate_on == "auto":
@@ -134,20 +137,20 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
 
 
 def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: Sequence[dict], batch_size: int,
-                accumulate_on: str = "auto") -> MemoryPlan:
+                accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
     return plan_scoring("fisher", embedder, selected, batched(triples, min(batch_size, len(triples))), 0, 1, 1,
-                        accumulate_on)
+                        accumulate_on, runtime_rss, capacity)
 
 
 def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], general: Sequence[dict],
                    domain: Sequence[dict], batch_size: int, with_fisher: bool,
-                   accumulate_on: str = "auto") -> MemoryPlan:
+                   accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
     """gradient.py's plan: its longest half-batches are taken from the longest triples of each side."""
     def longest(records: Sequence[dict], size: int) -> list[dict]:
         return sorted(records, key=lambda r: -sum(len(r[k]) for k in TRIPLE_KEYS))[:size]
     halves = [longest(general, batch_size // 2), longest(domain, batch_size - batch_size // 2)]
     return plan_scoring("gradient" + (" + fisher" if with_fisher else ""), embedder, selected, halves, 2,
-                        2 if with_fisher else 0, 2, accumulate_on)
+                        2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity)
 
 
 def measured_line(plan: MemoryPlan, device: torch.device) -> str:

@@ -65,18 +65,27 @@ def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> Pre
 
 def build_qwen3(folder: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
-                extra_text: Iterable[str] = (), with_pad: bool = True, vocab_size: int | None = None) -> str:
+                extra_text: Iterable[str] = (), with_pad: bool = True, vocab_size: int | None = None,
+                head_dim: int | None = None, tokenizer_vocab: int = 400, device: str = "cpu") -> str:
     """A random Qwen3 embedding model (GQA, q/k norms) saved with its tokenizer and a lasttoken pooling config.
 
-    ``vocab_size`` larger than the tokenizer's gives the embedding matrix a real model's size (Qwen3: 151669).
+    ``vocab_size`` larger than the tokenizer's gives the embedding matrix a real model's size (Qwen3: 151669);
+    ``head_dim`` defaults to hidden_size / num_heads (Qwen3-Embedding uses 128 at every size). The weights
+    are drawn on ``device`` directly in ``dtype``.
     """
     torch.manual_seed(seed)
-    tokenizer = qwen3_tokenizer(extra_text, with_pad=with_pad)
+    tokenizer = qwen3_tokenizer(extra_text, vocab_size=tokenizer_vocab, with_pad=with_pad)
     config = Qwen3Config(vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         head_dim=hidden_size // num_heads, max_position_embeddings=1024,
+                         head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=1024,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    model = Qwen3Model(config).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3Model(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     write_sentence_transformers_files(folder, hidden_size, "lasttoken")

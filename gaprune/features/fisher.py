@@ -11,7 +11,7 @@ from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
 from gaprune.layers import select_parameters
-from gaprune.memory import fisher_plan, measured_line
+from gaprune.memory import fisher_plan, measured_line, process_rss
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
 
@@ -50,11 +50,12 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     world = distributed.init_from_env(args.device)
     triples = load_triples(args.data_path, args.max_samples)  # bad data or output locations fail before the model loads
     check_output_dir(args.output_dir)
+    runtime_rss = process_rss()
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("%d triples from %s; model %s on %s (%s), pooling %s", len(triples), args.data_path, args.model_name,
              embedder.device, embedder.model.dtype, embedder.pooling)
     plan = fisher_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
-                       triples, args.batch_size, args.accumulate_on)
+                       triples, args.batch_size, args.accumulate_on, runtime_rss)
     log.info("%s", plan.line())
     result = api.fisher(embedder, args.data_path, args.output_dir if world.is_main else None, args.batch_size,
                         args.max_samples, args.sparsify_layers, args.score_dtype,

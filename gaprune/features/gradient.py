@@ -14,7 +14,7 @@ from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
 from gaprune.layers import select_parameters
-from gaprune.memory import alignment_plan, measured_line
+from gaprune.memory import alignment_plan, measured_line, process_rss
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
@@ -79,11 +79,12 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     check_output_dir(args.output_dir)
     if args.fisher_output_dir is not None:
         check_output_dir(args.fisher_output_dir, "--fisher_output_dir")
+    runtime_rss = process_rss()
     embedder = load_embedder(args.model_name, args.device, args.dtype)
     log.info("%d general and %d domain triples; model %s on %s (%s)", len(general), len(domain), args.model_name,
              embedder.device, embedder.model.dtype)
     plan = alignment_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
-                          general, domain, args.batch_size, args.fisher_output_dir is not None, args.accumulate_on)
+                          general, domain, args.batch_size, args.fisher_output_dir is not None, args.accumulate_on, runtime_rss)
     log.info("%s", plan.line())
     result = api.alignment(embedder, args.general_data_path, args.domain_data_path,
                            args.output_dir if world.is_main else None, args.batch_size, args.max_samples,

@@ -1,0 +1,66 @@
+"""The memory plan's parts by hand, and --accumulate_on auto choosing host memory when the GPU is too small."""
+
+import pytest
+
+from gaprune.data import load_triples
+from gaprune.importance import fisher_information
+from gaprune.layers import select_parameters
+from gaprune.memory import DEVICE_SHARE, activation_bytes_per_token, alignment_plan, fisher_plan
+from gaprune.modeling import load_embedder
+
+
+@pytest.fixture(scope="module")
+def tiny(qwen3_dir, data_files):
+    embedder = load_embedder(qwen3_dir, "cpu", "float32")
+    selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    return embedder, selected, load_triples(data_files["chem"]), load_triples(data_files["general"])
+
+
+def test_fisher_plan_parts_by_hand(tiny):
+    embedder, selected, chem, _ = tiny
+    numel = sum(p.numel() for p in embedder.model.parameters())
+    config = embedder.model.config
+    head_dim = config.head_dim
+    per_layer = 4 * (4 * config.hidden_size + 4 * config.num_attention_heads * head_dim
+                     + 4 * config.num_key_value_heads * head_dim + 4 * config.intermediate_size) + 8 * config.hidden_size
+    assert activation_bytes_per_token(config, 4) == per_layer * config.num_hidden_layers + 8 * config.hidden_size
+    tokens = 0
+    for start in range(0, len(chem), 3):  # batches of 3: each field padded to its longest text
+        batch = chem[start:start + 3]
+        tokens = max(tokens, sum(len(batch) * max(len(embedder.tokenizer(r[k])["input_ids"]) for r in batch)
+                                 for k in ("query", "positive", "negative")))
+    plan = fisher_plan(embedder, selected, chem, 3, runtime_rss=1000)
+    assert plan.device == {"runtime": 1000, "model": 4 * numel, "gradients": 4 * numel,
+                           "sums": 4 * sum(p.numel() for p in selected.values()),
+                           "activations": tokens * activation_bytes_per_token(config, 4)}
+    assert plan.accumulate_on == "device" and plan.host == {}
+    assert f"= {plan.device_total / 1024 ** 3:.2f} GB" in plan.line()
+
+
+def test_alignment_plan_holds_two_gradients_and_two_sums_per_parameter(tiny):
+    embedder, selected, chem, general = tiny
+    numel = sum(p.numel() for p in embedder.model.parameters())
+    plain = alignment_plan(embedder, selected, general, chem, 2, with_fisher=False)
+    both = alignment_plan(embedder, selected, general, chem, 2, with_fisher=True)
+    assert plain.device["gradients"] == 2 * 4 * numel
+    assert plain.device["sums"] == 2 * 4 * numel
+    assert both.device["sums"] - plain.device["sums"] == 2 * 4 * sum(p.numel() for p in selected.values())
+
+
+def test_auto_moves_the_sums_to_the_host_only_when_the_gpu_would_be_too_full(tiny):
+    embedder, selected, chem, general = tiny
+    roomy = alignment_plan(embedder, selected, general, chem, 2, False, capacity=10 ** 12)
+    assert roomy.accumulate_on == "device" and roomy.host == {}
+    total = roomy.device_total
+    tight = alignment_plan(embedder, selected, general, chem, 2, False, capacity=int(total / DEVICE_SHARE) - 1)
+    assert tight.accumulate_on == "cpu"
+    assert tight.host == {"sums": roomy.device["sums"], "pinned gradients": roomy.device["gradients"] // 2}
+    assert "sums" not in tight.device and "; host sums" in tight.line()
+    forced = fisher_plan(embedder, selected, chem, 1, "device", capacity=1)
+    assert forced.accumulate_on == "device"  # an explicit choice is kept
+
+
+def test_unknown_accumulation_place_is_refused(tiny):
+    embedder, _, chem, _ = tiny
+    with pytest.raises(ValueError, match="accumulate_on"):
+        fisher_information(embedder, chem[:2], 1, ["mlp"], accumulate_on="disk")
