@@ -11,7 +11,9 @@
 # STRUCTURE (unstructured: zero single weights, the published default; channels: remove that share of MLP
 # channels; heads: of query heads, Qwen3), SCORER (dai, aligned_saliency, ...; see SparseModel.py --help),
 # GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
-# EVALUATE (1 = compare with the dense model). Relative paths are taken from where you run it.
+# EVALUATE (1 = compare with the dense model), ONE_PASS (1 = both Fisher files and the alignment from one
+# pass of gradient.py over MAX_SAMPLES triples per side, instead of three runs; its Fisher uses half-batches
+# of BATCH_SIZE / 2 and the triples the steps draw). Relative paths are taken from where you run it.
 # Each stage prints the path it wrote; the next stage reads it from there.
 set -euo pipefail
 
@@ -34,6 +36,7 @@ DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
 RETRAIN_STEPS="${RETRAIN_STEPS:-0}"
 RETRAIN_BATCH_SIZE="${RETRAIN_BATCH_SIZE:-8}"
 EVALUATE="${EVALUATE:-1}"
+ONE_PASS="${ONE_PASS:-0}"
 STRUCTURE="${STRUCTURE:-unstructured}"
 SCORER="${SCORER:-dai}"
 
@@ -53,6 +56,7 @@ if [ "${RETRAIN_STEPS}" -gt 0 ]; then  # retrain.py mixes round(0.25 x batch) ge
         fail "RETRAIN_BATCH_SIZE must be at least 3 (a quarter of each batch is general data), got ${RETRAIN_BATCH_SIZE}"
 fi
 [[ "${EVALUATE}" =~ ^[01]$ ]] || fail "EVALUATE must be 0 or 1, got '${EVALUATE}'"
+[[ "${ONE_PASS}" =~ ^[01]$ ]] || fail "ONE_PASS must be 0 or 1, got '${ONE_PASS}'"
 [[ "${DEVICE}" =~ ^(auto|cpu|cuda)$ ]] || fail "DEVICE must be auto, cpu or cuda, got '${DEVICE}'"
 [[ "${STRUCTURE}" =~ ^(unstructured|channels|heads)$ ]] || \
     fail "STRUCTURE must be unstructured, channels or heads, got '${STRUCTURE}'"
@@ -77,7 +81,7 @@ if [ "${GENERAL_SAMPLE}" = "${DOMAIN_SAMPLE}" ]; then  # a/train.json and b/trai
     DOMAIN_SAMPLE="data/sample/domain-$(basename "${DOMAIN_DATA%.json}")-output.json"
 fi
 
-# Run one stage, show its output, and keep the last line (the path it wrote) in $LAST.
+# Run one stage, show its output, and keep it in $OUTPUT and its last line (the path it wrote) in $LAST.
 stage() {
     local name="$1"; shift
     echo "==> ${name}" >&2
@@ -88,6 +92,7 @@ stage() {
         echo "example_usage.sh: stage '${name}' failed" >&2
         exit 1
     fi
+    OUTPUT="$(cat "${log}")"
     LAST="$(tail -n 1 "${log}")"
     rm -f "${log}"
     echo "    -> ${LAST}" >&2
@@ -100,20 +105,29 @@ stage "sample domain data" -m gaprune.features.sample --input_file "${DOMAIN_DAT
     --output_file "${DOMAIN_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
     --device "${DEVICE}"
 
-stage "Fisher information, general" -m gaprune.features.fisher --model_name "${MODEL}" \
-    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
-    --data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
-GENERAL_FISHER="${LAST}"
-stage "Fisher information, domain" -m gaprune.features.fisher --model_name "${MODEL}" \
-    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
-    --data_path "${DOMAIN_SAMPLE}" --device "${DEVICE}"
-DOMAIN_FISHER="${LAST}"
-
-stage "gradient alignment" -m gaprune.features.gradient --model_name "${MODEL}" \
-    --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/gradient \
-    --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" \
-    --alignment_mode "${ALIGNMENT_MODE}"
-ALIGNMENT="${LAST}"
+if [ "${ONE_PASS}" = "1" ]; then
+    stage "gradient alignment and Fisher information, one pass" -m gaprune.features.gradient \
+        --model_name "${MODEL}" --batch_size "${BATCH_SIZE}" --max_samples $((2 * MAX_SAMPLES)) \
+        --output_dir output/gradient --fisher_output_dir output/fisher --domain_data_path "${DOMAIN_SAMPLE}" \
+        --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" --alignment_mode "${ALIGNMENT_MODE}"
+    ALIGNMENT="${LAST}"
+    GENERAL_FISHER="$(sed -n 's/^General Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
+    DOMAIN_FISHER="$(sed -n 's/^Domain Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
+else
+    stage "Fisher information, general" -m gaprune.features.fisher --model_name "${MODEL}" \
+        --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
+        --data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
+    GENERAL_FISHER="${LAST}"
+    stage "Fisher information, domain" -m gaprune.features.fisher --model_name "${MODEL}" \
+        --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
+        --data_path "${DOMAIN_SAMPLE}" --device "${DEVICE}"
+    DOMAIN_FISHER="${LAST}"
+    stage "gradient alignment" -m gaprune.features.gradient --model_name "${MODEL}" \
+        --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/gradient \
+        --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" \
+        --alignment_mode "${ALIGNMENT_MODE}"
+    ALIGNMENT="${LAST}"
+fi
 
 stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel --model_path "${MODEL}" \
     --output_dir output/model --batch_size "${BATCH_SIZE}" "${PRUNE_ARGS[@]}" \

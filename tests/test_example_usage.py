@@ -39,15 +39,18 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
         "tiny-qwen3_dai_prune_50%_eval.json", "tiny-qwen3_dai_prune_50%_retrained_2steps_eval.json"]
 
 
-def test_example_usage_removes_channels_then_retrains_and_evaluates(tmp_path, qwen3_dir, data_files):
+def test_example_usage_one_pass_removes_channels_then_retrains_and_evaluates(tmp_path, qwen3_dir, data_files):
     shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
     env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SAMPLE_SIZE="6", MAX_SAMPLES="6", BATCH_SIZE="2",
-               RETRAIN_STEPS="2", STRUCTURE="channels", SCORER="aligned_saliency")
+               RETRAIN_STEPS="2", STRUCTURE="channels", SCORER="aligned_saliency", ONE_PASS="1")
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")],
                           env=dict(env, GENERAL_DATA=data_files["general"], DOMAIN_DATA=data_files["chem"]),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "==> pruning (channels, aligned_saliency)" in proc.stderr
+    assert "==> gradient alignment and Fisher information, one pass" in proc.stderr  # ONE_PASS: no fisher.py runs
+    assert "==> Fisher information, general" not in proc.stderr
+    assert len(os.listdir(tmp_path / "output" / "fisher")) == 6  # both sides' files, which the pruning read
     pruned = re.search(r"Pruned model: (.*)", proc.stdout).group(1)
     retrained = re.search(r"Retrained model: (.*)", proc.stdout).group(1)
     assert pruned == "output/model/tiny-qwen3_aligned_saliency_channels_50%"
