@@ -56,6 +56,22 @@ class World:
             else:
                 dist.all_reduce(tensor)
 
+    def gather_rows(self, compute, count: int) -> torch.Tensor:
+        """``compute(start, end)`` on this rank's contiguous share of ``count`` rows, then every rank's rows in
+        order on every rank (shares padded to one length for all_gather, the padding dropped)."""
+        if not self.is_distributed:
+            return compute(0, count)
+        share = -(-count // self.size)
+        start, end = min(count, self.rank * share), min(count, (self.rank + 1) * share)
+        local = compute(start, end)
+        padded = local.new_zeros((share, *local.shape[1:]))
+        padded[:end - start] = local
+        if dist.get_backend() == "nccl" and padded.device.type == "cpu":
+            padded = padded.cuda()
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:count].to(local.device)
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()

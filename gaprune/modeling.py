@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from gaprune.distributed import current_world
 from gaprune.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,17 @@ class Embedder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 32, desc: str = "embedding",
                progress: bool = True) -> torch.Tensor:
-        """L2-normalised float32 embeddings (n, d) on the model's device, ``batch_size`` texts at a time."""
-        starts = range(0, len(texts), batch_size)
-        rows = [F.normalize(self.embed(texts[i:i + batch_size]).float(), dim=-1)
-                for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress)]
-        return torch.cat(rows)
+        """L2-normalised float32 embeddings (n, d) on the model's device, ``batch_size`` texts at a time.
+        Under torchrun every rank encodes its share of ``texts`` and all ranks get every row."""
+        world = current_world()
+
+        def share(start: int, end: int) -> torch.Tensor:
+            starts = range(start, end, batch_size)
+            rows = [F.normalize(self.embed(texts[i:min(i + batch_size, end)]).float(), dim=-1)
+                    for i in tqdm(starts, desc=desc, unit="batch", leave=False,
+                                  disable=not (progress and world.is_main))]
+            return torch.cat(rows) if rows else torch.zeros(0, self.model.config.hidden_size, device=self.device)
+        return world.gather_rows(share, len(texts))
 
 
 def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase:

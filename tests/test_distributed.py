@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gaprune.features import fisher, gradient
+from gaprune.features import fisher, gradient, sample
+from gaprune.model import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,3 +108,21 @@ def test_one_pass_equals_fisher_runs_at_the_published_batch_sizes(capsys, tmp_pa
         assert one_pass["metadata"]["mean_loss"] == pytest.approx(reference["metadata"]["mean_loss"], rel=1e-5)
         for name, value in reference["summary_statistics"].items():
             assert one_pass["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
+
+
+def test_torchrun_sample_and_evaluate_equal_one_process(capsys, tmp_path, qwen3_dir, data_files):
+    """Each rank embeds its share (7 texts: 4 + 3) and all ranks get every row: the same k-means subset and
+    the same retrieval metrics as one process."""
+    common = ["--input_file", data_files["general"], "--model_name", qwen3_dir, "--target_sample_size", "5",
+              "--batch_size", "2"]
+    single = sample.main([*common, "--output_file", str(tmp_path / "one.json"), "--device", "cpu"])
+    shared = torchrun("gaprune.features.sample", [*common, "--output_file", str(tmp_path / "two.json")])
+    assert json.load(open(shared)) == json.load(open(single))
+    common = ["--model_path", qwen3_dir, "--data_paths", data_files["chem"], "--max_samples", "7", "--batch_size", "2"]
+    single = evaluate.main([*common, "--output_file", str(tmp_path / "one-eval.json"), "--device", "cpu"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.model.evaluate", [*common, "--output_file", str(tmp_path / "two-eval.json")])
+    one, two = (json.load(open(path))["results"][data_files["chem"]]["metrics"] for path in (single, shared))
+    assert one.keys() == two.keys()
+    for metric, value in one.items():
+        assert two[metric] == pytest.approx(value, abs=1e-6), metric

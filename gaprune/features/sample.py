@@ -6,6 +6,7 @@ import logging
 import random
 from typing import Sequence
 
+from gaprune import distributed
 from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run, str2bool
 from gaprune.data import load_records
 from gaprune.modeling import load_embedder
@@ -34,13 +35,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
+    """Under torchrun every rank embeds its share of the records; rank 0 runs k-means and writes."""
     args = build_parser().parse_args(argv)
+    world = distributed.init_from_env(args.device)
     records = load_records(args.input_file, required_keys=[args.text_key])
     check_output_file(args.output_file, inputs=[args.input_file])
     if len(records) <= args.target_sample_size:
         log.warning("%s has %d records, not more than --target_sample_size %d: writing them all unchanged",
                     args.input_file, len(records), args.target_sample_size)
+        if not world.is_main:
+            return None
         write_json(args.output_file, records)
         print(f"Kept all {len(records)} records")
         return finish(args.output_file)
@@ -54,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         embeddings = embed_texts(embedder, [r[args.text_key] for r in records], args.batch_size, stream)
     finally:
         remove_dir(stream)
+    if not world.is_main:
+        return None
     chosen = select_diverse(embeddings, args.target_sample_size, args.kmeans_iterations, args.seed)
     write_json(args.output_file, [records[i] for i in chosen])
     print(f"Selected {len(chosen)} of {len(records)} records "

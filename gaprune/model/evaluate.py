@@ -7,6 +7,7 @@ import os
 from datetime import datetime
 from typing import Sequence
 
+from gaprune import distributed
 from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
@@ -55,8 +56,10 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
+    """Under torchrun every rank encodes its share of the texts; rank 0 writes and prints."""
     args = build_parser().parse_args(argv)
+    world = distributed.init_from_env(args.device)
     files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
     output = args.output_file or os.path.join("output", "eval",
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         report["change_percent"] = {
             path: {m: relative_change(report["results"][path]["metrics"][m], report["baseline"][path]["metrics"][m])
                    for m in METRICS} for path in files}
+    if not world.is_main:
+        return None
     write_json(output, report)
     print(format_table(report))
     return finish(output)
