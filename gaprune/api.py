@@ -39,9 +39,11 @@ ModelLike = Embedder | str
 log = logging.getLogger("gaprune")
 
 
-def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto") -> Embedder:
-    """An Embedder as given, or loaded from a folder or hub id."""
-    return model if isinstance(model, Embedder) else load_embedder(model, device, dtype)
+def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
+                native_cpu_bfloat16: bool = False) -> Embedder:
+    """An Embedder as given, or loaded from a folder or hub id (``native_cpu_bfloat16``: see resolve_dtype)."""
+    return model if isinstance(model, Embedder) else load_embedder(model, device, dtype,
+                                                                   native_cpu_bfloat16=native_cpu_bfloat16)
 
 
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
@@ -50,7 +52,7 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
     With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
     Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only."""
-    embedder = as_embedder(model)
+    embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
     result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
                                 accumulate_on=accumulate_on)
@@ -68,7 +70,7 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
     ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
     with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``)."""
-    embedder = as_embedder(model)
+    embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)

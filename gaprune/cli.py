@@ -53,6 +53,10 @@ def finite_float(value: str) -> float:
     return number
 
 
+SCORING_DTYPE_HELP = ("auto = bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), float32 on "
+                      "other CPUs; sums stay float32 (default: auto)")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser,
                      dtype_help: str = "auto = bfloat16 on CUDA, float32 on CPU (default: auto)") -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

@@ -39,10 +39,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto = bfloat16 on CUDA; float32 on CPU, where bfloat16 is emulated, slow and coarse."""
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            return re.search(r"\b(avx512_bf16|amx_bf16)\b", handle.read()) is not None
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device, native_cpu_bfloat16: bool = False) -> torch.dtype:
+    """auto = bfloat16 on CUDA; float32 on a CPU, where bfloat16 is usually emulated, slow and coarse, except
+    with ``native_cpu_bfloat16`` on a CPU that has it in hardware (the scoring stages: their sums stay
+    float32, and their scores agree with float32 ones, see README "bfloat16 on a CPU")."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if native_cpu_bfloat16 and cpu_has_native_bfloat16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -187,11 +200,13 @@ def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512) -> Embedder:
-    """Load model and tokenizer as a Qwen3-Embedding user would, on ``device`` in ``dtype``, in eval mode."""
+def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512,
+                  native_cpu_bfloat16: bool = False) -> Embedder:
+    """Load model and tokenizer as a Qwen3-Embedding user would, on ``device`` in ``dtype``, in eval mode
+    (``native_cpu_bfloat16``: see resolve_dtype)."""
     model_dir = resolve_model_dir(path)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device, native_cpu_bfloat16)
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as err:

@@ -24,7 +24,7 @@ def torchrun(module: str, args: list[str], nproc: int = 2) -> str:
     """Run ``python -m module args`` under torchrun on the CPU; the path rank 0 printed last."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), "-m", module, *args, "--device", "cpu"],
+                           str(nproc), "-m", module, *args, "--device", "cpu", "--dtype", "float32"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rank {nproc - 1} of {nproc} (gloo)" in done.stderr  # really shared out
@@ -40,7 +40,7 @@ def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float
 
 def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_files):
     common = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "7", "--batch_size", "2"]
-    single = fisher.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu"])
+    single = fisher.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype", "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.features.fisher", [*common, "--output_dir", str(tmp_path / "two")])
     assert os.path.dirname(shared) == str(tmp_path / "two") and len(os.listdir(tmp_path / "two")) == 3  # rank 0 only
@@ -58,7 +58,7 @@ def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_pa
               data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", "local_cosine",
               "--no-use_distributed"]
     single = gradient.main([*common, "--output_dir", str(tmp_path / "one"), "--fisher_output_dir",
-                            str(tmp_path / "one-fisher"), "--device", "cpu"])
+                            str(tmp_path / "one-fisher"), "--device", "cpu", "--dtype", "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two"),
                                                     "--fisher_output_dir", str(tmp_path / "two-fisher")])
@@ -115,11 +115,11 @@ def test_torchrun_sample_and_evaluate_equal_one_process(capsys, tmp_path, qwen3_
     the same retrieval metrics as one process."""
     common = ["--input_file", data_files["general"], "--model_name", qwen3_dir, "--target_sample_size", "5",
               "--batch_size", "2"]
-    single = sample.main([*common, "--output_file", str(tmp_path / "one.json"), "--device", "cpu"])
+    single = sample.main([*common, "--output_file", str(tmp_path / "one.json"), "--device", "cpu", "--dtype", "float32"])
     shared = torchrun("gaprune.features.sample", [*common, "--output_file", str(tmp_path / "two.json")])
     assert json.load(open(shared)) == json.load(open(single))
     common = ["--model_path", qwen3_dir, "--data_paths", data_files["chem"], "--max_samples", "7", "--batch_size", "2"]
-    single = evaluate.main([*common, "--output_file", str(tmp_path / "one-eval.json"), "--device", "cpu"])
+    single = evaluate.main([*common, "--output_file", str(tmp_path / "one-eval.json"), "--device", "cpu", "--dtype", "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.model.evaluate", [*common, "--output_file", str(tmp_path / "two-eval.json")])
     one, two = (json.load(open(path))["results"][data_files["chem"]]["metrics"] for path in (single, shared))

@@ -65,7 +65,7 @@ def summary_of(results_json: str) -> str:
 
 
 def test_todays_writers_give_the_files_of_version_0_1(tmp_path, data_files):
-    common = ["--model_name", MODEL, *FIXTURE_ARGS, "--output_dir", str(tmp_path)]
+    common = ["--model_name", MODEL, *FIXTURE_ARGS, "--output_dir", str(tmp_path), "--dtype", "float32"]
     written = {
         "general-example_fisher_complete_scores_*.json":
             fisher.main([*common, "--data_path", data_files["general"]]),

@@ -41,7 +41,7 @@ def reference_fisher(model_dir, triples, batch_size, padding=True, dtype=torch.f
 def test_fisher_arrays_equal_summed_squared_gradients(capsys, tmp_path, model_dir, data_files, chem_triples,
                                                       batch_size):
     json_path, _ = run_fisher(capsys, model_dir, data_files["chem"], tmp_path, "--batch_size", str(batch_size),
-                              "--max_samples", "7", "--sparsify_layers", "mlp", "attention")
+                              "--max_samples", "7", "--sparsify_layers", "mlp", "attention", "--dtype", "float32")
     arrays = read_arrays(json_path)
     expected = reference_fisher(model_dir, chem_triples[:7], batch_size)
     assert arrays, "no per-weight arrays written"

@@ -74,7 +74,7 @@ def test_alignment_conflict_rates_and_elementwise_arrays_exact_in_float64(model_
 
 def test_cli_alignment_scores_and_arrays(capsys, tmp_path, model_dir, data_files, chem_triples, web_triples):
     json_path, stdout = run_gradient(capsys, model_dir, data_files, tmp_path, "--batch_size", "4",
-                                     "--max_samples", "8", "--sparsify_layers", "mlp")
+                                     "--max_samples", "8", "--sparsify_layers", "mlp", "--dtype", "float32")
     result = json.load(open(json_path))
     steps, avg_g, avg_d, _ = reference_alignment(model_dir, web_triples, chem_triples, 4, 8)
     assert result["metadata"]["processed_batches"] == steps == 2

@@ -1,6 +1,7 @@
 """The memory plan's parts by hand, and --accumulate_on auto choosing host memory when the GPU is too small."""
 
 import pytest
+import torch
 
 from gaprune.data import load_triples
 from gaprune.importance import fisher_information
@@ -64,3 +65,18 @@ def test_unknown_accumulation_place_is_refused(tiny):
     embedder, _, chem, _ = tiny
     with pytest.raises(ValueError, match="accumulate_on"):
         fisher_information(embedder, chem[:2], 1, ["mlp"], accumulate_on="disk")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_of_the_scoring_stages_follows_the_cpu(monkeypatch, capsys, tmp_path, qwen3_dir, data_files, native):
+    """fisher.py --dtype auto computes in bfloat16 on a CPU with native bfloat16 and in float32 elsewhere; the
+    other stages stay float32 on any CPU."""
+    from gaprune import modeling
+    from gaprune.features import fisher
+
+    monkeypatch.setattr(modeling, "cpu_has_native_bfloat16", lambda: native)
+    path = fisher.main(["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "2",
+                        "--output_dir", str(tmp_path), "--device", "cpu"])
+    import json
+    assert json.load(open(path))["metadata"]["compute_dtype"] == ("bfloat16" if native else "float32")
+    assert load_embedder(qwen3_dir, "cpu").model.dtype == torch.float32

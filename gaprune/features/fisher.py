@@ -6,7 +6,7 @@ import logging
 from typing import Sequence
 
 from gaprune import api, distributed
-from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
+from gaprune.cli import SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
@@ -28,7 +28,7 @@ def build_parser() -> ArgumentParser:
     add_layer_args(parser, ["attention", "mlp"])
     parser.add_argument("--score_dtype", default="float32", choices=sorted(SCORE_DTYPES),
                         help="dtype of the per-weight arrays on disk (default: float32)")
-    add_runtime_args(parser)
+    add_runtime_args(parser, SCORING_DTYPE_HELP)
     add_scale_args(parser)
     return parser
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     triples = load_triples(args.data_path, args.max_samples)  # bad data or output locations fail before the model loads
     check_output_dir(args.output_dir)
     runtime_rss = process_rss()
-    embedder = load_embedder(args.model_name, args.device, args.dtype)
+    embedder = load_embedder(args.model_name, args.device, args.dtype, native_cpu_bfloat16=True)
     log.info("%d triples from %s; model %s on %s (%s), pooling %s", len(triples), args.data_path, args.model_name,
              embedder.device, embedder.model.dtype, embedder.pooling)
     plan = fisher_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),

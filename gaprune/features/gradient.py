@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from gaprune import api, distributed
-from gaprune.cli import ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
+from gaprune.cli import SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
@@ -44,7 +44,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--fisher_output_dir", default=None,
                         help="one calibration pass: also write the general and domain Fisher files (as fisher.py "
                              "--batch_size <half-batch> would over the triples the steps draw) into this folder")
-    add_runtime_args(parser)
+    add_runtime_args(parser, SCORING_DTYPE_HELP)
     add_scale_args(parser)
     return parser
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if args.fisher_output_dir is not None:
         check_output_dir(args.fisher_output_dir, "--fisher_output_dir")
     runtime_rss = process_rss()
-    embedder = load_embedder(args.model_name, args.device, args.dtype)
+    embedder = load_embedder(args.model_name, args.device, args.dtype, native_cpu_bfloat16=True)
     log.info("%d general and %d domain triples; model %s on %s (%s)", len(general), len(domain), args.model_name,
              embedder.device, embedder.model.dtype)
     plan = alignment_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
