@@ -3,8 +3,9 @@
 fisher_information: the empirical Fisher diagonal, F = (1/N) sum_b (dL_b/dtheta)^2 + 1e-8.
 gradient_alignment: how general-data and domain-data gradients agree, per parameter and per weight.
 
-Everything is accumulated on the model's device in float32 (float64 for a float64 model); nothing
-goes to the host per batch.
+Sums are float32 (float64 for a float64 model), on the model's device unless ``accumulate_on="cpu"``
+puts them in host memory. Under torchrun each rank sums its share of the batches and the sums are
+added across ranks once, at the end (gaprune.distributed).
 """
 
 from __future__ import annotations
