@@ -113,6 +113,7 @@ if [ "${ONE_PASS}" = "1" ]; then
     ALIGNMENT="${LAST}"
     GENERAL_FISHER="$(sed -n 's/^General Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
     DOMAIN_FISHER="$(sed -n 's/^Domain Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
+    [ -n "${GENERAL_FISHER}" ] && [ -n "${DOMAIN_FISHER}" ] || fail "gradient.py printed no Fisher file paths"
 else
     stage "Fisher information, general" -m gaprune.features.fisher --model_name "${MODEL}" \
         --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \

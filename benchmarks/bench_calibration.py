@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="the whole comparison, repeated; the best of each")
     args = parser.parse_args()
     torch.manual_seed(0)
-    embedder = load_embedder(args.model_dir, args.device, args.dtype)
+    embedder = load_embedder(args.model_dir, args.device, args.dtype, native_cpu_bfloat16=True)  # as the CLI
     general = load_triples(args.general_data, args.triples)
     domain = load_triples(args.domain_data, args.triples)
     n = min(len(general), len(domain))

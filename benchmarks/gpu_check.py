@@ -6,11 +6,12 @@
     python benchmarks/gpu_check.py --plan_only --capacity_gb 80   # the memory plans of the full shapes, any machine
 
 Builds each model from its published config (no download; the embedding matrix has the real vocabulary),
-writes synthetic triples as long as the published data's (general about 230 words, chemistry about 485
+scores the MLP weights (Fisher files in bfloat16, to fit the device machine's disk), writes synthetic triples as long as the published data's (general about 230 words, chemistry about 485
 per triple), and runs sample -> fisher (general, domain) -> gradient -> SparseModel (50% of MLP
 weights) -> evaluate, each stage a process of its own. Prints per stage: seconds, tokens/s, the peak
 memory (GPU: max allocated; CPU: resident) and what the stage's memory plan estimated beforehand.
-On a CPU it runs a 2-layer slice of each shape (--layers to change), float32.
+On a CPU it runs a 2-layer slice of each shape (--layers to change), float32. 8B needs about 75 GB of
+disk for its model, score files and pruned copy; each shape's files are deleted before the next.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import random
 import re
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,10 @@ def stage_peak() -> None:
     """Run as ``gpu_check.py --stage MODULE ARGS...``: the stage's main, then its peak memory on stderr."""
     module, argv = sys.argv[2], sys.argv[3:]
 
+    from gaprune.memory import peak_rss
+
     def report() -> None:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = peak_rss()
         gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         print(f"GPU_CHECK_PEAK rss={rss} gpu={gpu}", file=sys.stderr, flush=True)
     import atexit
@@ -103,8 +106,11 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
                 head_dim=shape["head_dim"], vocab_size=shape["vocab_size"], tokenizer_vocab=2000,
                 dtype=torch.bfloat16 if on_gpu else torch.float32, device="cuda" if on_gpu else "cpu",
                 extra_text=[t["positive"] for t in data["general"][:50]])
+    if on_gpu:
+        torch.cuda.empty_cache()  # the stages run in their own processes: hold no GPU memory here
     tokens = {side: token_count(model, triples, args.max_length) for side, triples in data.items()}
-    runtime = ["--device", "cuda" if on_gpu else "cpu"]
+    runtime = ["--device", "cuda" if on_gpu else "cpu", "--dtype", "bfloat16" if on_gpu else "float32"]
+    scored = ["--sparsify_layers", "mlp"]
     out = os.path.join(folder, "output")
     nproc = args.nproc
     stages = [
@@ -113,25 +119,36 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
             "--target_sample_size", str(args.triples // 2), "--max_length", str(args.max_length), *runtime]),
         ("fisher (general)", "gaprune.features.fisher", nproc, tokens["general"], [
             "--model_name", model, "--data_path", paths["general"], "--max_samples", str(args.triples),
-            "--output_dir", out, *runtime]),
+            "--output_dir", out, "--score_dtype", "bfloat16", *scored, *runtime]),
         ("fisher (chem)", "gaprune.features.fisher", nproc, tokens["chem"], [
             "--model_name", model, "--data_path", paths["chem"], "--max_samples", str(args.triples),
-            "--output_dir", out, *runtime]),
+            "--output_dir", out, "--score_dtype", "bfloat16", *scored, *runtime]),
         ("gradient", "gaprune.features.gradient", nproc, tokens["general"] + tokens["chem"], [
             "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path", paths["chem"],
-            "--max_samples", str(2 * args.triples), "--output_dir", out, "--no-use_distributed", *runtime]),
+            "--max_samples", str(2 * args.triples), "--output_dir", out, "--no-use_distributed", *scored, *runtime]),
     ]
     if args.one_pass:
         stages.append(("gradient + fisher, one pass", "gaprune.features.gradient", nproc,
                        tokens["general"] + tokens["chem"], [
                            "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
                            paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir", out,
-                           "--fisher_output_dir", os.path.join(out, "one-pass"), "--no-use_distributed", *runtime]))
+                           "--fisher_output_dir", os.path.join(out, "one-pass"), "--no-use_distributed", *scored,
+                           *runtime]))
+    if args.host_sums:
+        stages.append(("gradient, sums in host memory", "gaprune.features.gradient", nproc,
+                       tokens["general"] + tokens["chem"], [
+                           "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
+                           paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
+                           os.path.join(out, "host-sums"), "--accumulate_on", "cpu", "--no-use_distributed", *scored,
+                           *runtime]))
     rows = []
     results = {}
     for label, module, processes, stage_tokens, stage_args in stages:
         result = run_stage(module, stage_args, processes)
         results[label] = result["output"]
+        if label != "gradient" and module.endswith("gradient"):  # the extra rows' files: only their timing counts
+            shutil.rmtree(os.path.join(out, "one-pass"), ignore_errors=True)
+            shutil.rmtree(os.path.join(out, "host-sums"), ignore_errors=True)
         rows.append({"shape": name, "layers": layers, "stage": label, "tokens": stage_tokens, **result})
         print(format_row(rows[-1]), flush=True)
     pruned_dir = os.path.join(out, "model")
@@ -190,12 +207,14 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--stage":
         return stage_peak()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["0.6B", "4B", "8B"], choices=["0.6B", "4B", "8B"])
+    parser.add_argument("--shapes", nargs="+", default=["0.6B", "4B", "8B"], choices=["0.6B", "4B", "8B"],
+                        help="the shapes run, in order (8B needs about 75 GB of free disk)")
     parser.add_argument("--triples", type=int, default=None, help="triples per side (default: 64 on CUDA, 4 on CPU)")
     parser.add_argument("--layers", type=int, default=0, help="layers of each model (default: all on CUDA, 2 on CPU)")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--nproc", type=int, default=1, help="processes for fisher/gradient (torchrun)")
     parser.add_argument("--one_pass", action="store_true", help="also time gradient.py --fisher_output_dir")
+    parser.add_argument("--host_sums", action="store_true", help="also time gradient.py --accumulate_on cpu")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temporary folder)")
     parser.add_argument("--plan_only", action="store_true", help="print the memory plans of the full shapes only")
     parser.add_argument("--capacity_gb", type=float, default=80.0, help="--plan_only: the GPU's memory")
@@ -213,6 +232,7 @@ def main() -> None:
             shape_dir = os.path.join(folder, name)
             os.makedirs(shape_dir)
             rows += check_shape(name, shape, args, shape_dir, on_gpu)
+            shutil.rmtree(shape_dir)
     print(f"\n{HEADER}")
     for row in rows:
         print(format_row(row))

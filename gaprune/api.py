@@ -27,6 +27,7 @@ from gaprune.importance import AlignmentResult, FisherResult, fisher_information
 from gaprune.layers import select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
+from gaprune.memory import alignment_plan, fisher_plan
 from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruning import (Calibration, StructureResult, prune_calibrated, prune_candidates, prune_structure,
                              structure_candidates)
@@ -48,12 +49,15 @@ def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
 
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
-           score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "device") -> FisherResult:
+           score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto") -> FisherResult:
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
     With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
     Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
+    if accumulate_on == "auto":
+        selected = select_parameters(embedder.model.named_parameters(), layer_types)
+        accumulate_on = fisher_plan(embedder, selected, triples, batch_size).accumulate_on
     result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
                                 accumulate_on=accumulate_on)
     if output_dir is not None:
@@ -65,7 +69,7 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
               batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
               seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True,
               fisher_output_dir: str | None = None, with_fisher: bool = False,
-              accumulate_on: str = "device") -> AlignmentResult:
+              accumulate_on: str = "auto") -> AlignmentResult:
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
     ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
@@ -75,9 +79,12 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
+    with_fisher = with_fisher or fisher_output_dir is not None
+    if accumulate_on == "auto":
+        selected = select_parameters(embedder.model.named_parameters(), layer_types)
+        accumulate_on = alignment_plan(embedder, selected, general, domain, batch_size, with_fisher).accumulate_on
     result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
-                                use_distributed, alignment_mode, with_fisher or fisher_output_dir is not None,
-                                accumulate_on=accumulate_on)
+                                use_distributed, alignment_mode, with_fisher, accumulate_on=accumulate_on)
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
             result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name)

@@ -14,6 +14,7 @@ from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
 from gaprune.layers import LAYER_TYPES
 from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
+from gaprune.memory import ACCUMULATE_ON
 from gaprune.pruning import Calibration
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
@@ -67,7 +68,7 @@ def add_runtime_args(parser: argparse.ArgumentParser,
 
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
     """Where the scoring stages keep their float32 sums (the memory plan decides for auto)."""
-    parser.add_argument("--accumulate_on", default="auto", choices=["auto", "device", "cpu"],
+    parser.add_argument("--accumulate_on", default="auto", choices=ACCUMULATE_ON,
                         help="where the float32 sums live: device (beside the model), cpu (host memory, pinned "
                              "copies), auto (device unless the memory plan says it would be over 90%% full)")
 

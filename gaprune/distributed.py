@@ -72,10 +72,6 @@ class World:
         dist.all_gather(parts, padded)
         return torch.cat(parts)[:count].to(local.device)
 
-    def barrier(self) -> None:
-        if self.is_distributed:
-            dist.barrier()
-
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -105,6 +101,8 @@ def init_from_env(device: str = "auto") -> World:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     world = current_world()
     log.info("rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
+    if not world.is_main:  # one voice: the other ranks report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     return world
 
 

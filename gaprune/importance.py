@@ -23,15 +23,13 @@ from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import select_parameters
 from gaprune.loss import triplet_loss
+from gaprune.memory import SUM_PLACES
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
 
 FISHER_EPS = 1e-8
 NORM_EPS = 1e-8
-
-
-ACCUMULATE_ON = ("device", "cpu")  # where the float32 sums live (the memory plan picks one for --accumulate_on auto)
 
 
 def _accumulator_dtype(embedder: Embedder) -> torch.dtype:
@@ -47,26 +45,52 @@ def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-class _Host:
-    """Gradients copied into pinned host buffers (asynchronously, then one wait) so that the sums can live
-    in host memory when they do not fit beside the model on the GPU. A no-op for a model on the CPU."""
+class _PinnedStaging:
+    """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: one
+    pinned block per dtype (one allocation, not one per parameter), filled by asynchronous copies and
+    one wait on the gradients' GPU. A no-op when the sums live beside the model."""
 
     def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str):
-        if accumulate_on not in ACCUMULATE_ON:
-            raise ValueError(f"accumulate_on must be one of {ACCUMULATE_ON}, got {accumulate_on!r}")
-        device = params[0].device if params else torch.device("cpu")
-        self.device = torch.device("cpu") if accumulate_on == "cpu" else device
+        if accumulate_on not in SUM_PLACES:
+            raise ValueError(f"accumulate_on must be one of {SUM_PLACES} (auto is resolved by the memory plan), "
+                             f"got {accumulate_on!r}")
+        model_device = params[0].device if params else torch.device("cpu")
+        self.device = torch.device("cpu") if accumulate_on == "cpu" else model_device
         self.buffers = None
-        if self.device != device:
-            self.buffers = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
+        if self.device == model_device:
+            return
+        self.buffers = []
+        blocks: dict[torch.dtype, torch.Tensor] = {}
+        offsets: dict[torch.dtype, int] = {}
+        try:
+            for dtype in {p.dtype for p in params}:
+                blocks[dtype] = torch.empty(sum(p.numel() for p in params if p.dtype == dtype), dtype=dtype,
+                                            pin_memory=True)
+                offsets[dtype] = 0
+        except RuntimeError as err:
+            raise InputError(f"cannot pin {sum(p.numel() * p.element_size() for p in params) / 2 ** 30:.1f} GB of host "
+                             f"memory for --accumulate_on cpu ({err}); raise the memlock limit or free memory") from None
+        for p in params:
+            start = offsets[p.dtype]
+            self.buffers.append(blocks[p.dtype][start:start + p.numel()].view(p.shape))
+            offsets[p.dtype] = start + p.numel()
 
     def __call__(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         if self.buffers is None:
             return grads
         for buffer, grad in zip(self.buffers, grads):
             buffer.copy_(grad, non_blocking=True)
-        torch.cuda.synchronize()
+        torch.cuda.current_stream(grads[0].device).synchronize()
         return self.buffers
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 24) -> torch.Tensor:
+    """a . b in ``dtype``, converting 16M elements at a time (a whole float32 copy of an 8B model's
+    embedding gradient would be 2.5 GB)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == dtype and b.dtype == dtype:
+        return torch.dot(a, b)
+    return sum(torch.dot(a[i:i + chunk].to(dtype), b[i:i + chunk].to(dtype)) for i in range(0, a.numel(), chunk))
 
 
 @dataclass
@@ -131,7 +155,7 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
     world = world or current_world()
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     selected = select_parameters(named, layer_types)
-    host = _Host(list(selected.values()), accumulate_on)
+    host = _PinnedStaging(list(selected.values()), accumulate_on)
     sums = _FisherSums(named, selected, _accumulator_dtype(embedder), host.device)
     other_params = [p for _, p in sums.others]
     loss_sum = torch.zeros((), dtype=sums.other_sums.dtype, device=embedder.device)
@@ -252,6 +276,9 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     domain_batches = shuffled_batches(domain, domain_half, generator)
     steps = min(len(general_batches), len(domain_batches), max_samples // batch_size)
     gather = distributed and world.is_distributed
+    if gather and with_fisher:  # all_gather's backward adds every rank's share: no longer per-sample gradients
+        raise InputError("the one-pass Fisher files need each rank's own gradients: under torchrun give "
+                         "--no-use_distributed with --fisher_output_dir")
     if gather and steps % world.size:  # every step is a collective: each rank must take as many
         log.warning("gathering across %d processes: dropping the last %d of %d steps", world.size,
                     steps % world.size, steps)
@@ -266,7 +293,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     selected = select_parameters(named, layer_types)
     is_selected = torch.tensor([name in selected for name, _ in named])
     device, dtype = embedder.device, _accumulator_dtype(embedder)
-    host = _Host(params, accumulate_on)
+    host = _PinnedStaging(params, accumulate_on)
     sum_general = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
     sum_domain = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
     fisher = {side: _FisherSums(named, selected, dtype, host.device) for side in ("general", "domain")} \
@@ -276,27 +303,28 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     loss_sums = torch.zeros(2, dtype=dtype, device=device)
     first_losses = torch.full((2,), float("nan"), dtype=dtype, device=device)
 
-    def side_gradients(side: str, batch: list[dict], total: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """One side's loss and gradients, added to its sums (copied to the host once where they live there)."""
+    def side_gradients(side: str, batch: list[dict],
+                       total: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """One side's loss, gradients and gradient norms; the gradients are added to the side's sums (copied
+        to the host once where the sums live there) and, in one pass, squared into its Fisher sums."""
         embedder.model.zero_grad(set_to_none=True)
         loss = triplet_loss(embedder, batch, distributed)
         loss.backward()
         grads = _grads(params)
-        sq_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).square()
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
         on_host = host(grads)
         torch._foreach_add_(total, on_host)
         if fisher:
             fisher[side].add([g for g, chosen in zip(on_host, is_selected.tolist()) if chosen],
-                             sq_norms[~is_selected.to(sq_norms.device)])
-        return loss.detach(), grads, sq_norms
+                             norms[~is_selected.to(norms.device)].square())
+        return loss.detach(), grads, norms
 
     for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
-        general_loss, general_grads, sq_norms_g = side_gradients("general", general_batches[step], sum_general)
-        domain_loss, domain_grads, sq_norms_d = side_gradients("domain", domain_batches[step], sum_domain)
-        dots = torch.stack([torch.dot(g.flatten().to(dtype), d.flatten().to(dtype))
-                            for g, d in zip(general_grads, domain_grads)])
-        both = (sq_norms_g > 0) & (sq_norms_d > 0)
-        cosines = dots / (sq_norms_g * sq_norms_d).sqrt().clamp(min=torch.finfo(dtype).tiny)
+        general_loss, general_grads, norms_g = side_gradients("general", general_batches[step], sum_general)
+        domain_loss, domain_grads, norms_d = side_gradients("domain", domain_batches[step], sum_domain)
+        dots = torch.stack([_dot(g, d, dtype) for g, d in zip(general_grads, domain_grads)])
+        both = (norms_g > 0) & (norms_d > 0)
+        cosines = dots / (norms_g * norms_d).clamp(min=torch.finfo(dtype).tiny)
         seen += both
         conflicts += both & (cosines < 0)
         losses = torch.stack([general_loss, domain_loss]).to(dtype)

@@ -10,6 +10,8 @@ otherwise be more than ``DEVICE_SHARE`` full.
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -20,8 +22,11 @@ import torch
 from gaprune.data import TRIPLE_KEYS, batched
 from gaprune.modeling import Embedder
 
+log = logging.getLogger(__name__)
 GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
+SUM_PLACES = ("device", "cpu")  # beside the model, or in (pinned) host memory
+ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
 
 
 def process_rss() -> int:
@@ -97,7 +102,22 @@ class MemoryPlan:
 
 
 def _capacity(device: torch.device) -> int | None:
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    """What this process can use of its GPU: what is free plus what it already holds (the model)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device)
+
+
+def _available_host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
@@ -134,6 +154,19 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     if accumulate_on == "cpu":
         plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": numel_all * dtype_bytes}
     return plan
+
+
+def warn_if_too_large(plan: MemoryPlan) -> None:
+    """Warn when the plan exceeds the GPU, or when the host parts of every process on this node exceed the
+    host memory available now (torchrun's processes on one machine share it)."""
+    if plan.capacity and plan.device_total > plan.capacity:
+        log.warning("the plan needs %.1f GB on the GPU, which has %.1f GB for this process: expect out-of-memory; "
+                    "try --accumulate_on cpu or a smaller --batch_size", plan.device_total / GB, plan.capacity / GB)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = _available_host_memory()
+    if plan.host and available is not None and processes * plan.host_total > available:
+        log.warning("the sums in host memory need %.1f GB for %d process(es) on this machine, and %.1f GB are "
+                    "available", processes * plan.host_total / GB, processes, available / GB)
 
 
 def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: Sequence[dict], batch_size: int,

@@ -126,3 +126,17 @@ def test_torchrun_sample_and_evaluate_equal_one_process(capsys, tmp_path, qwen3_
     assert one.keys() == two.keys()
     for metric, value in one.items():
         assert two[metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def test_one_pass_fisher_refuses_gathered_embeddings(qwen3_dir, chem_triples, web_triples):
+    """With embeddings gathered across ranks, all_gather's backward adds every rank's share into each
+    rank's gradients: they are no longer one half-batch's own, so the one-pass Fisher would be wrong."""
+    from gaprune.distributed import World
+    from gaprune.errors import InputError
+    from gaprune.importance import gradient_alignment
+    from gaprune.modeling import load_embedder
+
+    embedder = load_embedder(qwen3_dir, "cpu", "float32")
+    with pytest.raises(InputError, match="--no-use_distributed with --fisher_output_dir"):
+        gradient_alignment(embedder, web_triples, chem_triples, 2, 8, ["mlp"], distributed=True, with_fisher=True,
+                           world=World(0, 2))

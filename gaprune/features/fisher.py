@@ -11,7 +11,7 @@ from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
 from gaprune.layers import select_parameters
-from gaprune.memory import fisher_plan, measured_line, process_rss
+from gaprune.memory import fisher_plan, measured_line, process_rss, warn_if_too_large
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
 
@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     plan = fisher_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
                        triples, args.batch_size, args.accumulate_on, runtime_rss)
     log.info("%s", plan.line())
+    warn_if_too_large(plan)
     result = api.fisher(embedder, args.data_path, args.output_dir if world.is_main else None, args.batch_size,
                         args.max_samples, args.sparsify_layers, args.score_dtype,
                         on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"),

@@ -14,7 +14,7 @@ from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
 from gaprune.layers import select_parameters
-from gaprune.memory import alignment_plan, measured_line, process_rss
+from gaprune.memory import alignment_plan, measured_line, process_rss, warn_if_too_large
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     plan = alignment_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
                           general, domain, args.batch_size, args.fisher_output_dir is not None, args.accumulate_on, runtime_rss)
     log.info("%s", plan.line())
+    warn_if_too_large(plan)
     result = api.alignment(embedder, args.general_data_path, args.domain_data_path,
                            args.output_dir if world.is_main else None, args.batch_size, args.max_samples,
                            args.sparsify_layers, args.seed, args.alignment_mode, args.use_distributed,
