@@ -24,7 +24,7 @@ import torch
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples
 from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
-from gaprune.layers import select_parameters
+from gaprune.layers import limit_gradients, select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.memory import alignment_plan, fisher_plan
@@ -49,12 +49,15 @@ def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
 
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
-           score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto") -> FisherResult:
+           score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto",
+           gradients: str = "all") -> FisherResult:
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
     With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
-    Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only."""
+    Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only.
+    ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
+    limit_gradients(embedder.model, layer_types, gradients)
     if accumulate_on == "auto":
         selected = select_parameters(embedder.model.named_parameters(), layer_types)
         accumulate_on = fisher_plan(embedder, selected, triples, batch_size).accumulate_on
@@ -69,12 +72,14 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
               batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
               seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True,
               fisher_output_dir: str | None = None, with_fisher: bool = False,
-              accumulate_on: str = "auto") -> AlignmentResult:
+              accumulate_on: str = "auto", gradients: str = "all") -> AlignmentResult:
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
     ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
-    with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``)."""
+    with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``).
+    ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
+    limit_gradients(embedder.model, layer_types, gradients)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from gaprune import distributed
 from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
-from gaprune.layers import LAYER_TYPES
+from gaprune.layers import GRADIENTS, LAYER_TYPES
 from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
 from gaprune.memory import ACCUMULATE_ON
 from gaprune.pruning import Calibration
@@ -71,6 +71,10 @@ def add_scale_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accumulate_on", default="auto", choices=ACCUMULATE_ON,
                         help="where the float32 sums live: device (beside the model), cpu (host memory, pinned "
                              "copies), auto (device unless the memory plan says it would be over 90%% full)")
+    parser.add_argument("--gradients", default="all", choices=GRADIENTS,
+                        help="all: every parameter takes a gradient and gets a summary entry (published); selected: "
+                             "only the --sparsify_layers parameters, saving their backward time and memory (the "
+                             "embedding matrix of Qwen3-Embedding-4B alone is 388M weights) (default: all)")
 
 
 def add_layer_args(parser: argparse.ArgumentParser, default: Sequence[str]) -> None:

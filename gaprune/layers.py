@@ -117,3 +117,20 @@ def layer_key(name: str, fallback_parts: int) -> str:
         return match.group(1)
     return ".".join(name.split(".")[:fallback_parts])
 
+
+
+GRADIENTS = ("all", "selected")  # which parameters the scoring stages take gradients of
+
+
+def limit_gradients(model: torch.nn.Module, layer_types: Sequence[str], gradients: str) -> int:
+    """``selected``: only the parameters of ``layer_types`` require gradients (the others cost backward
+    time and gradient memory, and the scoring stages then report nothing for them); ``all``: every one
+    does. Returns how many weights no longer take a gradient."""
+    if gradients not in GRADIENTS:
+        raise InputError(f"gradients must be one of {', '.join(GRADIENTS)}, got {gradients!r}")
+    chosen = select_parameters(model.named_parameters(), layer_types) if gradients == "selected" else None
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(chosen is None or name in chosen)
+        frozen += 0 if parameter.requires_grad else parameter.numel()
+    return frozen

@@ -1,5 +1,7 @@
 """The memory plan's parts by hand, and --accumulate_on auto choosing host memory when the GPU is too small."""
 
+import os
+
 import pytest
 import torch
 
@@ -80,3 +82,47 @@ def test_auto_dtype_of_the_scoring_stages_follows_the_cpu(monkeypatch, capsys, t
     import json
     assert json.load(open(path))["metadata"]["compute_dtype"] == ("bfloat16" if native else "float32")
     assert load_embedder(qwen3_dir, "cpu").model.dtype == torch.float32
+
+
+def test_gradients_of_the_selected_layers_only_give_the_same_arrays(capsys, tmp_path, qwen3_dir, data_files):
+    """--gradients selected: the MLP arrays are those of a full run, the reports name only the MLP weights, and
+    the plan holds no gradient or sum for the embedding matrix."""
+    import json
+    from safetensors.torch import load_file
+    from gaprune.features import fisher, gradient
+
+    def arrays(path):
+        return load_file(os.path.join(os.path.dirname(path), json.load(open(path))["metadata"]["tensor_file"]))
+    common = ["--model_name", qwen3_dir, "--max_samples", "6", "--batch_size", "2", "--sparsify_layers", "mlp",
+              "--dtype", "float32"]
+    runs = {}
+    for mode in ("all", "selected"):
+        out = str(tmp_path / mode)
+        runs[mode] = (fisher.main([*common, "--data_path", data_files["chem"], "--output_dir", out, "--gradients", mode]),
+                      gradient.main([*common, "--general_data_path", data_files["general"], "--domain_data_path",
+                                     data_files["chem"], "--output_dir", out, "--gradients", mode]))
+    capsys.readouterr()
+    for full, selected in zip(runs["all"], runs["selected"]):
+        a, b = arrays(full), arrays(selected)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+    fisher_summary = json.load(open(runs["selected"][0]))["summary_statistics"]
+    assert sorted(fisher_summary) == sorted(n for n in arrays(runs["all"][0]))  # the MLP weights, nothing else
+    full_summary = json.load(open(runs["all"][0]))["summary_statistics"]
+    assert "embed_tokens.weight" in full_summary and all(
+        fisher_summary[n]["mean_score"] == full_summary[n]["mean_score"] for n in fisher_summary)
+    assert sorted(json.load(open(runs["selected"][1]))["alignment_scores"]) == sorted(fisher_summary)
+
+
+def test_the_plan_shrinks_with_gradients_of_the_selected_layers(tiny):
+    from gaprune.layers import limit_gradients
+
+    embedder, selected, chem, general = tiny
+    full = alignment_plan(embedder, selected, general, chem, 2, False)
+    frozen = limit_gradients(embedder.model, ["mlp"], "selected")
+    try:
+        narrow = alignment_plan(embedder, selected, general, chem, 2, False)
+    finally:
+        limit_gradients(embedder.model, ["mlp"], "all")
+    assert frozen == sum(p.numel() for p in embedder.model.parameters()) - sum(p.numel() for p in selected.values())
+    assert full.device["gradients"] - narrow.device["gradients"] == 2 * 4 * frozen
+    assert full.device["sums"] - narrow.device["sums"] == 2 * 4 * frozen
