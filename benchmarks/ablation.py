@@ -204,15 +204,16 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
     # random pruning loses 30-50%, which would squash every other bar; the table has it
     methods = [m for m in dict.fromkeys(e["method"] for e in summary) if m not in ("dense", "random")]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.45 * len(methods) + 2),
-                             sharey=True, squeeze=False)
+                             sharey=False, squeeze=False)
     for ax, pct in zip(axes[0], sparsities):
         entries = {e["method"]: e for e in summary if e["sparsity"] == pct}
-        y = range(len(methods))
+        shown = [m for m in methods if m in entries]  # N:M rows sit in the panel of their share
+        y = range(len(shown))
         for offset, side, color in ((-0.2, "domain", "tab:blue"), (0.2, "general", "tab:orange")):
-            ax.barh([i + offset for i in y], [entries[m][f"{side}_change_mean"] for m in methods], height=0.4,
-                    xerr=[entries[m][f"{side}_change_std"] for m in methods], color=color, label=side)
+            ax.barh([i + offset for i in y], [entries[m][f"{side}_change_mean"] for m in shown], height=0.4,
+                    xerr=[entries[m][f"{side}_change_std"] for m in shown], color=color, label=side)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(list(y), methods)
+        ax.set_yticks(list(y), shown)
         ax.invert_yaxis()
         ax.set_title(f"{pct:.0%} of MLP weights pruned")
         ax.set_xlabel("nDCG@10 change vs dense (%)")
