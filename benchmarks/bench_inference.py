@@ -9,6 +9,10 @@ texts (queries, positives and negatives of data/*-example.json, batch 32), batch
 best of several rounds is reported as texts/s, with the ratio and the weight files' sizes. On CUDA the models also
 run in bfloat16. The parameter counts of the Qwen3-Embedding shapes with the same share removed are
 printed from their configs (nothing is downloaded).
+
+On CUDA (compute capability 8.0+) it also races the dense model against a 2:4 copy in bfloat16 whose MLP
+weights are stored as PyTorch semi-structured sparse tensors (`to_sparse_semi_structured`), the one
+sparse pattern GPUs still accelerate; elsewhere that row says why it was skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 import gaprune
 from gaprune.data import load_triples
+from gaprune.layers import select_parameters
 from gaprune.modeling import DEFAULT_MODEL, resolve_model_dir
 from gaprune.toy_models import QWEN3_EMBEDDING_SHAPES, qwen3_parameter_count
 
@@ -44,17 +49,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def race(folders: dict[str, str], texts: list[str], batch_size: int, device: str, dtype: str,
-         rounds: int) -> dict[str, float]:
+def race(embedders: dict, texts: list[str], batch_size: int, rounds: int) -> dict[str, float]:
     """Texts/s of each model: batch by batch in turn (so load from elsewhere hits both alike), after one
     full warm-up pass each (the first pass over new sequence lengths is several times slower); the best
     of ``rounds`` totals."""
-    embedders = {label: gaprune.load_embedder(folder, device, dtype) for label, folder in folders.items()}
+    labels = list(embedders)
     for embedder in embedders.values():
         embedder.encode(texts, batch_size, progress=False)
-    best = {label: float("inf") for label in folders}
+    best = {label: float("inf") for label in labels}
     for _ in range(rounds):
-        seconds = dict.fromkeys(folders, 0.0)
+        seconds = dict.fromkeys(labels, 0.0)
         for start in range(0, len(texts), batch_size):
             for label, embedder in embedders.items():
                 synchronize(embedder.device)
@@ -62,8 +66,26 @@ def race(folders: dict[str, str], texts: list[str], batch_size: int, device: str
                 embedder.encode(texts[start:start + batch_size], batch_size, progress=False)
                 synchronize(embedder.device)
                 seconds[label] += time.perf_counter() - begin
-        best = {label: min(best[label], seconds[label]) for label in folders}
+        best = {label: min(best[label], seconds[label]) for label in labels}
     return {label: len(texts) / value for label, value in best.items()}
+
+
+def semi_structured_copy(model: str):
+    """The model in bfloat16 on CUDA with 2:4 magnitude masks on its MLP weights, stored as semi-structured
+    sparse tensors; or the reason it cannot run here."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability()} < 8.0"
+    from torch.sparse import to_sparse_semi_structured
+
+    embedder = gaprune.load_embedder(model, "cuda", "bfloat16")
+    gaprune.prune(embedder, 0.5, "magnitude", layer_types=("mlp",), pattern="2:4")
+    mlp = set(select_parameters(embedder.model.named_parameters(), ["mlp"]))
+    for name, module in embedder.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in mlp:
+            module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+    return embedder
 
 
 def main() -> None:
@@ -92,8 +114,13 @@ def main() -> None:
         sizes = {label: weight_bytes(folder) for label, folder in folders.items()}
         settings = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "bfloat16")] if torch.cuda.is_available()
                                            else [])
-        results = [(device, dtype, race(folders, texts, args.batch_size, device, dtype, args.rounds))
+        results = [(device, dtype, race({label: gaprune.load_embedder(folder, device, dtype)
+                                         for label, folder in folders.items()}, texts, args.batch_size, args.rounds))
                    for device, dtype in settings]
+        sparse = semi_structured_copy(args.model)
+        semi = None if isinstance(sparse, str) else race(
+            {"dense": gaprune.load_embedder(args.model, "cuda", "bfloat16"), "2:4": sparse}, texts, args.batch_size,
+            args.rounds)
 
     print(f"{args.model} against {pruned}: {len(texts)} texts of the example data, batch {args.batch_size}, "
           f"best of {args.rounds} rounds, batches in turn, {torch.get_num_threads()} CPU threads")
@@ -103,6 +130,11 @@ def main() -> None:
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         print(f"| {name} | {dtype} | {speed['dense']:.1f} | {speed['pruned']:.1f} | "
               f"{speed['pruned'] / speed['dense']:.2f}x |")
+    if semi is None:
+        print(f"2:4 semi-structured MLP weights: skipped ({sparse})")
+    else:
+        print(f"| {torch.cuda.get_device_name()} | bfloat16, 2:4 MLP | {semi['dense']:.1f} | {semi['2:4']:.1f} | "
+              f"{semi['2:4'] / semi['dense']:.2f}x |")
     print(f"weight files: dense {sizes['dense'] / 1e6:.1f} MB, pruned {sizes['pruned'] / 1e6:.1f} MB "
           f"({1 - sizes['pruned'] / sizes['dense']:.1%} smaller)")
     for name, shape in QWEN3_EMBEDDING_SHAPES.items():
