@@ -77,18 +77,25 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_joined: World | None = None  # set by init_from_env: gaprune shares work only among ranks that asked for it
+_initialised_here = False  # whether init_from_env created the process group (and shutdown may end it)
+
+
 def current_world() -> World:
-    """The initialised process group's rank and size, else one process."""
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
-    return World()
+    """The ranks init_from_env joined, else one process: a process group that someone else initialised
+    (a user's own training script calling gaprune on one rank) never makes gaprune's calls collective."""
+    return _joined or World()
 
 
 def init_from_env(device: str = "auto") -> World:
     """Join the process group torchrun describes in the environment (nccl on CUDA, each rank on GPU
-    LOCAL_RANK; gloo on the CPU). Without torchrun: one process, nothing initialised."""
-    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
-        return current_world()
+    LOCAL_RANK; gloo on the CPU), or adopt one already initialised. Without torchrun: one process."""
+    global _joined, _initialised_here
+    if dist.is_available() and dist.is_initialized():
+        _joined = World(dist.get_rank(), dist.get_world_size())
+        return _joined
+    if not launched_by_torchrun():
+        return World()
     if not dist.is_available():
         raise InputError("this PyTorch build has no torch.distributed; run without torchrun")
     use_cuda = device != "cpu" and torch.cuda.is_available()
@@ -99,7 +106,8 @@ def init_from_env(device: str = "auto") -> World:
                              f"({torch.cuda.device_count()}); lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    world = current_world()
+    _initialised_here = True
+    world = _joined = World(dist.get_rank(), dist.get_world_size())
     log.info("rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
     if not world.is_main:  # one voice: the other ranks report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
@@ -107,5 +115,8 @@ def init_from_env(device: str = "auto") -> World:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group init_from_env joined (one the caller initialised is left to the caller)."""
+    global _joined, _initialised_here
+    if _initialised_here and dist.is_initialized():
         dist.destroy_process_group()
+    _joined, _initialised_here = None, False
