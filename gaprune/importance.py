@@ -45,6 +45,12 @@ def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
+def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """The ``layer_types`` parameters that take gradients (the model family is read from every name)."""
+    chosen = select_parameters(embedder.model.named_parameters(), layer_types)
+    return {name: p for name, p in chosen.items() if p.requires_grad}
+
+
 class _PinnedStaging:
     """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: one
     pinned block per dtype (one allocation, not one per parameter), filled by asynchronous copies and
@@ -161,7 +167,7 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
     """
     world = world or current_world()
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
-    selected = select_parameters(named, layer_types)
+    selected = _selected(embedder, layer_types)
     host = _PinnedStaging(list(selected.values()), accumulate_on)
     sums = _FisherSums(named, selected, _accumulator_dtype(embedder), host.device)
     other_params = [p for _, p in sums.others]
@@ -296,7 +302,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
 
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    selected = select_parameters(named, layer_types)
+    selected = _selected(embedder, layer_types)
     is_selected = torch.tensor([name in selected for name, _ in named])
     device, dtype = embedder.device, _accumulator_dtype(embedder)
     host = _PinnedStaging(params, accumulate_on)

@@ -126,3 +126,13 @@ def test_the_plan_shrinks_with_gradients_of_the_selected_layers(tiny):
     assert frozen == sum(p.numel() for p in embedder.model.parameters()) - sum(p.numel() for p in selected.values())
     assert full.device["gradients"] - narrow.device["gradients"] == 2 * 4 * frozen
     assert full.device["sums"] - narrow.device["sums"] == 2 * 4 * frozen
+
+
+def test_gradients_of_the_embedding_alone(capsys, tmp_path, bert_dir, data_files):
+    """Only the embedding matrix takes gradients: the model family is still read from every name."""
+    import json
+    from gaprune.features import fisher
+
+    path = fisher.main(["--model_name", bert_dir, "--data_path", data_files["chem"], "--max_samples", "2",
+                        "--sparsify_layers", "embed", "--gradients", "selected", "--output_dir", str(tmp_path)])
+    assert list(json.load(open(path))["summary_statistics"]) == ["embeddings.word_embeddings.weight"]
