@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ class World:
             else:
                 dist.all_reduce(tensor)
 
-    def gather_rows(self, compute, count: int) -> torch.Tensor:
+    def gather_rows(self, compute: Callable[[int, int], torch.Tensor], count: int) -> torch.Tensor:
         """``compute(start, end)`` on this rank's contiguous share of ``count`` rows, then every rank's rows in
         order on every rank (shares padded to one length for all_gather, the padding dropped)."""
         if not self.is_distributed:
