@@ -146,6 +146,9 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     }
     if not on_gpu:
         plan.device = {"runtime": runtime_rss, **plan.device}
+        source = embedder.source_dtype
+        if isinstance(source, torch.dtype) and source != model.dtype:  # converted while loading: the file stays mapped
+            plan.device["checkpoint"] = sum(p.numel() for p in model.parameters()) * source.itemsize
         plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
         return plan
     if accumulate_on == "auto":

@@ -136,3 +136,12 @@ def test_gradients_of_the_embedding_alone(capsys, tmp_path, bert_dir, data_files
     path = fisher.main(["--model_name", bert_dir, "--data_path", data_files["chem"], "--max_samples", "2",
                         "--sparsify_layers", "embed", "--gradients", "selected", "--output_dir", str(tmp_path)])
     assert list(json.load(open(path))["summary_statistics"]) == ["embeddings.word_embeddings.weight"]
+
+
+def test_a_checkpoint_converted_while_loading_is_counted(qwen3_dir, data_files):
+    """A float32 checkpoint computed in bfloat16 on a CPU: the file stays mapped beside the converted copy."""
+    embedder = load_embedder(qwen3_dir, "cpu", "bfloat16")
+    selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    plan = fisher_plan(embedder, selected, load_triples(data_files["chem"]), 1)
+    numel = sum(p.numel() for p in embedder.model.parameters())
+    assert plan.device["checkpoint"] == 4 * numel and plan.device["model"] == 2 * numel
