@@ -414,3 +414,17 @@ def test_a_folder_without_sentence_transformers_files_gets_its_pooling_written(t
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
     pooling = json.load(open(tmp_path / "saved" / "1_Pooling" / "config.json"))
     assert pooling["pooling_mode_lasttoken" if "qwen3" in model_dir else "pooling_mode_mean_tokens"]
+
+
+def test_scale_flags_fail_in_one_line(capsys, tmp_path, bert_dir, data_files):
+    """The one-pass folder that is a file, and an unknown place for the sums: one line each, nothing written."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    common = ["--model_name", bert_dir, "--general_data_path", data_files["general"], "--domain_data_path",
+              data_files["chem"], "--output_dir", str(tmp_path / "out")]
+    line = fail(capsys, gradient.main, [*common, "--fisher_output_dir", str(taken)])
+    assert "--fisher_output_dir" in line and "is a file" in line
+    line = fail(capsys, fisher.main, ["--model_name", bert_dir, "--data_path", data_files["chem"],
+                                      "--accumulate_on", "disk"])
+    assert "--accumulate_on" in line and "disk" in line
+    assert listing(tmp_path / "out") == []
