@@ -24,7 +24,7 @@ import torch
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples
 from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
-from gaprune.layers import limit_gradients, select_parameters
+from gaprune.layers import gradients_of, select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.memory import alignment_plan, fisher_plan
@@ -54,15 +54,16 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
     With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
     Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only.
-    ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported."""
+    ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported (the
+    model's requires_grad flags are restored afterwards)."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
-    limit_gradients(embedder.model, layer_types, gradients)
-    if accumulate_on == "auto":
-        selected = select_parameters(embedder.model.named_parameters(), layer_types)
-        accumulate_on = fisher_plan(embedder, selected, triples, batch_size).accumulate_on
-    result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
-                                accumulate_on=accumulate_on)
+    with gradients_of(embedder.model, layer_types, gradients):
+        if accumulate_on == "auto":
+            selected = select_parameters(embedder.model.named_parameters(), layer_types)
+            accumulate_on = fisher_plan(embedder, selected, triples, batch_size).accumulate_on
+        result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
+                                    accumulate_on=accumulate_on)
     if output_dir is not None:
         result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
     return result
@@ -79,17 +80,17 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``).
     ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
-    limit_gradients(embedder.model, layer_types, gradients)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     with_fisher = with_fisher or fisher_output_dir is not None
-    if accumulate_on == "auto":
-        selected = select_parameters(embedder.model.named_parameters(), layer_types)
-        accumulate_on = alignment_plan(embedder, selected, general, domain, batch_size, with_fisher).accumulate_on
-    result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
-                                use_distributed, alignment_mode, with_fisher, accumulate_on=accumulate_on)
+    with gradients_of(embedder.model, layer_types, gradients):
+        if accumulate_on == "auto":
+            selected = select_parameters(embedder.model.named_parameters(), layer_types)
+            accumulate_on = alignment_plan(embedder, selected, general, domain, batch_size, with_fisher).accumulate_on
+        result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
+                                    use_distributed, alignment_mode, with_fisher, accumulate_on=accumulate_on)
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
             result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name)

@@ -84,7 +84,7 @@ _initialised_here = False  # whether init_from_env created the process group (an
 def current_world() -> World:
     """The ranks init_from_env joined, else one process: a process group that someone else initialised
     (a user's own training script calling gaprune on one rank) never makes gaprune's calls collective."""
-    return _joined or World()
+    return _joined if _joined is not None and dist.is_initialized() else World()
 
 
 def init_from_env(device: str = "auto") -> World:

@@ -48,6 +48,10 @@ def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
 def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch.nn.Parameter]:
     """The ``layer_types`` parameters that take gradients (the model family is read from every name)."""
     chosen = select_parameters(embedder.model.named_parameters(), layer_types)
+    frozen = [name for name, p in chosen.items() if not p.requires_grad]
+    if frozen:
+        log.warning("%d selected parameters take no gradient (frozen) and get no scores, e.g. %s", len(frozen),
+                    frozen[0])
     return {name: p for name, p in chosen.items() if p.requires_grad}
 
 
@@ -320,7 +324,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         """One side's loss, gradients and gradient norms; the gradients are added to the side's sums (copied
         to the host once where the sums live there) and, in one pass, squared into its Fisher sums."""
         embedder.model.zero_grad(set_to_none=True)
-        loss = triplet_loss(embedder, batch, distributed)
+        loss = triplet_loss(embedder, batch, gather)
         loss.backward()
         grads = _grads(params)
         norms = _norms(grads, dtype)

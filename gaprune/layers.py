@@ -8,7 +8,8 @@ BERT-style encoders (``encoder.layer.N.intermediate.dense``). Names are matched 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -122,15 +123,23 @@ def layer_key(name: str, fallback_parts: int) -> str:
 GRADIENTS = ("all", "selected")  # which parameters the scoring stages take gradients of
 
 
-def limit_gradients(model: torch.nn.Module, layer_types: Sequence[str], gradients: str) -> int:
-    """``selected``: only the parameters of ``layer_types`` require gradients (the others cost backward
-    time and gradient memory, and the scoring stages then report nothing for them); ``all``: every one
-    does. Returns how many weights no longer take a gradient."""
+@contextmanager
+def gradients_of(model: torch.nn.Module, layer_types: Sequence[str], gradients: str) -> Iterator[int]:
+    """``selected``: only the parameters of ``layer_types`` require gradients inside the block (the others cost
+    backward time and gradient memory, and the scoring stages then report nothing for them); ``all``: the
+    flags are left as they are. Yields how many weights were frozen; the flags are restored afterwards."""
     if gradients not in GRADIENTS:
         raise InputError(f"gradients must be one of {', '.join(GRADIENTS)}, got {gradients!r}")
-    chosen = select_parameters(model.named_parameters(), layer_types) if gradients == "selected" else None
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
     frozen = 0
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(chosen is None or name in chosen)
-        frozen += 0 if parameter.requires_grad else parameter.numel()
-    return frozen
+    if gradients == "selected":
+        chosen = select_parameters(model.named_parameters(), layer_types)
+        for name, parameter in model.named_parameters():
+            if name not in chosen and parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+    try:
+        yield frozen
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(before[name])

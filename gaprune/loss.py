@@ -7,16 +7,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from gaprune.distributed import current_world
 from gaprune.modeling import Embedder
 
 SCALE = 20.0
 
 
 def gather_across_processes(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows, with gradients flowing back to this rank's, when torch.distributed is initialised."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    if torch.distributed.get_world_size() == 1:
+    """All ranks' rows, with gradients flowing back to this rank's, among the ranks that joined through
+    gaprune.distributed.init_from_env (torchrun); otherwise ``x`` itself."""
+    if not current_world().is_distributed:
         return x
     from torch.distributed.nn.functional import all_gather
 

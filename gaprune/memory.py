@@ -148,7 +148,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         plan.device = {"runtime": runtime_rss, **plan.device}
         source = embedder.source_dtype
         if isinstance(source, torch.dtype) and source != model.dtype:  # converted while loading: the file stays mapped
-            plan.device["checkpoint"] = sum(p.numel() for p in model.parameters()) * source.itemsize
+            plan.device["checkpoint mapped while loading"] = sum(p.numel() for p in model.parameters()) * source.itemsize
         plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
         return plan
     if accumulate_on == "auto":

@@ -200,6 +200,14 @@ def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase
     return tokenizer
 
 
+def _config_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint was saved in (``dtype``; ``torch_dtype`` in older configs), float32 if unnamed."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
 def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_length: int = 512,
                   native_cpu_bfloat16: bool = False) -> Embedder:
     """Load model and tokenizer as a Qwen3-Embedding user would, on ``device`` in ``dtype``, in eval mode
@@ -225,7 +233,7 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
         tokenizer=tokenizer,
         pooling=pooling_mode(model_dir, encoder),
         model_dir=model_dir,
-        source_dtype=getattr(config, "dtype", None) or torch.float32,
+        source_dtype=_config_dtype(config),
         name=path,
         max_length=min(n for n in limits if isinstance(n, int) and n > 0),
     )

@@ -114,15 +114,21 @@ def test_gradients_of_the_selected_layers_only_give_the_same_arrays(capsys, tmp_
 
 
 def test_the_plan_shrinks_with_gradients_of_the_selected_layers(tiny):
-    from gaprune.layers import limit_gradients
+    """Inside gradients_of(..., "selected") only the MLP takes gradients; afterwards every flag is as before."""
+    from gaprune.layers import gradients_of
 
     embedder, selected, chem, general = tiny
     full = alignment_plan(embedder, selected, general, chem, 2, False)
-    frozen = limit_gradients(embedder.model, ["mlp"], "selected")
+    frozen_by_user = embedder.model.layers[0].self_attn.q_proj.weight
+    frozen_by_user.requires_grad_(False)
     try:
-        narrow = alignment_plan(embedder, selected, general, chem, 2, False)
+        with gradients_of(embedder.model, ["mlp"], "selected") as frozen:
+            narrow = alignment_plan(embedder, selected, general, chem, 2, False)
+        assert not frozen_by_user.requires_grad  # restored as the caller left it, not switched on
+        assert all(p.requires_grad for p in embedder.model.parameters() if p is not frozen_by_user)
     finally:
-        limit_gradients(embedder.model, ["mlp"], "all")
+        frozen_by_user.requires_grad_(True)
+    frozen += frozen_by_user.numel()  # the plan without it counted it as taking gradients
     assert frozen == sum(p.numel() for p in embedder.model.parameters()) - sum(p.numel() for p in selected.values())
     assert full.device["gradients"] - narrow.device["gradients"] == 2 * 4 * frozen
     assert full.device["sums"] - narrow.device["sums"] == 2 * 4 * frozen
@@ -144,4 +150,4 @@ def test_a_checkpoint_converted_while_loading_is_counted(qwen3_dir, data_files):
     selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
     plan = fisher_plan(embedder, selected, load_triples(data_files["chem"]), 1)
     numel = sum(p.numel() for p in embedder.model.parameters())
-    assert plan.device["checkpoint"] == 4 * numel and plan.device["model"] == 2 * numel
+    assert plan.device["checkpoint mapped while loading"] == 4 * numel and plan.device["model"] == 2 * numel
