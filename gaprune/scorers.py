@@ -21,10 +21,11 @@ import torch
 from gaprune.calibration import LayerInputs
 from gaprune.errors import InputError
 from gaprune.masking import Pattern, ScoreFn
+from gaprune.scorefiles import FILE_KINDS
 from gaprune import pruners, scoring
 from gaprune.scoring import ArrayFn, DAIConfig
 
-SIDES = ("domain_fisher", "general_fisher", "alignment")  # the score files a scorer may read
+SIDES = tuple(FILE_KINDS)  # the score files a scorer may read: domain_fisher, general_fisher, alignment
 
 
 @dataclass
