@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -27,7 +28,7 @@ from gaprune.importance import AlignmentResult, FisherResult, fisher_information
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
-from gaprune.memory import alignment_plan, fisher_plan
+from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruning import (Calibration, StructureResult, prune_calibrated, prune_candidates, prune_structure,
                              structure_candidates)
@@ -47,23 +48,37 @@ def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
                                                                    native_cpu_bfloat16=native_cpu_bfloat16)
 
 
+@contextmanager
+def _scoring(embedder: Embedder, layer_types: Sequence[str], gradients: str,
+             plan_for: Callable[[dict[str, torch.Tensor]], MemoryPlan]) -> Iterator[MemoryPlan]:
+    """A scoring stage's surroundings: inside, only the gradients asked for (``gradients_of``) and the stage's
+    memory plan, logged in one line (with a warning when it would not fit); afterwards, the peak really used."""
+    with gradients_of(embedder.model, layer_types, gradients) as frozen:
+        if frozen:
+            log.info("--gradients selected: %d weights outside --sparsify_layers take no gradient", frozen)
+        plan = plan_for(select_parameters(embedder.model.named_parameters(), layer_types))
+        log.info("%s", plan.line())
+        warn_if_too_large(plan)
+        yield plan
+    log.info("%s", measured_line(plan, embedder.device))
+
+
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
            score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto",
-           gradients: str = "all") -> FisherResult:
+           gradients: str = "all", runtime_rss: int = 0) -> FisherResult:
     """Fisher information of every weight on the first ``max_samples`` triples of ``data_path``.
     With ``output_dir`` the score files are written and ``result.path`` is the results JSON.
     Under torchrun every rank computes its share and call it with ``output_dir`` on rank 0 only.
     ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported (the
-    model's requires_grad flags are restored afterwards)."""
+    model's requires_grad flags are restored afterwards). ``runtime_rss``: the process's resident memory
+    before the model was loaded, for the memory plan on a CPU (0: not counted)."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
-    with gradients_of(embedder.model, layer_types, gradients):
-        if accumulate_on == "auto":
-            selected = select_parameters(embedder.model.named_parameters(), layer_types)
-            accumulate_on = fisher_plan(embedder, selected, triples, batch_size).accumulate_on
+    with _scoring(embedder, layer_types, gradients, lambda selected: fisher_plan(
+            embedder, selected, triples, batch_size, accumulate_on, runtime_rss)) as plan:
         result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
-                                    accumulate_on=accumulate_on)
+                                    accumulate_on=plan.accumulate_on)
     if output_dir is not None:
         result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
     return result
@@ -73,24 +88,22 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
               batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
               seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True,
               fisher_output_dir: str | None = None, with_fisher: bool = False,
-              accumulate_on: str = "auto", gradients: str = "all") -> AlignmentResult:
+              accumulate_on: str = "auto", gradients: str = "all", runtime_rss: int = 0) -> AlignmentResult:
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
     ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
     with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``).
-    ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported."""
+    ``gradients`` and ``runtime_rss`` as for fisher()."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
                     domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     with_fisher = with_fisher or fisher_output_dir is not None
-    with gradients_of(embedder.model, layer_types, gradients):
-        if accumulate_on == "auto":
-            selected = select_parameters(embedder.model.named_parameters(), layer_types)
-            accumulate_on = alignment_plan(embedder, selected, general, domain, batch_size, with_fisher).accumulate_on
+    with _scoring(embedder, layer_types, gradients, lambda selected: alignment_plan(
+            embedder, selected, general, domain, batch_size, with_fisher, accumulate_on, runtime_rss)) as plan:
         result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
-                                    use_distributed, alignment_mode, with_fisher, accumulate_on=accumulate_on)
+                                    use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
             result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name)

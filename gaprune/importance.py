@@ -129,7 +129,7 @@ class _FisherSums:
 
     def __init__(self, named: Sequence[tuple[str, torch.nn.Parameter]], selected: dict[str, torch.nn.Parameter],
                  dtype: torch.dtype, device: torch.device):
-        self.named, self.selected = named, selected
+        self.named = named
         self.full = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in selected.items()}
         self.others = [(n, p) for n, p in named if n not in selected]
         self.other_sums = torch.zeros(len(self.others), dtype=dtype, device=named[0][1].device)
@@ -307,8 +307,9 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     selected = _selected(embedder, layer_types)
-    is_selected = torch.tensor([name in selected for name, _ in named])
     device, dtype = embedder.device, _accumulator_dtype(embedder)
+    chosen = [name in selected for name, _ in named]
+    unchosen = ~torch.tensor(chosen, device=device)  # the parameters whose Fisher keeps only a sum of squares
     host = _PinnedStaging(params, accumulate_on)
     sum_general = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
     sum_domain = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
@@ -331,8 +332,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         on_host = host(grads)
         torch._foreach_add_(total, on_host)
         if fisher:
-            fisher[side].add([g for g, chosen in zip(on_host, is_selected.tolist()) if chosen],
-                             norms[~is_selected.to(norms.device)].square())
+            fisher[side].add([g for g, keep in zip(on_host, chosen) if keep], norms[unchosen].square())
         return loss.detach(), grads, norms
 
     for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):

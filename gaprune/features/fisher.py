@@ -10,8 +10,7 @@ from gaprune.cli import SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_ar
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import FisherResult
-from gaprune.layers import gradients_of, select_parameters
-from gaprune.memory import fisher_plan, measured_line, process_rss, warn_if_too_large
+from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
 
@@ -54,18 +53,10 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     embedder = load_embedder(args.model_name, args.device, args.dtype, native_cpu_bfloat16=True)
     log.info("%d triples from %s; model %s on %s (%s), pooling %s", len(triples), args.data_path, args.model_name,
              embedder.device, embedder.model.dtype, embedder.pooling)
-    with gradients_of(embedder.model, args.sparsify_layers, args.gradients) as frozen:
-        if frozen:
-            log.info("--gradients selected: %d weights outside --sparsify_layers take no gradient", frozen)
-        plan = fisher_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
-                           triples, args.batch_size, args.accumulate_on, runtime_rss)
-        log.info("%s", plan.line())
-        warn_if_too_large(plan)
-        result = api.fisher(embedder, args.data_path, args.output_dir if world.is_main else None, args.batch_size,
-                            args.max_samples, args.sparsify_layers, args.score_dtype,
-                            on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"),
-                            accumulate_on=plan.accumulate_on, gradients=args.gradients)
-    log.info("%s", measured_line(plan, embedder.device))
+    result = api.fisher(embedder, args.data_path, args.output_dir if world.is_main else None, args.batch_size,
+                        args.max_samples, args.sparsify_layers, args.score_dtype,
+                        on_first_loss=lambda loss: print(f"First batch loss: {loss:.6f}"),
+                        accumulate_on=args.accumulate_on, gradients=args.gradients, runtime_rss=runtime_rss)
     if not world.is_main:
         return None
     print_report(result)

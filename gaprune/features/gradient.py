@@ -13,8 +13,7 @@ from gaprune.cli import SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_ar
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
-from gaprune.layers import gradients_of, select_parameters
-from gaprune.memory import alignment_plan, measured_line, process_rss, warn_if_too_large
+from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
 from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
@@ -83,21 +82,12 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     embedder = load_embedder(args.model_name, args.device, args.dtype, native_cpu_bfloat16=True)
     log.info("%d general and %d domain triples; model %s on %s (%s)", len(general), len(domain), args.model_name,
              embedder.device, embedder.model.dtype)
-    with gradients_of(embedder.model, args.sparsify_layers, args.gradients) as frozen:
-        if frozen:
-            log.info("--gradients selected: %d weights outside --sparsify_layers take no gradient", frozen)
-        plan = alignment_plan(embedder, select_parameters(embedder.model.named_parameters(), args.sparsify_layers),
-                              general, domain, args.batch_size, args.fisher_output_dir is not None,
-                              args.accumulate_on, runtime_rss)
-        log.info("%s", plan.line())
-        warn_if_too_large(plan)
-        result = api.alignment(embedder, args.general_data_path, args.domain_data_path,
-                               args.output_dir if world.is_main else None, args.batch_size, args.max_samples,
-                               args.sparsify_layers, args.seed, args.alignment_mode, args.use_distributed,
-                               args.fisher_output_dir if world.is_main else None,
-                               with_fisher=args.fisher_output_dir is not None, accumulate_on=plan.accumulate_on,
-                               gradients=args.gradients)
-    log.info("%s", measured_line(plan, embedder.device))
+    result = api.alignment(embedder, args.general_data_path, args.domain_data_path,
+                           args.output_dir if world.is_main else None, args.batch_size, args.max_samples,
+                           args.sparsify_layers, args.seed, args.alignment_mode, args.use_distributed,
+                           args.fisher_output_dir if world.is_main else None,
+                           with_fisher=args.fisher_output_dir is not None, accumulate_on=args.accumulate_on,
+                           gradients=args.gradients, runtime_rss=runtime_rss)
     if not world.is_main:
         return None
     print_report(result)
