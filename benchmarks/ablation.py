@@ -53,6 +53,8 @@ ROW_LABEL = " (row cosine)"
 FIELD_SCORERS = ["magnitude", "wanda", "sparsegpt", "aligned_saliency"]
 RECONSTRUCTED_SCORERS = ["magnitude", "aligned_saliency"]
 RECONSTRUCTED = " + reconstruction"
+# unstructured only (--layer_shares): each layer's share from a scorer's global ranking, the weights from the pruner
+LAYER_SHARES = {"aligned_saliency": ["wanda", "sparsegpt"], "magnitude": ["sparsegpt"]}
 CHANNEL_SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "aligned_saliency"]
 RETRAINED = " +{steps} steps"
 
@@ -105,17 +107,21 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
     (cross-calibrated 50/50), the Fisher files all of them."""
     texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"]]
     rows: list[dict] = []
-    for pattern, sparsity in (("unstructured", [0.5, 0.6]), ("2:4", [0.5])):
-        for reconstruct, scorers in ((False, FIELD_SCORERS), (True, RECONSTRUCTED_SCORERS)):
-            flags = [*texts, "--sparsity_pattern", pattern, *(["--reconstruct"] if reconstruct else [])]
-            for row in compare_rows(model, files, heldout, sparsity, out, "local_cosine", scorers, seed, flags):
-                if row["method"] == "dense":
-                    if not rows:
-                        rows.append(row)
-                    continue
-                row["method"] += (RECONSTRUCTED if reconstruct else "") + ("" if pattern == "unstructured"
-                                                                           else f" ({pattern})")
-                rows.append(row)
+    runs = [(pattern, [0.5, 0.6] if pattern == "unstructured" else [0.5], scorers, flags, label)
+            for pattern in ("unstructured", "2:4")
+            for scorers, flags, label in ((FIELD_SCORERS, [], ""), (RECONSTRUCTED_SCORERS, ["--reconstruct"],
+                                                                    RECONSTRUCTED))]
+    runs += [("unstructured", [0.5, 0.6], pruners, ["--layer_shares", shares], f", {shares} shares")
+             for shares, pruners in LAYER_SHARES.items()]
+    for pattern, sparsity, scorers, flags, label in runs:
+        flags = [*texts, "--sparsity_pattern", pattern, *flags]
+        for row in compare_rows(model, files, heldout, sparsity, out, "local_cosine", scorers, seed, flags):
+            if row["method"] == "dense":
+                if not rows:
+                    rows.append(row)
+                continue
+            row["method"] += label + ("" if pattern == "unstructured" else f" ({pattern})")
+            rows.append(row)
     return rows
 
 

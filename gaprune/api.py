@@ -30,8 +30,8 @@ from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruning import (Calibration, StructureResult, prune_calibrated, prune_candidates, prune_structure,
-                             structure_candidates)
+from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, prune_calibrated, prune_candidates,
+                             prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
@@ -117,11 +117,14 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
           domain_fisher: str | None = None, alignment: str | None = None, layer_types: Sequence[str] = ("mlp",),
           config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
           rho_max: float = 0.95, seed: int = 42, pattern: str = "unstructured",
-          calibration: Calibration | None = None, reconstruct: bool = False) -> MaskResult:
+          calibration: Calibration | None = None, reconstruct: bool = False,
+          layer_shares: str = UNIFORM_SHARES) -> MaskResult:
     """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
     reading the given score files (results JSON paths); with an N:M ``pattern`` ("2:4"), N of every M
     weights of each row instead. Wanda and SparseGPT, and ``reconstruct`` (the OBS update of the kept
-    weights under the mask), need ``calibration`` texts. Save the model with gaprune.checkpoint.save_model."""
+    weights under the mask), need ``calibration`` texts; ``layer_shares`` (a score-based scorer) sets Wanda's and
+    SparseGPT's share of each layer from that scorer's global ranking. Save the model with
+    gaprune.checkpoint.save_model."""
     embedder = as_embedder(model)
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
@@ -129,10 +132,11 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
     if (chosen.needs_activations or reconstruct) and calibration is None:
         raise InputError(f"{scorer if chosen.needs_activations else 'reconstruction'} needs calibration texts")
     candidates = select_parameters(embedder.model.named_parameters(), layer_types)
-    arrays = _score_arrays(embedder, candidates, scorer, config, general_fisher, domain_fisher, alignment)
+    arrays = _score_arrays(embedder, candidates, scorers_used(scorer, layer_shares), config, general_fisher,
+                           domain_fisher, alignment)
     if chosen.needs_activations or reconstruct:
         return prune_calibrated(embedder, candidates, scorer, sparsity, calibration, reconstruct, sparsity_pattern,
-                                arrays, config, strategy, rho_min, rho_max, seed)
+                                arrays, config, strategy, rho_min, rho_max, seed, layer_shares)
     return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed,
                             sparsity_pattern)
 
@@ -147,17 +151,19 @@ def prune_units(model: ModelLike, share: float, structure: str = "channels", sco
     config = config or DAIConfig()
     plan = unit_plan(embedder.model, structure)
     candidates = structure_candidates(embedder.model, plan)
-    arrays = _score_arrays(embedder, candidates, scorer, config, general_fisher, domain_fisher, alignment)
+    arrays = _score_arrays(embedder, candidates, [scorer], config, general_fisher, domain_fisher, alignment)
     return prune_structure(embedder.model, plan, arrays, scorer, config, share, seed)
 
 
-def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], scorer: str, config: DAIConfig,
+def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], scorers: Sequence[str], config: DAIConfig,
                   general_fisher: str | None, domain_fisher: str | None, alignment: str | None) -> ArrayFn:
+    """The given score files, once each ``scorers`` entry is checked to have what it needs."""
     paths = {"domain_fisher": domain_fisher, "general_fisher": general_fisher, "alignment": alignment}
-    chosen = get_scorer(scorer)
-    chosen.check(config, {side for side, path in paths.items() if path})
+    for scorer in scorers:
+        get_scorer(scorer).check(config, {side for side, path in paths.items() if path})
     return open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
-                            need_cosine=chosen.reads_cosine(config), model_name=embedder.name)
+                            need_cosine=any(get_scorer(scorer).reads_cosine(config) for scorer in scorers),
+                            model_name=embedder.name)
 
 
 @torch.no_grad()

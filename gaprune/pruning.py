@@ -18,6 +18,9 @@ from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
+UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
+
+
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
                      pct: float, strategy: str = "global", rho_min: float = 0.05, rho_max: float = 0.95,
                      seed: int = 42, pattern: Pattern = Pattern(), keep_masks: bool = False,
@@ -56,17 +59,22 @@ class Calibration:
 def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
                      calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
                      arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
-                     rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42) -> MaskResult:
+                     rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42,
+                     layer_shares: str = UNIFORM_SHARES) -> MaskResult:
     """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
     any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
     the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
-    SparseGPT: each block of columns; N:M patterns: each group); a score-based mask keeps its budget."""
+    SparseGPT: each block of columns; N:M patterns: each group), at ``pct`` of every layer or at the shares
+    ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget."""
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
                                  keep_masks=True, apply=False)
+        shares = {}
+    else:
+        shares = shares_of_layers(candidates, layer_shares, arrays, config, pct, pattern, seed)
     per_param: dict[str, dict] = {}
     newly_zeroed = 0
 
@@ -78,11 +86,12 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                 mask = fixed.masks.pop(name).to(weight.device)
                 start = weight
             elif chosen.layer_pruner is not None:
-                start, mask = chosen.layer_pruner(weight, layer_inputs, pct, pattern)
+                start, mask = chosen.layer_pruner(weight, layer_inputs, shares[name], pattern)
             else:
                 score = chosen.build(ScoringContext({name: weight}, arrays, config, seed, {name: layer_inputs}))
                 score = checked_scores(score)(name, weight).view(weight.shape)
-                mask = lowest_in_groups(score, pattern.n, pattern.m) if pattern.structured else lowest_in_rows(score, pct)
+                mask = (lowest_in_groups(score, pattern.n, pattern.m) if pattern.structured
+                        else lowest_in_rows(score, shares[name]))
                 start = weight
             if reconstruct:
                 start, _ = sparsegpt(start, layer_inputs.hessian, mask=mask)
@@ -104,7 +113,30 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
         fixed.masks = None
         return fixed
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
-                      per_param=per_param, per_layer_allocations=layer_allocations(per_param))
+                      per_param=per_param, per_layer_allocations=layer_allocations(per_param),
+                      diagnostics={"layer_shares": layer_shares})
+
+
+def scorers_used(scorer: str, layer_shares: str = UNIFORM_SHARES) -> list[str]:
+    """The registered scorers a pruning request reads score files for: the scorer, and the one that sets the
+    layer shares of an activation-aware pruner."""
+    return [scorer] + ([layer_shares] if layer_shares != UNIFORM_SHARES and get_scorer(scorer).needs_activations
+                       else [])
+
+
+def shares_of_layers(candidates: Mapping[str, torch.Tensor], layer_shares: str, arrays: ArrayFn | None,
+                     config: DAIConfig, pct: float, pattern: Pattern = Pattern(), seed: int = 42) -> dict[str, float]:
+    """The share of each candidate tensor an activation-aware pruner takes: ``pct`` everywhere (uniform), or
+    the share of the tensor among the lowest ``int(total * pct)`` weights of all candidates as ranked by the
+    score-based scorer ``layer_shares``. That scorer decides how much each layer loses, the pruner which
+    weights."""
+    if layer_shares == UNIFORM_SHARES:
+        return {name: pct for name in candidates}
+    if pattern.structured:
+        raise InputError(f"--layer_shares {layer_shares} moves the share between layers; an N:M pattern fixes it "
+                         f"at N/M in every layer")
+    ranked = prune_candidates(candidates, arrays, layer_shares, config, pct, "global", seed=seed, apply=False)
+    return {name: info["ratio"] for name, info in ranked.per_param.items()}
 
 
 def structure_candidates(model: torch.nn.Module, plan: UnitPlan) -> dict[str, torch.Tensor]:

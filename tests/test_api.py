@@ -7,9 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import gaprune
+from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError
 from gaprune.features import fisher as fisher_script
 from gaprune.layers import select_parameters
+from gaprune.pruning import Calibration
 from gaprune.scorers import SCORERS, Scorer, get_scorer
 from gaprune.scoring import magnitude
 
@@ -68,3 +70,26 @@ def test_every_registered_scorer_declares_its_files():
         get_scorer("general_fisher").check(config, {"domain_fisher"})
     with pytest.raises(InputError, match="unknown scorer 'obc'"):
         get_scorer("obc")
+
+
+def test_sparsegpt_takes_each_layer_share_from_the_fisher_ranking(qwen3_dir, data_files, score_files):
+    """layer_shares: aligned_saliency decides how many weights each layer loses, SparseGPT which ones."""
+    files = score_files["qwen3"]
+    config = gaprune.DAIConfig(alignment_weight=0)
+    ranked = gaprune.prune(gaprune.load_embedder(qwen3_dir, "cpu"), 0.5, "aligned_saliency", files["general"],
+                           files["domain"], config=config)
+    calibration = Calibration({"domain": triple_texts(load_triples(data_files["chem"], 4))}, 0.0)
+    embedder = gaprune.load_embedder(qwen3_dir, "cpu")
+    result = gaprune.prune(embedder, 0.5, "sparsegpt", files["general"], files["domain"], config=config,
+                           calibration=calibration, layer_shares="aligned_saliency")
+    weights = dict(embedder.model.named_parameters())
+    shares = {name: info["ratio"] for name, info in ranked.per_param.items()}
+    assert len({round(share, 3) for share in shares.values()}) > 2 and result.diagnostics["layer_shares"] == \
+        "aligned_saliency"
+    for name, share in shares.items():
+        rows, columns = weights[name].shape  # SparseGPT's count: int(share * weights) of each 128-column block
+        expected = sum(int(rows * min(128, columns - start) * share) for start in range(0, columns, 128))
+        assert result.per_param[name]["masked"] == int((weights[name] == 0).sum()) == expected, name
+    with pytest.raises(InputError, match="needs --domain_fisher_scores"):
+        gaprune.prune(embedder, 0.5, "sparsegpt", files["general"], config=config, calibration=calibration,
+                      layer_shares="aligned_saliency")

@@ -69,6 +69,35 @@ def test_sparsegpt_2_4_zeroes_two_of_every_four_and_updates_the_rest(tmp_path, q
         assert (weights[name][kept] != dense[name][kept]).float().mean() > 0.9  # the kept weights were updated
 
 
+def magnitude_shares(model_dir, k_share) -> dict[str, float]:
+    """Each MLP weight's share of the globally smallest |w| (ties cannot occur in random float weights)."""
+    dense = load_file(os.path.join(model_dir, "model.safetensors"))
+    names = [n for n in dense if n.startswith("encoder.layer") and n.endswith("dense.weight") and "attention" not in n]
+    everything = torch.cat([dense[n].abs().flatten() for n in names])
+    threshold = everything.sort().values[int(everything.numel() * k_share) - 1]
+    return {n: (dense[n].abs() <= threshold).sum().item() / dense[n].numel() for n in names}
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_layer_shares_take_each_layer_share_from_a_global_ranking(tmp_path, bert_dir, data_files, pruner):
+    folder, weights, stats = prune(tmp_path, bert_dir, data_files, "--unstructured_scoring", pruner,
+                                   "--unstructured_pct", "0.5", "--layer_shares", "magnitude")
+    assert os.path.basename(folder) == f"tiny-bert_{pruner}_prune_50%_magnitude_shares"
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["layer_shares"] == "magnitude"
+    shares = magnitude_shares(bert_dir, 0.5)
+    assert len({round(share, 3) for share in shares.values()}) > 2  # the ranking moves the budget between layers
+    assert set(stats["per_param"]) == set(shares)
+    for name, share in shares.items():
+        rows, columns = weights[name].shape
+        zeros = weights[name] == 0
+        if pruner == "wanda":  # each row loses int(share * columns), the layer's share
+            assert (zeros.sum(1) == int(share * columns)).all(), name
+        else:  # each block of 128 columns loses int(share * its weights)
+            assert zeros.sum().item() == sum(int(rows * min(128, columns - start) * share)
+                                             for start in range(0, columns, 128)), name
+
+
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
     """|| (W' - W) X || of one first-block layer on the calibration texts."""
     module = embedder.model.get_submodule(name.rpartition(".")[0])
@@ -123,6 +152,14 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
     (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--reconstruct", "--calibration_data",
       "CHEM"], "sparsegpt already updates the kept weights"),
     (["--unstructured_scoring", "wanda", "--calibration_data", "CHEM"], "wanda at a share of 0 prunes nothing"),
+    (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
+      "--layer_shares", "wanda"], "--layer_shares takes uniform or a score-based scorer"),
+    (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
+      "--layer_shares", "aligned_saliency"], "scorer aligned_saliency needs --domain_fisher_scores"),
+    (["--unstructured_scoring", "sparsegpt", "--sparsity_pattern", "2:4", "--calibration_data", "CHEM",
+      "--layer_shares", "magnitude"], "--sparsity_pattern 2:4 fixes it in every layer"),
+    (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--layer_shares", "magnitude"],
+     "--layer_shares applies to wanda and sparsegpt"),
 ])
 def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
     extra = [data_files["chem"] if item == "CHEM" else item for item in extra]

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_pruning_request, check_scorer_inputs, effective_share,
-                        finish, finite_float, positive_int,
-                        run, score_file_paths, scoring_config)
+                        calibration_from_args, check_layer_shares, check_pruning_request, check_scorer_inputs,
+                        effective_share, finish, finite_float, positive_int, run, score_file_paths,
+                        scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
@@ -22,7 +22,8 @@ from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
-from gaprune.pruning import prune_calibrated, prune_candidates, prune_structure, structure_candidates
+from gaprune.pruning import (prune_calibrated, prune_candidates, prune_structure, scorers_used,
+                             structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
+        check_layer_shares(scoring, args.layer_shares, args.sparsity_pattern, config, args)
     shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
     check_pruning_request([scoring for _, scoring, _ in scorers], args.structure, shares, args.sparsity_pattern,
                           args.reconstruct, args.layer_budget_strategy)
@@ -131,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         candidates = structure_candidates(embedder.model, plan)
     array = open_score_files(score_file_paths(args), {name: list(p.shape) for name, p in candidates.items()},
                              embedder.device,
-                             need_cosine=any(get_scorer(scoring).reads_cosine(config) for _, scoring, config in scorers),
+                             need_cosine=any(get_scorer(name).reads_cosine(config) for _, scoring, config in scorers
+                                             for name in scorers_used(scoring, args.layer_shares)),
                              model_name=args.model_path)
     dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
                      if args.structure == "unstructured" else {})  # structures load each model afresh
@@ -149,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             if get_scorer(scoring).needs_activations or args.reconstruct:
                 result = prune_calibrated(embedder, candidates, scoring, pct, calibration, args.reconstruct,
                                           parse_pattern(args.sparsity_pattern), array, config,
-                                          args.layer_budget_strategy, seed=args.seed)
+                                          args.layer_budget_strategy, seed=args.seed, layer_shares=args.layer_shares)
             else:
                 result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
                                           seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
