@@ -2,7 +2,8 @@
 With --structure channels: which one keeps it when 25% / 50% of every layer's MLP channels are removed,
 before and after 100 steps of retraining (retrain.py's defaults, on the seed's calibration triples)?
 With --structure field: do they beat Wanda and SparseGPT at 50%, 60% and 2:4, with and without the OBS
-reconstruction of the kept weights (all calibrated on the same texts)?
+reconstruction of the kept weights (all calibrated on the same texts), and with the layer shares set by a
+scorer's global ranking (--layer_shares aligned_saliency, magnitude)?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -102,7 +103,8 @@ def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], spa
 
 def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calibration: dict[str, str],
                out: str, seed: int) -> list[dict]:
-    """The field's pruners against gaprune's scorers, with and without reconstruction, at 50%, 60% and 2:4;
+    """The field's pruners against gaprune's scorers, with and without reconstruction, at 50%, 60% and 2:4,
+    and (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency or magnitude;
     Wanda, SparseGPT and reconstruction use the first 128 of the seed's calibration triples of each side
     (cross-calibrated 50/50), the Fisher files all of them."""
     texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"]]
@@ -111,7 +113,7 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
             for pattern in ("unstructured", "2:4")
             for scorers, flags, label in ((FIELD_SCORERS, [], ""), (RECONSTRUCTED_SCORERS, ["--reconstruct"],
                                                                     RECONSTRUCTED))]
-    runs += [("unstructured", [0.5, 0.6], pruners, ["--layer_shares", shares], f", {shares} shares")
+    runs += [("unstructured", [0.5, 0.6], pruners, ["--layer_shares", shares], "")  # compare.py labels them
              for shares, pruners in LAYER_SHARES.items()]
     for pattern, sparsity, scorers, flags, label in runs:
         flags = [*texts, "--sparsity_pattern", pattern, *flags]

@@ -30,7 +30,8 @@ from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, prune_calibrated, prune_candidates,
+from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, check_layer_shares, prune_calibrated,
+                             prune_candidates,
                              prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
@@ -129,6 +130,7 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
     sparsity_pattern = parse_pattern(pattern)
+    check_layer_shares([scorer], layer_shares, sparsity_pattern)
     if (chosen.needs_activations or reconstruct) and calibration is None:
         raise InputError(f"{scorer if chosen.needs_activations else 'reconstruction'} needs calibration texts")
     candidates = select_parameters(embedder.model.named_parameters(), layer_types)

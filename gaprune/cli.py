@@ -15,8 +15,8 @@ from gaprune.errors import InputError, first_line
 from gaprune.layers import GRADIENTS, LAYER_TYPES
 from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
 from gaprune.memory import ACCUMULATE_ON
-from gaprune.pruning import UNIFORM_SHARES, Calibration, scorers_used
-from gaprune.scorers import SCORERS, SIDES, get_scorer
+from gaprune.pruning import UNIFORM_SHARES, Calibration, check_layer_shares
+from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
 
 log = logging.getLogger("gaprune")
@@ -108,7 +108,6 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> None:
                                "(global) or per tensor, or raw (none)", choices=FISHER_NORMS)
 
 
-
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     """N:M patterns, and the calibration texts of Wanda, SparseGPT and reconstruction (SparseModel.py, compare.py)."""
     group = parser.add_argument_group("patterns and calibration (Wanda, SparseGPT, reconstruction)")
@@ -187,20 +186,15 @@ def _check_calibrated_request(scorers: Sequence[str], share: float, pattern: str
             raise InputError(f"{name}{' with --reconstruct' if reconstruct else ''} at a share of 0 prunes nothing")
 
 
-def check_layer_shares(scorer: str, layer_shares: str, pattern: str, config: DAIConfig,
-                       args: argparse.Namespace) -> None:
-    """--layer_shares names a score-based scorer whose files were given, and an N:M pattern leaves a share to move."""
-    if scorers_used(scorer, layer_shares) == [scorer]:
+def check_layer_shares_request(scorers: Sequence[str], args: argparse.Namespace, config: DAIConfig) -> None:
+    """--layer_shares (SparseModel.py and compare.py): a score-based scorer whose files were given, for wanda or
+    sparsegpt masks."""
+    if args.layer_shares == UNIFORM_SHARES:
         return
-    source = SCORERS.get(layer_shares)
-    if source is None or source.needs_activations:
-        score_based = ", ".join(name for name, entry in SCORERS.items() if not entry.needs_activations)
-        raise InputError(f"--layer_shares takes {UNIFORM_SHARES} or a score-based scorer ({score_based}), "
-                         f"not {layer_shares!r}")
-    check_scorer_inputs(layer_shares, config, args)
-    if parse_pattern(pattern).structured:
-        raise InputError(f"--layer_shares {layer_shares} moves the share between layers; "
-                         f"--sparsity_pattern {pattern} fixes it in every layer")
+    if args.structure != "unstructured":
+        raise InputError(f"--layer_shares applies to masks; --structure {args.structure} removes whole units")
+    check_layer_shares(scorers, args.layer_shares, parse_pattern(args.sparsity_pattern))
+    check_scorer_inputs(args.layer_shares, config, args)
 
 
 def effective_share(pct: float, pattern: str, flag: str = "--unstructured_pct") -> float:

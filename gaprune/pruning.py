@@ -13,7 +13,7 @@ from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocati
                              lowest_in_rows, prune_lowest)
 from gaprune.modeling import Embedder
 from gaprune.pruners import sparsegpt
-from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
+from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
@@ -68,6 +68,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget."""
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
+    check_layer_shares([scorer], layer_shares, pattern)
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
@@ -114,7 +115,25 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
         return fixed
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
                       per_param=per_param, per_layer_allocations=layer_allocations(per_param),
-                      diagnostics={"layer_shares": layer_shares})
+                      diagnostics={} if layer_shares == UNIFORM_SHARES else {"layer_shares": layer_shares})
+
+
+def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Pattern = Pattern()) -> None:
+    """``layer_shares`` is uniform, or a score-based scorer that sets the layer shares of at least one of the
+    activation-aware ``scorers`` (Wanda, SparseGPT) under an unstructured pattern."""
+    if layer_shares == UNIFORM_SHARES:
+        return
+    source = SCORERS.get(layer_shares)
+    if source is None or source.needs_activations:
+        score_based = ", ".join(name for name, entry in SCORERS.items() if not entry.needs_activations)
+        raise InputError(f"--layer_shares takes {UNIFORM_SHARES} or a score-based scorer ({score_based}), "
+                         f"not {layer_shares!r}")
+    if not any(get_scorer(name).needs_activations for name in scorers):
+        raise InputError(f"--layer_shares sets the layer shares of wanda and sparsegpt, not of {', '.join(scorers)} "
+                         f"(score-based masks take a global or uniform budget)")
+    if pattern.structured:
+        raise InputError(f"--layer_shares {layer_shares} moves the share between layers; the {pattern.n}:{pattern.m} "
+                         f"pattern fixes it in every layer")
 
 
 def scorers_used(scorer: str, layer_shares: str = UNIFORM_SHARES) -> list[str]:
@@ -132,9 +151,6 @@ def shares_of_layers(candidates: Mapping[str, torch.Tensor], layer_shares: str, 
     weights."""
     if layer_shares == UNIFORM_SHARES:
         return {name: pct for name in candidates}
-    if pattern.structured:
-        raise InputError(f"--layer_shares {layer_shares} moves the share between layers; an N:M pattern fixes it "
-                         f"at N/M in every layer")
     ranked = prune_candidates(candidates, arrays, layer_shares, config, pct, "global", seed=seed, apply=False)
     return {name: info["ratio"] for name, info in ranked.per_param.items()}
 

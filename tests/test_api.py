@@ -11,6 +11,7 @@ from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError
 from gaprune.features import fisher as fisher_script
 from gaprune.layers import select_parameters
+from gaprune.pruners import BLOCK_SIZE
 from gaprune.pruning import Calibration
 from gaprune.scorers import SCORERS, Scorer, get_scorer
 from gaprune.scoring import magnitude
@@ -87,9 +88,13 @@ def test_sparsegpt_takes_each_layer_share_from_the_fisher_ranking(qwen3_dir, dat
     assert len({round(share, 3) for share in shares.values()}) > 2 and result.diagnostics["layer_shares"] == \
         "aligned_saliency"
     for name, share in shares.items():
-        rows, columns = weights[name].shape  # SparseGPT's count: int(share * weights) of each 128-column block
-        expected = sum(int(rows * min(128, columns - start) * share) for start in range(0, columns, 128))
+        rows, columns = weights[name].shape  # SparseGPT's count: int(share * weights) of each block of columns
+        expected = sum(int(rows * min(BLOCK_SIZE, columns - start) * share) for start in range(0, columns, BLOCK_SIZE))
         assert result.per_param[name]["masked"] == int((weights[name] == 0).sum()) == expected, name
     with pytest.raises(InputError, match="needs --domain_fisher_scores"):
         gaprune.prune(embedder, 0.5, "sparsegpt", files["general"], config=config, calibration=calibration,
                       layer_shares="aligned_saliency")
+    with pytest.raises(InputError, match="not of magnitude"):  # a score-based mask has a budget of its own
+        gaprune.prune(embedder, 0.5, "magnitude", layer_shares="aligned_saliency")
+    with pytest.raises(InputError, match="takes uniform or a score-based scorer"):
+        gaprune.prune(embedder, 0.5, "sparsegpt", calibration=calibration, layer_shares="wanda")

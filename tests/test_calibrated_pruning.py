@@ -10,8 +10,12 @@ from safetensors.torch import load_file
 from conftest import listing
 from gaprune.cli import run
 from gaprune.data import load_triples, triple_texts
+from gaprune import api
+from gaprune.errors import InputError
+from gaprune.features import gradient
 from gaprune.model import SparseModel, compare
 from gaprune.modeling import load_embedder
+from gaprune.pruners import BLOCK_SIZE
 
 
 def prune(tmp_path, model_dir, data_files, *extra) -> tuple[str, dict, dict]:
@@ -41,6 +45,7 @@ def test_wanda_prunes_half_of_each_row_by_weight_times_input_norm(tmp_path, bert
                                    "--unstructured_pct", "0.5")
     assert os.path.basename(folder) == "tiny-bert_wanda_prune_50%"
     assert stats["layer_budget_strategy"] == "row" and stats["masked_params"] == stats["total_params_considered"] // 2
+    assert stats["diagnostics"] == {}  # the default uniform shares add nothing to the published report
     dense = load_embedder(bert_dir, "cpu")
     name = "encoder.layer.0.intermediate.dense"
     input_sq = first_layer_input_sq(dense, triple_texts(load_triples(data_files["chem"], 6)), name)
@@ -93,9 +98,41 @@ def test_layer_shares_take_each_layer_share_from_a_global_ranking(tmp_path, bert
         zeros = weights[name] == 0
         if pruner == "wanda":  # each row loses int(share * columns), the layer's share
             assert (zeros.sum(1) == int(share * columns)).all(), name
-        else:  # each block of 128 columns loses int(share * its weights)
-            assert zeros.sum().item() == sum(int(rows * min(128, columns - start) * share)
-                                             for start in range(0, columns, 128)), name
+        else:  # each block of columns loses int(share * its weights)
+            assert zeros.sum().item() == sparsegpt_count(rows, columns, share), name
+
+
+def sparsegpt_count(rows: int, columns: int, share: float) -> int:
+    return sum(int(rows * min(BLOCK_SIZE, columns - start) * share) for start in range(0, columns, BLOCK_SIZE))
+
+
+def test_compare_takes_layer_shares_from_the_fisher_ranking(tmp_path, bert_dir, data_files, score_files):
+    alignment = gradient.main(["--model_name", bert_dir, "--max_samples", "6", "--batch_size", "2",
+                               "--general_data_path", data_files["general"], "--domain_data_path", data_files["chem"],
+                               "--alignment_mode", "local_cosine", "--output_dir", str(tmp_path / "scores")])
+    files = ["--domain_fisher_scores", score_files["bert"]["domain"], "--general_fisher_scores",
+             score_files["bert"]["general"], "--alignment_scores", alignment]
+    path = compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                         data_files["general"], "--scorers", "aligned_saliency", "sparsegpt", "--sparsity", "0.6",
+                         "--layer_shares", "aligned_saliency", "--calibration_data", data_files["chem"],
+                         "--calibration_samples", "4", "--output_dir", str(tmp_path / "out"), *files])
+    rows = json.load(open(path))["rows"]
+    assert [r["method"] for r in rows] == ["dense", "aligned_saliency", "sparsegpt, aligned_saliency shares"]
+    assert "layer_shares" not in rows[1] and rows[2]["layer_shares"] == "aligned_saliency"
+    embedder = load_embedder(bert_dir, "cpu")  # the shares: aligned_saliency's global mask, with the cosine term
+    ranked = api.prune(embedder, 0.6, "aligned_saliency", score_files["bert"]["general"],
+                       score_files["bert"]["domain"], alignment)
+    assert ranked.masked == rows[1]["masked_params"]
+    assert rows[2]["masked_params"] == sum(sparsegpt_count(*dict(embedder.model.named_parameters())[name].shape,
+                                                           info["ratio"]) for name, info in ranked.per_param.items())
+    with pytest.raises(InputError, match="--layer_shares sets the layer shares of wanda and sparsegpt"):
+        compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                      data_files["general"], "--scorers", "magnitude",
+                      "--layer_shares", "magnitude", "--output_dir", str(tmp_path / "refused")])
+    with pytest.raises(InputError, match="--structure channels removes whole units"):
+        compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                      data_files["general"], "--structure", "channels",
+                      "--scorers", "magnitude", "--layer_shares", "magnitude", "--output_dir", str(tmp_path / "refused")])
 
 
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
@@ -157,9 +194,9 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
     (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
       "--layer_shares", "aligned_saliency"], "scorer aligned_saliency needs --domain_fisher_scores"),
     (["--unstructured_scoring", "sparsegpt", "--sparsity_pattern", "2:4", "--calibration_data", "CHEM",
-      "--layer_shares", "magnitude"], "--sparsity_pattern 2:4 fixes it in every layer"),
+      "--layer_shares", "magnitude"], "the 2:4 pattern fixes it in every layer"),
     (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--layer_shares", "magnitude"],
-     "--layer_shares applies to wanda and sparsegpt"),
+     "--layer_shares sets the layer shares of wanda and sparsegpt, not of magnitude"),
 ])
 def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
     extra = [data_files["chem"] if item == "CHEM" else item for item in extra]

@@ -15,15 +15,15 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_layer_shares, check_pruning_request, check_scorer_inputs,
+                        calibration_from_args, check_layer_shares_request, check_pruning_request, check_scorer_inputs,
                         effective_share, finish, finite_float, run, score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
-from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats, scorers_used, structure_evaluation_config,
-                             structure_stats)
+from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats,
+                             structure_evaluation_config, structure_stats)
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.structure import CONFIG_FIELDS, STRUCTURES
 
@@ -79,10 +79,7 @@ def validate(args) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
-    if args.layer_shares != UNIFORM_SHARES and not get_scorer(args.unstructured_scoring).needs_activations:
-        raise InputError(f"--layer_shares applies to wanda and sparsegpt; {args.unstructured_scoring} has its own "
-                         f"budget (--layer_budget_strategy)")
-    check_layer_shares(args.unstructured_scoring, args.layer_shares, args.sparsity_pattern, scoring_config(args), args)
+    check_layer_shares_request([args.unstructured_scoring], args, scoring_config(args))
     if not args.show_layer_types:
         check_output_dir(args.output_dir)
         check_output_dir(pruned_folder(args), "the pruned model's folder")
@@ -94,8 +91,9 @@ def pruned_folder(args) -> str:
                              f"{args.unstructured_scoring}_{args.structure}_{round(args.structured_pct * 100, 2):g}%")
     amount = (args.sparsity_pattern.replace(":", "of") if args.sparsity_pattern != "unstructured"
               else f"{round(args.unstructured_pct * 100, 2):g}%")
-    suffix = ("_reconstructed" if args.reconstruct else "") + "".join(
-        f"_{shares}_shares" for shares in scorers_used(args.unstructured_scoring, args.layer_shares)[1:])
+    suffix = "_reconstructed" if args.reconstruct else ""
+    if args.layer_shares != UNIFORM_SHARES:
+        suffix += f"_{args.layer_shares}_shares"
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
@@ -132,8 +130,10 @@ def mask_weights(args, embedder, calibration) -> str:
     share = effective_share(args.unstructured_pct, args.sparsity_pattern)
     strategy = (args.sparsity_pattern if args.sparsity_pattern != "unstructured"  # where the share is taken
                 else get_scorer(args.unstructured_scoring).budget or args.layer_budget_strategy)
-    log.info("pruning %.1f%% of %s by %s (%s budget, %s)", 100 * share, " ".join(args.sparsify_layers),
-             args.unstructured_scoring, strategy, args.sparsity_pattern)
+    log.info("pruning %.1f%% of %s by %s (%s budget%s, %s)", 100 * share, " ".join(args.sparsify_layers),
+             args.unstructured_scoring, strategy,
+             "" if args.layer_shares == UNIFORM_SHARES else f", layer shares by {args.layer_shares}",
+             args.sparsity_pattern)
     zeros_before = count_zeros(embedder.model)
     files = score_file_paths(args)
     result = api.prune(embedder, share, args.unstructured_scoring, files["general_fisher"],
@@ -169,8 +169,8 @@ def calibration_record(args, calibration) -> dict:
         record["sparsity_pattern"] = args.sparsity_pattern
     if args.reconstruct:
         record["reconstruct"] = True
-    for shares in scorers_used(args.unstructured_scoring, args.layer_shares)[1:]:
-        record["layer_shares"] = shares
+    if args.layer_shares != UNIFORM_SHARES:
+        record["layer_shares"] = args.layer_shares
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
                                  "texts": {side: len(texts) for side, texts in calibration.texts.items()},

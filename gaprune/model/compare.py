@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_layer_shares, check_pruning_request, check_scorer_inputs,
+                        calibration_from_args, check_layer_shares_request, check_pruning_request, check_scorer_inputs,
                         effective_share, finish, finite_float, positive_int, run, score_file_paths,
                         scoring_config)
 from gaprune.data import load_triples
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
-        check_layer_shares(scoring, args.layer_shares, args.sparsity_pattern, config, args)
+    check_layer_shares_request([scoring for _, scoring, _ in scorers], args, scoring_config(args))
     shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
     check_pruning_request([scoring for _, scoring, _ in scorers], args.structure, shares, args.sparsity_pattern,
                           args.reconstruct, args.layer_budget_strategy)
@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            row = {"method": spec, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
+            label = "".join(f", {shares} shares" for shares in scorers_used(scoring, args.layer_shares)[1:])
+            row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
                    "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
                    "files": {**by_domain, **by_general}, **entries}
