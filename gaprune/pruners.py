@@ -14,6 +14,7 @@ from gaprune.masking import Pattern, lowest_in_groups, lowest_in_rows
 
 DAMPENING = 0.01  # SparseGPT: add 1% of the mean Hessian diagonal to the diagonal
 BLOCK_SIZE = 128  # SparseGPT: columns per lazy-update block
+GROUP_ORDERS = ("natural", "hessian")  # N:M: the groups of M columns left to right, or by decreasing sum of H_jj
 
 
 def wanda_scores(weight: torch.Tensor, input_sq: torch.Tensor) -> torch.Tensor:
@@ -43,10 +44,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampenin
     return torch.linalg.cholesky(inverse, upper=True)
 
 
+def hessian_group_order(hessian: torch.Tensor, m: int) -> torch.Tensor:
+    """The column permutation that takes the groups of ``m`` consecutive columns by decreasing sum of H_jj
+    (the inputs' energy), each group's columns kept together and in order (ties: the earlier group)."""
+    energy = torch.diag(hessian).float().view(-1, m).sum(1)
+    groups = torch.argsort(energy, descending=True, stable=True)
+    return (groups.unsqueeze(1) * m + torch.arange(m, device=hessian.device)).reshape(-1)
+
+
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, pattern: Pattern = Pattern(),
               mask: torch.Tensor | None = None, block_size: int = BLOCK_SIZE,
-              dampening: float = DAMPENING) -> tuple[torch.Tensor, torch.Tensor]:
+              dampening: float = DAMPENING, group_order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: returns (the new weight, the mask), the layer's weight left untouched.
 
     Columns are taken left to right in blocks. Within a block, the mask is chosen by the OBS saliency
@@ -54,7 +63,17 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, p
     given: then only the kept weights are updated (reconstruction under a fixed mask). Pruning column i
     moves its error (w_i - q_i) / U_ii onto the columns after it along row i of U; the updates to later
     blocks are applied once per block (the lazy batch update).
+
+    With an N:M ``pattern`` and ``group_order="hessian"``, the groups are taken by decreasing input energy
+    instead (GPTQ's activation order, by whole groups so the pattern holds): the inputs that carry the most
+    are pruned first, before any error lands on them, and later, weaker groups absorb the updates.
     """
+    if group_order == "hessian" and pattern.structured and mask is None:
+        order = hessian_group_order(hessian, pattern.m)
+        new, pruned = sparsegpt(weight[:, order], hessian[order][:, order], share, pattern, None, block_size,
+                                dampening)
+        inverse = torch.argsort(order)
+        return new[:, inverse], pruned[:, inverse]
     W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # float32 or float64
     U = inverse_hessian_factor(hessian, W, dampening, zero_dead=mask is None)  # a given mask is kept as given
     rows, columns = W.shape

@@ -12,7 +12,7 @@ from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
 from gaprune.modeling import Embedder
-from gaprune.pruners import sparsegpt
+from gaprune.pruners import GROUP_ORDERS, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
@@ -60,15 +60,17 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                      calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
                      arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
                      rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42,
-                     layer_shares: str = UNIFORM_SHARES) -> MaskResult:
+                     layer_shares: str = UNIFORM_SHARES, group_order: str = "natural") -> MaskResult:
     """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
     any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
     the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
     SparseGPT: each block of columns; N:M patterns: each group), at ``pct`` of every layer or at the shares
-    ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget."""
+    ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget.
+    ``group_order``: the order in which SparseGPT prunes the groups of an N:M pattern (gaprune.pruners)."""
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
     check_layer_shares([scorer], layer_shares, pattern)
+    check_group_order([scorer], group_order, pattern)
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
@@ -87,7 +89,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                 mask = fixed.masks.pop(name).to(weight.device)
                 start = weight
             elif chosen.layer_pruner is not None:
-                start, mask = chosen.layer_pruner(weight, layer_inputs, shares[name], pattern)
+                start, mask = chosen.layer_pruner(weight, layer_inputs, shares[name], pattern, group_order)
             else:
                 score = chosen.build(ScoringContext({name: weight}, arrays, config, seed, {name: layer_inputs}))
                 score = checked_scores(score)(name, weight).view(weight.shape)
@@ -113,9 +115,10 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None
         return fixed
+    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, "natural")}
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
                       per_param=per_param, per_layer_allocations=layer_allocations(per_param),
-                      diagnostics={} if layer_shares == UNIFORM_SHARES else {"layer_shares": layer_shares})
+                      diagnostics={key: value for key, (value, default) in options.items() if value != default})
 
 
 def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Pattern = Pattern()) -> None:
@@ -134,6 +137,19 @@ def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Patte
     if pattern.structured:
         raise InputError(f"--layer_shares {layer_shares} moves the share between layers; the {pattern.n}:{pattern.m} "
                          f"pattern fixes it in every layer")
+
+
+def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern = Pattern()) -> None:
+    """``group_order`` is natural, or one of GROUP_ORDERS for sparsegpt (a scorer that updates weights) with an
+    N:M pattern."""
+    if group_order == "natural":
+        return
+    if group_order not in GROUP_ORDERS:
+        raise InputError(f"--group_order takes {' or '.join(GROUP_ORDERS)}, not {group_order!r}")
+    if not any(get_scorer(name).layer_pruner is not None for name in scorers):
+        raise InputError(f"--group_order sets the order of sparsegpt's N:M groups, not of {', '.join(scorers)}")
+    if not pattern.structured:
+        raise InputError("--group_order orders the groups of an N:M pattern; give --sparsity_pattern 2:4 or 4:8")
 
 
 def scorers_used(scorer: str, layer_shares: str = UNIFORM_SHARES) -> list[str]:

@@ -58,8 +58,9 @@ class Scorer:
     needs_activations: bool = False  # calibration inputs of each candidate layer (activation-aware pruners)
     updates_weights: bool = False  # changes the kept weights, not only zeroes the pruned ones
     budget: str | None = None  # where the share is taken when not over all candidates: "row" (Wanda), "block"
-    # (weight, its LayerInputs, share, pattern) -> (new weight, mask): prunes one layer itself (SparseGPT)
-    layer_pruner: Callable[[torch.Tensor, LayerInputs, float, Pattern], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (weight, its LayerInputs, share, pattern, N:M group order) -> (new weight, mask): prunes one layer itself
+    layer_pruner: Callable[[torch.Tensor, LayerInputs, float, Pattern, str],
+                           tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def check(self, config: DAIConfig, given: set[str]) -> None:
         """The coefficients make sense for this scorer and every file it cannot run without is in ``given``."""
@@ -142,9 +143,9 @@ def _build_wanda(context: ScoringContext) -> ScoreFn:
     return lambda name, weight: pruners.wanda_scores(weight, context.inputs[name].input_sq).reshape(-1)
 
 
-def _sparsegpt_layer(weight: torch.Tensor, inputs: LayerInputs, share: float,
-                     pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    return pruners.sparsegpt(weight, inputs.hessian, share, pattern)
+def _sparsegpt_layer(weight: torch.Tensor, inputs: LayerInputs, share: float, pattern: Pattern,
+                     group_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return pruners.sparsegpt(weight, inputs.hessian, share, pattern, group_order=group_order)
 
 
 def _dai_diagnostics(context: ScoringContext) -> dict:

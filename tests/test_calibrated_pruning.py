@@ -135,6 +135,19 @@ def test_compare_takes_layer_shares_from_the_fisher_ranking(tmp_path, bert_dir, 
                       "--scorers", "magnitude", "--layer_shares", "magnitude", "--output_dir", str(tmp_path / "refused")])
 
 
+def test_sparsegpt_2_4_in_hessian_group_order(tmp_path, qwen3_dir, data_files):
+    folder, weights, stats = prune(tmp_path, qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                                   "--sparsity_pattern", "2:4", "--group_order", "hessian")
+    assert os.path.basename(folder) == "tiny-qwen3_sparsegpt_prune_2of4_hessian_order"
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["group_order"] == "hessian" and stats["diagnostics"] == {"group_order": "hessian"}
+    _, natural, _ = prune(tmp_path / "natural", qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                          "--sparsity_pattern", "2:4")
+    for name in stats["per_param"]:
+        assert ((weights[name] == 0).view(weights[name].shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert any(not torch.equal(weights[name] == 0, natural[name] == 0) for name in stats["per_param"])
+
+
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
     """|| (W' - W) X || of one first-block layer on the calibration texts."""
     module = embedder.model.get_submodule(name.rpartition(".")[0])
@@ -195,6 +208,10 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
       "--layer_shares", "aligned_saliency"], "scorer aligned_saliency needs --domain_fisher_scores"),
     (["--unstructured_scoring", "sparsegpt", "--sparsity_pattern", "2:4", "--calibration_data", "CHEM",
       "--layer_shares", "magnitude"], "the 2:4 pattern fixes it in every layer"),
+    (["--unstructured_scoring", "sparsegpt", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
+      "--group_order", "hessian"], "--group_order orders the groups of an N:M pattern"),
+    (["--unstructured_scoring", "wanda", "--sparsity_pattern", "2:4", "--calibration_data", "CHEM",
+      "--group_order", "hessian"], "--group_order sets the order of sparsegpt's N:M groups, not of wanda"),
     (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--layer_shares", "magnitude"],
      "--layer_shares sets the layer shares of wanda and sparsegpt, not of magnitude"),
 ])

@@ -8,7 +8,7 @@ from gaprune.errors import InputError
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder
 from gaprune.masking import Pattern, lowest_in_groups, parse_pattern
-from gaprune.pruners import sparsegpt, wanda_mask
+from gaprune.pruners import hessian_group_order, sparsegpt, wanda_mask
 
 TEXTS = {"domain": ["acid reacts with a base in water", "benzene is aromatic", "salt"],
          "general": ["the river flows north", "a cat sat on the mat"]}
@@ -41,6 +41,32 @@ def test_n_m_patterns_prune_exactly_n_of_every_m(text):
         assert (mask.view(6, -1, pattern.m).sum(-1) == pattern.n).all()
     new, mask = sparsegpt(weight, inputs.T @ inputs, pattern=pattern, block_size=8)
     assert ((new == 0).view(6, -1, pattern.m).sum(-1) == pattern.n).all()
+
+
+def test_hessian_group_order_prunes_the_strongest_groups_first():
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    inputs = correlated_inputs(64, 16, 1)
+    hessian = inputs.T @ inputs
+    pattern = Pattern(2, 4)
+    energy = torch.diag(hessian).view(4, 4).sum(1)
+    order = hessian_group_order(hessian, 4)
+    assert order.view(4, 4)[:, 0].tolist() == [4 * g for g in torch.argsort(energy, descending=True).tolist()]
+    new, mask = sparsegpt(weight, hessian, pattern=pattern, block_size=8, group_order="hessian")
+    assert (mask.view(6, 4, 4).sum(-1) == 2).all() and torch.equal(new == 0, mask)
+    # the same as SparseGPT run by hand on the columns in that order, put back in place
+    by_hand, hand_mask = sparsegpt(weight[:, order], hessian[order][:, order], pattern=pattern, block_size=8)
+    assert torch.equal(mask[:, order], hand_mask) and torch.allclose(new[:, order], by_hand)
+    natural, natural_mask = sparsegpt(weight, hessian, pattern=pattern, block_size=8)
+    assert not torch.equal(mask, natural_mask)  # the order matters once the inputs correlate
+    # a shuffle of the groups does not change which weights go: the order depends on the energy alone
+    shuffle = torch.tensor([2, 0, 3, 1]).repeat_interleave(4) * 4 + torch.arange(4).repeat(4)
+    _, shuffled = sparsegpt(weight[:, shuffle], hessian[shuffle][:, shuffle], pattern=pattern, block_size=8,
+                            group_order="hessian")
+    assert torch.equal(shuffled, mask[:, shuffle])
+    # uncorrelated inputs: no OBS update crosses columns, so the order changes nothing
+    diagonal = torch.diag(torch.diag(hessian))
+    assert torch.equal(sparsegpt(weight, diagonal, pattern=pattern, group_order="hessian")[1],
+                       sparsegpt(weight, diagonal, pattern=pattern)[1])
 
 
 def test_patterns_that_do_not_fit_are_refused():

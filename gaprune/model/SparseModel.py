@@ -15,8 +15,9 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_layer_shares_request, check_pruning_request, check_scorer_inputs,
-                        effective_share, finish, finite_float, run, score_file_paths, scoring_config)
+                        calibration_from_args, check_group_order_request, check_layer_shares_request,
+                        check_pruning_request, check_scorer_inputs, effective_share, finish, finite_float, run,
+                        score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
@@ -80,6 +81,7 @@ def validate(args) -> None:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
     check_layer_shares_request([args.unstructured_scoring], args, scoring_config(args))
+    check_group_order_request([args.unstructured_scoring], args)
     if not args.show_layer_types:
         check_output_dir(args.output_dir)
         check_output_dir(pruned_folder(args), "the pruned model's folder")
@@ -94,6 +96,8 @@ def pruned_folder(args) -> str:
     suffix = "_reconstructed" if args.reconstruct else ""
     if args.layer_shares != UNIFORM_SHARES:
         suffix += f"_{args.layer_shares}_shares"
+    if args.group_order != "natural":
+        suffix += f"_{args.group_order}_order"
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
@@ -139,7 +143,7 @@ def mask_weights(args, embedder, calibration) -> str:
     result = api.prune(embedder, share, args.unstructured_scoring, files["general_fisher"],
                        files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
                        args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed, args.sparsity_pattern,
-                       calibration, args.reconstruct, args.layer_shares)
+                       calibration, args.reconstruct, args.layer_shares, args.group_order)
     considered = sum(p["numel"] for p in result.per_param.values())
     log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
              " ".join(args.sparsify_layers))
@@ -171,6 +175,8 @@ def calibration_record(args, calibration) -> dict:
         record["reconstruct"] = True
     if args.layer_shares != UNIFORM_SHARES:
         record["layer_shares"] = args.layer_shares
+    if args.group_order != "natural":
+        record["group_order"] = args.group_order
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
                                  "texts": {side: len(texts) for side, texts in calibration.texts.items()},
