@@ -30,6 +30,7 @@ from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
+from gaprune.pruners import NATURAL_ORDER
 from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, check_group_order, check_layer_shares,
                              prune_calibrated, prune_candidates, prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
@@ -118,7 +119,7 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
           config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
           rho_max: float = 0.95, seed: int = 42, pattern: str = "unstructured",
           calibration: Calibration | None = None, reconstruct: bool = False,
-          layer_shares: str = UNIFORM_SHARES, group_order: str = "natural") -> MaskResult:
+          layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER) -> MaskResult:
     """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
     reading the given score files (results JSON paths); with an N:M ``pattern`` ("2:4"), N of every M
     weights of each row instead. Wanda and SparseGPT, and ``reconstruct`` (the OBS update of the kept

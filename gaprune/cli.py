@@ -15,7 +15,7 @@ from gaprune.errors import InputError, first_line
 from gaprune.layers import GRADIENTS, LAYER_TYPES
 from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
 from gaprune.memory import ACCUMULATE_ON
-from gaprune.pruners import GROUP_ORDERS
+from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
 from gaprune.pruning import UNIFORM_SHARES, Calibration, check_group_order, check_layer_shares
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
@@ -122,7 +122,7 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
                        help="wanda, sparsegpt: the same share of every layer (uniform, default), or each layer's "
                             "share of the global budget as a score-based scorer (aligned_saliency, magnitude, ...) "
                             "ranks all candidates; the pruner then picks the weights inside each layer")
-    group.add_argument("--group_order", default="natural", choices=GROUP_ORDERS,
+    group.add_argument("--group_order", default=NATURAL_ORDER, choices=GROUP_ORDERS,
                        help="sparsegpt with an N:M pattern: prune the groups of M columns left to right (natural, "
                             "default) or by decreasing input energy, the diagonal of X^T X (hessian)")
     group.add_argument("--calibration_data", help="domain triples whose texts calibrate wanda, sparsegpt and "
@@ -203,7 +203,7 @@ def check_layer_shares_request(scorers: Sequence[str], args: argparse.Namespace,
 
 def check_group_order_request(scorers: Sequence[str], args: argparse.Namespace) -> None:
     """--group_order (SparseModel.py and compare.py): sparsegpt masks with an N:M pattern."""
-    if args.group_order != "natural" and args.structure != "unstructured":
+    if args.group_order != NATURAL_ORDER and args.structure != "unstructured":
         raise InputError(f"--group_order applies to masks; --structure {args.structure} removes whole units")
     check_group_order(scorers, args.group_order, parse_pattern(args.sparsity_pattern))
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from gaprune.errors import InputError
 from gaprune.masking import Pattern, lowest_in_groups, lowest_in_rows
 
 DAMPENING = 0.01  # SparseGPT: add 1% of the mean Hessian diagonal to the diagonal
 BLOCK_SIZE = 128  # SparseGPT: columns per lazy-update block
-GROUP_ORDERS = ("natural", "hessian")  # N:M: the groups of M columns left to right, or by decreasing sum of H_jj
+NATURAL_ORDER = "natural"  # N:M: SparseGPT's groups of M columns left to right
+GROUP_ORDERS = (NATURAL_ORDER, "hessian")  # or by decreasing sum of H_jj (input energy)
 
 
 def wanda_scores(weight: torch.Tensor, input_sq: torch.Tensor) -> torch.Tensor:
@@ -47,6 +49,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampenin
 def hessian_group_order(hessian: torch.Tensor, m: int) -> torch.Tensor:
     """The column permutation that takes the groups of ``m`` consecutive columns by decreasing sum of H_jj
     (the inputs' energy), each group's columns kept together and in order (ties: the earlier group)."""
+    if hessian.shape[0] % m:
+        raise InputError(f"an N:M pattern needs rows whose length is a multiple of {m}, got {hessian.shape[0]}")
     energy = torch.diag(hessian).float().view(-1, m).sum(1)
     groups = torch.argsort(energy, descending=True, stable=True)
     return (groups.unsqueeze(1) * m + torch.arange(m, device=hessian.device)).reshape(-1)
@@ -55,7 +59,7 @@ def hessian_group_order(hessian: torch.Tensor, m: int) -> torch.Tensor:
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, pattern: Pattern = Pattern(),
               mask: torch.Tensor | None = None, block_size: int = BLOCK_SIZE,
-              dampening: float = DAMPENING, group_order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+              dampening: float = DAMPENING, group_order: str = NATURAL_ORDER) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: returns (the new weight, the mask), the layer's weight left untouched.
 
     Columns are taken left to right in blocks. Within a block, the mask is chosen by the OBS saliency
@@ -66,8 +70,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, share: float = 0.5, p
 
     With an N:M ``pattern`` and ``group_order="hessian"``, the groups are taken by decreasing input energy
     instead (GPTQ's activation order, by whole groups so the pattern holds): the inputs that carry the most
-    are pruned first, before any error lands on them, and later, weaker groups absorb the updates.
+    are pruned first, before any error lands on them, and later, weaker groups absorb the updates. A given
+    ``mask`` or an unstructured pattern keeps the natural order. Blocks hold whole groups.
     """
+    if group_order not in GROUP_ORDERS:
+        raise ValueError(f"unknown group order {group_order!r}")
+    if pattern.structured:
+        block_size = max(pattern.m, block_size - block_size % pattern.m)
     if group_order == "hessian" and pattern.structured and mask is None:
         order = hessian_group_order(hessian, pattern.m)
         new, pruned = sparsegpt(weight[:, order], hessian[order][:, order], share, pattern, None, block_size,

@@ -12,7 +12,7 @@ from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
 from gaprune.modeling import Embedder
-from gaprune.pruners import GROUP_ORDERS, sparsegpt
+from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
@@ -60,7 +60,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                      calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
                      arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
                      rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42,
-                     layer_shares: str = UNIFORM_SHARES, group_order: str = "natural") -> MaskResult:
+                     layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER) -> MaskResult:
     """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
     any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
     the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
@@ -115,7 +115,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None
         return fixed
-    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, "natural")}
+    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER)}
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
                       per_param=per_param, per_layer_allocations=layer_allocations(per_param),
                       diagnostics={key: value for key, (value, default) in options.items() if value != default})
@@ -140,9 +140,9 @@ def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Patte
 
 
 def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern = Pattern()) -> None:
-    """``group_order`` is natural, or one of GROUP_ORDERS for sparsegpt (a scorer that updates weights) with an
+    """``group_order`` is natural, or one of GROUP_ORDERS for sparsegpt (a scorer with a layer_pruner) with an
     N:M pattern."""
-    if group_order == "natural":
+    if group_order == NATURAL_ORDER:
         return
     if group_order not in GROUP_ORDERS:
         raise InputError(f"--group_order takes {' or '.join(GROUP_ORDERS)}, not {group_order!r}")

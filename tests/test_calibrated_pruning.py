@@ -185,6 +185,14 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
     assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("magnitude", 0.5), ("wanda", 0.5),
                                                             ("sparsegpt", 0.5)]
     assert all(r["masked_params"] == 4096 and r["sparsity_pattern"] == "2:4" for r in rows[1:])
+    ordered = compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"],
+                            "--general_data_paths", data_files["general"], "--scorers", "magnitude", "wanda",
+                            "sparsegpt", "--sparsity_pattern", "2:4", "--group_order", "hessian",
+                            "--calibration_data", data_files["chem"], "--calibration_samples", "4",
+                            "--output_dir", str(tmp_path / "ordered")])
+    rows = json.load(open(ordered))["rows"]  # the group order goes to sparsegpt alone
+    assert [r["method"] for r in rows] == ["dense", "magnitude", "wanda", "sparsegpt, hessian order"]
+    assert rows[3].get("group_order") == "hessian" and "group_order" not in rows[2]
 
 
 @pytest.mark.parametrize("extra, message", [

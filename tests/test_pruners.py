@@ -63,6 +63,10 @@ def test_hessian_group_order_prunes_the_strongest_groups_first():
     _, shuffled = sparsegpt(weight[:, shuffle], hessian[shuffle][:, shuffle], pattern=pattern, block_size=8,
                             group_order="hessian")
     assert torch.equal(shuffled, mask[:, shuffle])
+    # groups never straddle a block, whatever M: 2:3 on 384 columns with the default block of 128
+    wide = correlated_inputs(512, 384, 2)
+    _, mask_2_3 = sparsegpt(torch.randn(4, 384), wide.T @ wide, pattern=Pattern(2, 3), group_order="hessian")
+    assert (mask_2_3.view(4, -1, 3).sum(-1) == 2).all()
     # uncorrelated inputs: no OBS update crosses columns, so the order changes nothing
     diagonal = torch.diag(torch.diag(hessian))
     assert torch.equal(sparsegpt(weight, diagonal, pattern=pattern, group_order="hessian")[1],

@@ -23,6 +23,7 @@ from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
+from gaprune.pruners import NATURAL_ORDER
 from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats,
                              structure_evaluation_config, structure_stats)
 from gaprune.scorers import SCORERS, get_scorer
@@ -96,7 +97,7 @@ def pruned_folder(args) -> str:
     suffix = "_reconstructed" if args.reconstruct else ""
     if args.layer_shares != UNIFORM_SHARES:
         suffix += f"_{args.layer_shares}_shares"
-    if args.group_order != "natural":
+    if args.group_order != NATURAL_ORDER:
         suffix += f"_{args.group_order}_order"
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
@@ -175,7 +176,7 @@ def calibration_record(args, calibration) -> dict:
         record["reconstruct"] = True
     if args.layer_shares != UNIFORM_SHARES:
         record["layer_shares"] = args.layer_shares
-    if args.group_order != "natural":
+    if args.group_order != NATURAL_ORDER:
         record["group_order"] = args.group_order
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,

@@ -22,7 +22,8 @@ from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
-from gaprune.pruning import (prune_calibrated, prune_candidates, prune_structure, scorers_used,
+from gaprune.pruners import NATURAL_ORDER
+from gaprune.pruning import (UNIFORM_SHARES, prune_calibrated, prune_candidates, prune_structure, scorers_used,
                              structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
@@ -150,11 +151,13 @@ def main(argv: Sequence[str] | None = None) -> str:
             with torch.no_grad():
                 for name, p in candidates.items():
                     p.copy_(dense_weights[name])
-            if get_scorer(scoring).needs_activations or args.reconstruct:
+            chosen = get_scorer(scoring)
+            if chosen.needs_activations or args.reconstruct:  # the flags of Wanda and SparseGPT go to them alone
                 result = prune_calibrated(embedder, candidates, scoring, pct, calibration, args.reconstruct,
                                           parse_pattern(args.sparsity_pattern), array, config,
-                                          args.layer_budget_strategy, seed=args.seed, layer_shares=args.layer_shares,
-                                          group_order=args.group_order)
+                                          args.layer_budget_strategy, seed=args.seed,
+                                          layer_shares=args.layer_shares if chosen.needs_activations else UNIFORM_SHARES,
+                                          group_order=args.group_order if chosen.layer_pruner else NATURAL_ORDER)
             else:
                 result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
                                           seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             label = "".join(f", {shares} shares" for shares in scorers_used(scoring, args.layer_shares)[1:]) + (
-                f", {args.group_order} order" if get_scorer(scoring).layer_pruner and args.group_order != "natural"
+                f", {args.group_order} order" if get_scorer(scoring).layer_pruner and args.group_order != NATURAL_ORDER
                 else "")
             row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
