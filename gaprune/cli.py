@@ -190,22 +190,18 @@ def _check_calibrated_request(scorers: Sequence[str], share: float, pattern: str
             raise InputError(f"{name}{' with --reconstruct' if reconstruct else ''} at a share of 0 prunes nothing")
 
 
-def check_layer_shares_request(scorers: Sequence[str], args: argparse.Namespace, config: DAIConfig) -> None:
-    """--layer_shares (SparseModel.py and compare.py): a score-based scorer whose files were given, for wanda or
-    sparsegpt masks."""
-    if args.layer_shares == UNIFORM_SHARES:
-        return
-    if args.structure != "unstructured":
-        raise InputError(f"--layer_shares applies to masks; --structure {args.structure} removes whole units")
-    check_layer_shares(scorers, args.layer_shares, parse_pattern(args.sparsity_pattern))
-    check_scorer_inputs(args.layer_shares, config, args)
-
-
-def check_group_order_request(scorers: Sequence[str], args: argparse.Namespace) -> None:
-    """--group_order (SparseModel.py and compare.py): sparsegpt masks with an N:M pattern."""
-    if args.group_order != NATURAL_ORDER and args.structure != "unstructured":
-        raise InputError(f"--group_order applies to masks; --structure {args.structure} removes whole units")
-    check_group_order(scorers, args.group_order, parse_pattern(args.sparsity_pattern))
+def check_pruner_options(scorers: Sequence[str], args: argparse.Namespace, config: DAIConfig) -> None:
+    """--layer_shares and --group_order (SparseModel.py and compare.py): options of wanda and sparsegpt masks;
+    the layer-share scorer's files were given."""
+    for flag, value, default in (("--layer_shares", args.layer_shares, UNIFORM_SHARES),
+                                 ("--group_order", args.group_order, NATURAL_ORDER)):
+        if value != default and args.structure != "unstructured":
+            raise InputError(f"{flag} applies to masks; --structure {args.structure} removes whole units")
+    pattern = parse_pattern(args.sparsity_pattern)
+    check_layer_shares(scorers, args.layer_shares, pattern)
+    check_group_order(scorers, args.group_order, pattern)
+    if args.layer_shares != UNIFORM_SHARES:
+        check_scorer_inputs(args.layer_shares, config, args)
 
 
 def effective_share(pct: float, pattern: str, flag: str = "--unstructured_pct") -> float:

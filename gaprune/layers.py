@@ -119,7 +119,6 @@ def layer_key(name: str, fallback_parts: int) -> str:
     return ".".join(name.split(".")[:fallback_parts])
 
 
-
 GRADIENTS = ("all", "selected")  # which parameters the scoring stages take gradients of
 
 

@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from gaprune import api, distributed
-from gaprune.cli import SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args, positive_int, run
+from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args,
+                         positive_int, run)
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult

@@ -15,9 +15,8 @@ from gaprune import api
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_group_order_request, check_layer_shares_request,
-                        check_pruning_request, check_scorer_inputs, effective_share, finish, finite_float, run,
-                        score_file_paths, scoring_config)
+                        calibration_from_args, check_pruner_options, check_pruning_request, check_scorer_inputs,
+                        effective_share, finish, finite_float, run, score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
@@ -81,8 +80,7 @@ def validate(args) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
-    check_layer_shares_request([args.unstructured_scoring], args, scoring_config(args))
-    check_group_order_request([args.unstructured_scoring], args)
+    check_pruner_options([args.unstructured_scoring], args, scoring_config(args))
     if not args.show_layer_types:
         check_output_dir(args.output_dir)
         check_output_dir(pruned_folder(args), "the pruned model's folder")

@@ -11,9 +11,8 @@ from typing import Sequence
 import torch
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_group_order_request, check_layer_shares_request,
-                        check_pruning_request, check_scorer_inputs, effective_share, finish, finite_float,
-                        positive_int, run, score_file_paths, scoring_config)
+                        calibration_from_args, check_pruner_options, check_pruning_request, check_scorer_inputs,
+                        effective_share, finish, finite_float, positive_int, run, score_file_paths, scoring_config)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
@@ -115,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
     for _, scoring, config in scorers:
         check_scorer_inputs(scoring, config, args)
-    check_layer_shares_request([scoring for _, scoring, _ in scorers], args, scoring_config(args))
-    check_group_order_request([scoring for _, scoring, _ in scorers], args)
+    check_pruner_options([scoring for _, scoring, _ in scorers], args, scoring_config(args))
     shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
     check_pruning_request([scoring for _, scoring, _ in scorers], args.structure, shares, args.sparsity_pattern,
                           args.reconstruct, args.layer_budget_strategy)
@@ -181,9 +179,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            label = "".join(f", {shares} shares" for shares in scorers_used(scoring, args.layer_shares)[1:]) + (
-                f", {args.group_order} order" if get_scorer(scoring).layer_pruner and args.group_order != NATURAL_ORDER
-                else "")
+            label = "".join(f", {entries[key]} {word}" for key, word in (("layer_shares", "shares"),
+                                                                         ("group_order", "order")) if key in entries)
             row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
                    "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
