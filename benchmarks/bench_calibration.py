@@ -6,7 +6,8 @@
 In one process, on one loaded model, over the same triples (each side's file cut to --triples, and
 gradient.py's --max_samples twice that, so its steps draw every triple once): the published settings
 (fisher --batch_size 1 twice, gradient --batch_size 2) against gradient_alignment(with_fisher=True), and a
-bare forward+backward over the same batches as the floor. Prints seconds, the ratios (targets: one pass
+bare forward+backward over the same batches as the floor (its embeddings giving sparse gradients, as in
+the scoring stages; PyTorch's dense default is timed beside it). Prints seconds, the ratios (targets: one pass
 <= 0.55x three runs; fisher <= 1.05x bare) and the largest relative difference between the one-pass
 Fisher arrays and the separate runs'.
 """
@@ -64,8 +65,9 @@ def main() -> None:
         return result
 
     for _ in range(args.rounds):
-        record("bare forward+backward (2 x triples)",
-               lambda: bare_forward_backward(embedder, [[triple] for triple in general + domain]))
+        single = [[triple] for triple in general + domain]
+        record("bare forward+backward (2 x triples)", lambda: bare_forward_backward(embedder, single))
+        record("  the same, dense embedding gradients", lambda: bare_forward_backward(embedder, single, False))
         fisher_g = record("fisher.py general", lambda: fisher_information(embedder, general, 1, LAYERS))
         fisher_d = record("fisher.py domain", lambda: fisher_information(embedder, domain, 1, LAYERS))
         record("gradient.py", lambda: gradient_alignment(embedder, general, domain, 2, 2 * n, LAYERS))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from gaprune.data import batched, shuffled_batches
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
-from gaprune.layers import select_parameters
+from gaprune.layers import embedding_weights, select_parameters, sparse_embedding_gradients
 from gaprune.loss import triplet_loss
 from gaprune.memory import SUM_PLACES
 from gaprune.modeling import Embedder
@@ -40,9 +40,19 @@ def _dtype_name(embedder: Embedder) -> str:
     return str(embedder.model.dtype).removeprefix("torch.")
 
 
-def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Each parameter's gradient; parameters the loss does not reach (e.g. BERT's pooler) get zeros."""
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+def _grads(params: Sequence[torch.nn.Parameter], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each parameter's gradient; parameters the loss does not reach (e.g. BERT's pooler) get zeros. An
+    embedding's sparse gradient is coalesced, its values in ``dtype`` (a token's repeats summed there)."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            grads.append(torch.zeros_like(p))
+        elif p.grad.is_sparse:
+            grads.append(torch.sparse_coo_tensor(p.grad._indices(), p.grad._values().to(dtype), p.shape,
+                                                 check_invariants=False).coalesce())
+        else:
+            grads.append(p.grad)
+    return grads
 
 
 def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch.nn.Parameter]:
@@ -58,9 +68,10 @@ def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch
 class _PinnedStaging:
     """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: one
     pinned block per dtype (one allocation, not one per parameter), filled by asynchronous copies and
-    one wait on the gradients' GPU. A no-op when the sums live beside the model."""
+    one wait on the gradients' GPU. A no-op when the sums live beside the model. The ``sparse`` parameters
+    (embeddings) have small sparse gradients, copied as they come."""
 
-    def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str):
+    def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str, sparse: Sequence[torch.Tensor] = ()):
         if accumulate_on not in SUM_PLACES:
             raise ValueError(f"accumulate_on must be one of {SUM_PLACES} (auto is resolved by the memory plan), "
                              f"got {accumulate_on!r}")
@@ -69,18 +80,23 @@ class _PinnedStaging:
         self.buffers = None
         if self.device == model_device:
             return
-        self.buffers = []
+        sparse_ids = {id(p) for p in sparse}
+        staged = [p for p in params if id(p) not in sparse_ids]
         blocks: dict[torch.dtype, torch.Tensor] = {}
         offsets: dict[torch.dtype, int] = {}
         try:
-            for dtype in {p.dtype for p in params}:
-                blocks[dtype] = torch.empty(sum(p.numel() for p in params if p.dtype == dtype), dtype=dtype,
+            for dtype in {p.dtype for p in staged}:
+                blocks[dtype] = torch.empty(sum(p.numel() for p in staged if p.dtype == dtype), dtype=dtype,
                                             pin_memory=True)
                 offsets[dtype] = 0
         except RuntimeError as err:
-            raise InputError(f"cannot pin {sum(p.numel() * p.element_size() for p in params) / 2 ** 30:.1f} GB of host "
+            raise InputError(f"cannot pin {sum(p.numel() * p.element_size() for p in staged) / 2 ** 30:.1f} GB of host "
                              f"memory for --accumulate_on cpu ({err}); raise the memlock limit or free memory") from None
+        self.buffers = []
         for p in params:
+            if id(p) in sparse_ids:
+                self.buffers.append(None)
+                continue
             start = offsets[p.dtype]
             self.buffers.append(blocks[p.dtype][start:start + p.numel()].view(p.shape))
             offsets[p.dtype] = start + p.numel()
@@ -88,10 +104,10 @@ class _PinnedStaging:
     def __call__(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         if self.buffers is None:
             return grads
-        for buffer, grad in zip(self.buffers, grads):
-            buffer.copy_(grad, non_blocking=True)
+        on_host = [grad.to(self.device) if buffer is None else buffer.copy_(grad, non_blocking=True)
+                   for buffer, grad in zip(self.buffers, grads)]
         torch.cuda.current_stream(grads[0].device).synchronize()
-        return self.buffers
+        return on_host
 
 
 def _pieces(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -106,7 +122,12 @@ def _pieces(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
 
 
 def _add_into(total: torch.Tensor, grad: torch.Tensor, square: bool = False) -> None:
-    """total += grad (grad * grad with ``square``), computed in total's dtype."""
+    """total += grad (grad * grad with ``square``), computed in total's dtype; a sparse (coalesced) gradient
+    adds into its rows."""
+    if grad.is_sparse:
+        values = grad._values().to(total.dtype)
+        total.index_add_(0, grad._indices()[0], values.square() if square else values)
+        return
     for total_piece, grad_piece in _pieces(total, grad):
         grad_piece = grad_piece.to(total.dtype)
         if square:
@@ -116,7 +137,20 @@ def _add_into(total: torch.Tensor, grad: torch.Tensor, square: bool = False) -> 
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a . b accumulated in ``dtype``; half-precision gradients are multiplied in their own dtype."""
+    """a . b accumulated in ``dtype``; half-precision gradients are multiplied in their own dtype. Sparse
+    (coalesced) gradients meet on the rows they share."""
+    if a.is_sparse or b.is_sparse:
+        if not b.is_sparse:
+            a, b = b, a
+        rows_b, values_b = b._indices()[0], b._values()
+        if not a.is_sparse:
+            return (a[rows_b] * values_b).sum(dtype=dtype)
+        rows_a, values_a = a._indices()[0], a._values()
+        if not len(rows_a):
+            return torch.zeros((), dtype=dtype, device=a.device)
+        at = torch.searchsorted(rows_a, rows_b).clamp_(max=len(rows_a) - 1)
+        shared = rows_a[at] == rows_b
+        return (values_a[at[shared]] * values_b[shared]).sum(dtype=dtype)
     if a.dtype == dtype and b.dtype == dtype:
         return torch.dot(a.reshape(-1), b.reshape(-1))
     return sum((a_piece * b_piece).sum(dtype=dtype) for a_piece, b_piece in _pieces(a, b))
@@ -125,7 +159,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _norms(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Each gradient's L2 norm, computed in the gradients' dtype (the kernels accumulate in float32; asking
     for a float32 result from bfloat16 input is ten times slower on a CPU), returned in ``dtype``."""
-    return torch.stack(torch._foreach_norm(grads, 2)).to(dtype)
+    dense = [g for g in grads if not g.is_sparse]
+    norms = iter(torch._foreach_norm(dense, 2) if dense else [])
+    return torch.stack([g._values().norm() if g.is_sparse else next(norms) for g in grads]).to(dtype)
 
 
 @dataclass
@@ -190,25 +226,27 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
     world = world or current_world()
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     selected = _selected(embedder, layer_types)
-    host = _PinnedStaging(list(selected.values()), accumulate_on)
-    sums = _FisherSums(named, selected, _accumulator_dtype(embedder), host.device)
+    host = _PinnedStaging(list(selected.values()), accumulate_on, embedding_weights(embedder.model))
+    dtype = _accumulator_dtype(embedder)
+    sums = _FisherSums(named, selected, dtype, host.device)
     other_params = [p for _, p in sums.others]
-    loss_sum = torch.zeros((), dtype=sums.other_sums.dtype, device=embedder.device)
+    loss_sum = torch.zeros((), dtype=dtype, device=embedder.device)
     first_loss = float("nan")
 
     batches = batched(triples, min(batch_size, len(triples)))
     mine = world.shard(list(enumerate(batches)))
-    for index, batch in tqdm(mine, desc="fisher", unit="batch", disable=not world.is_main):
-        embedder.model.zero_grad(set_to_none=True)
-        loss = triplet_loss(embedder, batch)
-        loss.backward()
-        if index == 0:
-            first_loss = loss.item()
-            if on_first_loss:
-                on_first_loss(first_loss)
-        loss_sum += loss.detach()
-        norms = _norms(_grads(other_params), sums.other_sums.dtype).square() if other_params else None
-        sums.add(host(_grads(list(selected.values()))), norms)
+    with sparse_embedding_gradients(embedder.model):
+        for index, batch in tqdm(mine, desc="fisher", unit="batch", disable=not world.is_main):
+            embedder.model.zero_grad(set_to_none=True)
+            loss = triplet_loss(embedder, batch)
+            loss.backward()
+            if index == 0:
+                first_loss = loss.item()
+                if on_first_loss:
+                    on_first_loss(first_loss)
+            loss_sum += loss.detach()
+            norms = _norms(_grads(other_params, dtype), dtype).square() if other_params else None
+            sums.add(host(_grads(list(selected.values()), dtype)), norms)
     embedder.model.zero_grad(set_to_none=True)
     world.sum_([*sums.tensors(), loss_sum])
     return sums.result(len(triples), first_loss, (loss_sum / len(batches)).item(), batch_size, layer_types,
@@ -330,7 +368,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     device, dtype = embedder.device, _accumulator_dtype(embedder)
     chosen = [name in selected for name, _ in named]
     unchosen = ~torch.tensor(chosen, device=device)  # the parameters whose Fisher keeps only a sum of squares
-    host = _PinnedStaging(params, accumulate_on)
+    host = _PinnedStaging(params, accumulate_on, embedding_weights(embedder.model))
     sum_general = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
     sum_domain = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
     fisher = {side: _FisherSums(named, selected, dtype, host.device) for side in ("general", "domain")} \
@@ -347,7 +385,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         embedder.model.zero_grad(set_to_none=True)
         loss = triplet_loss(embedder, batch, gather)
         loss.backward()
-        grads = _grads(params)
+        grads = _grads(params, dtype)
         norms = _norms(grads, dtype)
         on_host = host(grads)
         for sum_, grad in zip(total, on_host):
@@ -356,19 +394,20 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
             fisher[side].add([g for g, keep in zip(on_host, chosen) if keep], norms[unchosen].square())
         return loss.detach(), grads, norms
 
-    for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
-        general_loss, general_grads, norms_g = side_gradients("general", general_batches[step], sum_general)
-        domain_loss, domain_grads, norms_d = side_gradients("domain", domain_batches[step], sum_domain)
-        dots = torch.stack([_dot(g, d, dtype) for g, d in zip(general_grads, domain_grads)])
-        both = (norms_g > 0) & (norms_d > 0)
-        cosines = dots / (norms_g * norms_d).clamp(min=torch.finfo(dtype).tiny)
-        seen += both
-        conflicts += both & (cosines < 0)
-        losses = torch.stack([general_loss, domain_loss]).to(dtype)
-        loss_sums += losses
-        if step == 0:
-            first_losses.copy_(losses)
-        del general_grads, domain_grads
+    with sparse_embedding_gradients(embedder.model):
+        for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
+            general_loss, general_grads, norms_g = side_gradients("general", general_batches[step], sum_general)
+            domain_loss, domain_grads, norms_d = side_gradients("domain", domain_batches[step], sum_domain)
+            dots = torch.stack([_dot(g, d, dtype) for g, d in zip(general_grads, domain_grads)])
+            both = (norms_g > 0) & (norms_d > 0)
+            cosines = dots / (norms_g * norms_d).clamp(min=torch.finfo(dtype).tiny)
+            seen += both
+            conflicts += both & (cosines < 0)
+            losses = torch.stack([general_loss, domain_loss]).to(dtype)
+            loss_sums += losses
+            if step == 0:
+                first_losses.copy_(losses)
+            del general_grads, domain_grads
     embedder.model.zero_grad(set_to_none=True)
     world.sum_([*sum_general, *sum_domain, seen, conflicts, loss_sums,
                 *(t for sums in fisher.values() for t in sums.tensors())])

@@ -142,3 +142,24 @@ def gradients_of(model: torch.nn.Module, layer_types: Sequence[str], gradients: 
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(before[name])
+
+
+def embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of the model's embedding layers (vocabulary, and BERT's position and token types)."""
+    return [module.weight for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+
+
+@contextmanager
+def sparse_embedding_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, embedding layers give sparse gradients: only the rows of the batch's tokens. A dense
+    one is a vocabulary-sized array at every backward pass (Qwen3-Embedding-8B: 621M weights) and holds
+    nothing but zeros outside those rows. The flags are restored afterwards."""
+    embeddings = [module for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+    before = [module.sparse for module in embeddings]
+    for module in embeddings:
+        module.sparse = True
+    try:
+        yield
+    finally:
+        for module, sparse in zip(embeddings, before):
+            module.sparse = sparse

@@ -1,11 +1,12 @@
 """A stage's peak memory, estimated before it runs, and what was really used, measured after.
 
 The scoring stages hold: the model; one set of gradients (gradient.py holds two: the general side's
-while the domain side's backward runs); float32 sums (fisher.py: one array per selected weight;
-gradient.py: two per parameter, plus two per selected weight with --fisher_output_dir); and the
-activations autograd keeps for one batch, which grow with the batch's padded tokens. The sums can
-live in host memory instead (``--accumulate_on cpu``); ``auto`` puts them there when the device would
-otherwise be more than ``DEVICE_SHARE`` full.
+while the domain side's backward runs), embeddings not counted (their gradients are sparse: the rows of
+the batch's tokens); float32 sums (fisher.py: one array per selected weight; gradient.py: two per
+parameter, plus two per selected weight with --fisher_output_dir); and the activations autograd keeps
+for one batch, which grow with the batch's padded tokens. The sums can live in host memory instead
+(``--accumulate_on cpu``); ``auto`` puts them there when the device would otherwise be more than
+``DEVICE_SHARE`` full.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Sequence
 import torch
 
 from gaprune.data import TRIPLE_KEYS, batched
+from gaprune.layers import embedding_weights
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     dtype_bytes = model.dtype.itemsize
     trainable = [p for p in model.parameters() if p.requires_grad]
     numel_all = sum(p.numel() for p in trainable)
+    embeddings = {id(p) for p in embedding_weights(model)}  # sparse gradients: the batch's token rows only
+    numel_dense_gradients = sum(p.numel() for p in trainable if id(p) not in embeddings)
     numel_selected = sum(p.numel() for p in selected.values())
     sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
     capacity = capacity or _capacity(device)
@@ -140,7 +144,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=capacity)
     plan.device = {
         "model": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "gradients": gradient_copies * numel_all * dtype_bytes,
+        "gradients": gradient_copies * numel_dense_gradients * dtype_bytes,
         "sums": sum_bytes,
         "activations": batch_tokens(embedder, batches) * activation_bytes_per_token(model.config, dtype_bytes),
     }
@@ -155,7 +159,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": numel_all * dtype_bytes}
+        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": numel_dense_gradients * dtype_bytes}
     return plan
 
 

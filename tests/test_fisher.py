@@ -135,3 +135,19 @@ def test_dynamic_padding_gives_the_same_fisher_as_padding_to_512(model_dir, chem
             torch.testing.assert_close(array, padded.per_weight[name], rtol=1e-9, atol=0)
         else:
             torch.testing.assert_close(array, padded.per_weight[name], rtol=1e-4, atol=1e-5 * float(array.max()))
+
+
+def test_embedding_fisher_from_sparse_gradients_equals_the_dense_one(model_dir, chem_triples):
+    """While scoring, embeddings give sparse gradients (the batch's token rows); selected, the embedding's
+    per-weight Fisher is still the summed dense squared gradients, and the layers' flags come back."""
+    embedder = load_embedder(model_dir, "cpu", "float32")
+    embedder.model.double()
+    result = fisher_information(embedder, chem_triples[:5], 2, ["embed"])
+    expected = reference_fisher(model_dir, chem_triples[:5], 2, dtype=torch.float64)
+    [name] = result.per_weight
+    assert "embed" in name or "word_embeddings" in name
+    torch.testing.assert_close(result.per_weight[name].double(), expected[name], rtol=1e-9, atol=0)
+    rows_seen = (expected[name] > 1e-8).any(dim=1)
+    assert 0 < rows_seen.sum() < len(rows_seen)  # some vocabulary rows untouched, some not
+    embeddings = [m for m in embedder.model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and not any(m.sparse for m in embeddings)

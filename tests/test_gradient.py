@@ -8,7 +8,7 @@ from safetensors import safe_open
 import reference
 from conftest import last_line
 from gaprune.features import gradient
-from gaprune.importance import gradient_alignment
+from gaprune.importance import fisher_information, gradient_alignment
 from gaprune.modeling import load_embedder
 
 
@@ -70,6 +70,41 @@ def test_alignment_conflict_rates_and_elementwise_arrays_exact_in_float64(model_
     for name in sorted(result.elementwise)[:2]:
         unit = (avg_g[name] / avg_g[name].norm()) * (avg_d[name] / avg_d[name].norm())
         torch.testing.assert_close(result.elementwise[name], reference.mean_filter_3x3(unit), rtol=1e-9, atol=1e-15)
+
+
+def test_embedding_alignment_and_one_pass_fisher_from_sparse_gradients(model_dir, chem_triples, web_triples):
+    """The embedding's sparse per-step gradients give the dense reference's alignment, conflict rate and
+    smoothed element-wise array, and a one-pass Fisher equal to fisher_information on the drawn triples."""
+    embedder = load_embedder(model_dir, "cpu", "float32")
+    embedder.model.double()
+    result = gradient_alignment(embedder, web_triples, chem_triples, 2, 8, ["embed"], with_fisher=True)
+    steps, avg_g, avg_d, rates = reference_alignment(model_dir, web_triples, chem_triples, 2, 8,
+                                                     dtype=torch.float64)
+    [name] = result.elementwise
+    assert result.alignment_scores[name] == pytest.approx(reference.cosine(avg_g[name], avg_d[name]), abs=1e-9)
+    assert result.conflict_rates[name] == pytest.approx(rates[name])
+    unit = (avg_g[name] / avg_g[name].norm()) * (avg_d[name] / avg_d[name].norm())
+    torch.testing.assert_close(result.elementwise[name], reference.mean_filter_3x3(unit), rtol=1e-9, atol=1e-15)
+    drawn = torch.randperm(len(web_triples), generator=torch.Generator().manual_seed(42))[:steps].tolist()
+    separate = fisher_information(embedder, [web_triples[i] for i in drawn], 1, ["embed"])
+    torch.testing.assert_close(result.fisher["general"].per_weight[name], separate.per_weight[name],
+                               rtol=1e-9, atol=0)
+
+
+def test_sparse_gradients_meet_dense_ones_row_by_row():
+    from gaprune.importance import _dot, _norms
+
+    torch.manual_seed(0)
+    dense_a, dense_b = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)
+    dense_a[[0, 2, 5]] = torch.randn(3, 3, dtype=torch.float64)
+    dense_b[[2, 3, 5]] = torch.randn(3, 3, dtype=torch.float64)
+    sparse_a, sparse_b = dense_a.to_sparse(1), dense_b.to_sparse(1)
+    expected = torch.dot(dense_a.flatten(), dense_b.flatten())
+    for a, b in ((sparse_a, sparse_b), (dense_a, sparse_b), (sparse_a, dense_b)):
+        assert _dot(a, b, torch.float64).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert _dot(torch.zeros(6, 3, dtype=torch.float64).to_sparse(1), sparse_b, torch.float64).item() == 0
+    torch.testing.assert_close(_norms([sparse_a, dense_b], torch.float64),
+                               torch.stack([dense_a.norm(), dense_b.norm()]))
 
 
 def test_cli_alignment_scores_and_arrays(capsys, tmp_path, model_dir, data_files, chem_triples, web_triples):
