@@ -128,7 +128,7 @@ def _add_into(total: torch.Tensor, grad: torch.Tensor, square: bool = False) -> 
         values = grad._values().to(total.dtype)
         total.index_add_(0, grad._indices()[0], values.square() if square else values)
         return
-    for total_piece, grad_piece in _pieces(total, grad):
+    for total_piece, grad_piece in _pieces(total.view(-1), grad):  # view: a copy would lose the sums
         grad_piece = grad_piece.to(total.dtype)
         if square:
             total_piece.addcmul_(grad_piece, grad_piece)
@@ -158,7 +158,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _norms(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Each gradient's L2 norm, computed in the gradients' dtype (the kernels accumulate in float32; asking
-    for a float32 result from bfloat16 input is ten times slower on a CPU), returned in ``dtype``."""
+    for a float32 result from bfloat16 input is ten times slower on a CPU; coalesced sparse gradients are
+    already in ``dtype``), returned in ``dtype``."""
     dense = [g for g in grads if not g.is_sparse]
     norms = iter(torch._foreach_norm(dense, 2) if dense else [])
     return torch.stack([g._values().norm() if g.is_sparse else next(norms) for g in grads]).to(dtype)

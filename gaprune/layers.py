@@ -144,9 +144,15 @@ def gradients_of(model: torch.nn.Module, layer_types: Sequence[str], gradients: 
             parameter.requires_grad_(before[name])
 
 
+def _embedding_layers(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    return [module for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+
+
 def embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The weights of the model's embedding layers (vocabulary, and BERT's position and token types)."""
-    return [module.weight for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+    """The weights of the model's embedding layers (vocabulary, and BERT's position and token types), whose
+    gradients are sparse while scoring. This assumes nothing else uses them (no tied output projection:
+    embedding models have none)."""
+    return [module.weight for module in _embedding_layers(model)]
 
 
 @contextmanager
@@ -154,7 +160,7 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> Iterator[None]:
     """Inside the block, embedding layers give sparse gradients: only the rows of the batch's tokens. A dense
     one is a vocabulary-sized array at every backward pass (Qwen3-Embedding-8B: 621M weights) and holds
     nothing but zeros outside those rows. The flags are restored afterwards."""
-    embeddings = [module for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+    embeddings = _embedding_layers(model)
     before = [module.sparse for module in embeddings]
     for module in embeddings:
         module.sparse = True

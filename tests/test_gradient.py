@@ -8,7 +8,7 @@ from safetensors import safe_open
 import reference
 from conftest import last_line
 from gaprune.features import gradient
-from gaprune.importance import fisher_information, gradient_alignment
+from gaprune.importance import _dot, _norms, fisher_information, gradient_alignment
 from gaprune.modeling import load_embedder
 
 
@@ -92,8 +92,6 @@ def test_embedding_alignment_and_one_pass_fisher_from_sparse_gradients(model_dir
 
 
 def test_sparse_gradients_meet_dense_ones_row_by_row():
-    from gaprune.importance import _dot, _norms
-
     torch.manual_seed(0)
     dense_a, dense_b = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)
     dense_a[[0, 2, 5]] = torch.randn(3, 3, dtype=torch.float64)
