@@ -2,6 +2,7 @@
 
     python benchmarks/bench_calibration.py                       # MiniLM, 48 triples per side
     python benchmarks/bench_calibration.py --model_dir PATH --triples 100 --dtype bfloat16
+    python benchmarks/bench_calibration.py --published_lengths --triples 24   # 230- and 485-word triples
 
 In one process, on one loaded model, over the same triples (each side's file cut to --triples, and
 gradient.py's --max_samples twice that, so its steps draw every triple once): the published settings
@@ -20,6 +21,7 @@ import time
 import torch
 
 from bench_fisher import bare_forward_backward  # this folder is on the path when run as a script
+from gpu_check import LENGTHS, synthetic_triples
 from gaprune.data import load_triples
 from gaprune.importance import fisher_information, gradient_alignment
 from gaprune.modeling import DEFAULT_MODEL, load_embedder
@@ -47,14 +49,19 @@ def main() -> None:
     parser.add_argument("--general_data", default="data/general-example.json")
     parser.add_argument("--domain_data", default="data/chem-example.json")
     parser.add_argument("--triples", type=int, default=48, help="triples per side")
+    parser.add_argument("--published_lengths", action="store_true",
+                        help="synthetic triples as long as the published data's (gpu_check.py's) instead of the files")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--rounds", type=int, default=2, help="the whole comparison, repeated; the best of each")
     args = parser.parse_args()
     torch.manual_seed(0)
     embedder = load_embedder(args.model_dir, args.device, args.dtype, native_cpu_bfloat16=True)  # as the CLI
-    general = load_triples(args.general_data, args.triples)
-    domain = load_triples(args.domain_data, args.triples)
+    if args.published_lengths:
+        general, domain = (synthetic_triples(args.triples, LENGTHS[side], seed) for seed, side in enumerate(LENGTHS))
+    else:
+        general = load_triples(args.general_data, args.triples)
+        domain = load_triples(args.domain_data, args.triples)
     n = min(len(general), len(domain))
     general, domain = general[:n], domain[:n]
     times: dict[str, float] = {}
