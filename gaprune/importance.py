@@ -149,8 +149,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if not len(rows_a):
             return torch.zeros((), dtype=dtype, device=a.device)
         at = torch.searchsorted(rows_a, rows_b).clamp_(max=len(rows_a) - 1)
-        shared = rows_a[at] == rows_b
-        return (values_a[at[shared]] * values_b[shared]).sum(dtype=dtype)
+        elsewhere = (rows_a[at] != rows_b).unsqueeze(1)  # a mask, not a selection: no wait on a GPU
+        return (values_a[at] * values_b).masked_fill_(elsewhere, 0).sum(dtype=dtype)
     if a.dtype == dtype and b.dtype == dtype:
         return torch.dot(a.reshape(-1), b.reshape(-1))
     return sum((a_piece * b_piece).sum(dtype=dtype) for a_piece, b_piece in _pieces(a, b))
