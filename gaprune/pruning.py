@@ -115,10 +115,16 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None
         return fixed
-    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER)}
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
                       per_param=per_param, per_layer_allocations=layer_allocations(per_param),
-                      diagnostics={key: value for key, (value, default) in options.items() if value != default})
+                      diagnostics=pruner_options(layer_shares, group_order))
+
+
+def pruner_options(layer_shares: str, group_order: str) -> dict[str, str]:
+    """The options of Wanda's and SparseGPT's masks that differ from their defaults, by name: what records,
+    folder names and report rows mention (nothing at the defaults, so published files stay as they were)."""
+    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER)}
+    return {key: value for key, (value, default) in options.items() if value != default}
 
 
 def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Pattern = Pattern()) -> None:

@@ -22,8 +22,7 @@ from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats,
+from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats, pruner_options,
                              structure_evaluation_config, structure_stats)
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.structure import CONFIG_FIELDS, STRUCTURES
@@ -93,10 +92,8 @@ def pruned_folder(args) -> str:
     amount = (args.sparsity_pattern.replace(":", "of") if args.sparsity_pattern != "unstructured"
               else f"{round(args.unstructured_pct * 100, 2):g}%")
     suffix = "_reconstructed" if args.reconstruct else ""
-    if args.layer_shares != UNIFORM_SHARES:
-        suffix += f"_{args.layer_shares}_shares"
-    if args.group_order != NATURAL_ORDER:
-        suffix += f"_{args.group_order}_order"
+    suffix += "".join(f"_{value}_{key.split('_')[-1]}"  # _aligned_saliency_shares, _hessian_order
+                      for key, value in pruner_options(args.layer_shares, args.group_order).items())
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
@@ -172,10 +169,7 @@ def calibration_record(args, calibration) -> dict:
         record["sparsity_pattern"] = args.sparsity_pattern
     if args.reconstruct:
         record["reconstruct"] = True
-    if args.layer_shares != UNIFORM_SHARES:
-        record["layer_shares"] = args.layer_shares
-    if args.group_order != NATURAL_ORDER:
-        record["group_order"] = args.group_order
+    record.update(pruner_options(args.layer_shares, args.group_order))
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
                                  "texts": {side: len(texts) for side, texts in calibration.texts.items()},
