@@ -7,6 +7,10 @@ parameter, plus two per selected weight with --fisher_output_dir); and the activ
 for one batch, which grow with the batch's padded tokens. The sums can live in host memory instead
 (``--accumulate_on cpu``); ``auto`` puts them there when the device would otherwise be more than
 ``DEVICE_SHARE`` full.
+
+On a CPU the plan counts resident memory, and a checkpoint converted while loading (a bfloat16 file
+computed in float32) is read whole: its mapped file and the converted copy peak together while loading,
+before any gradient, sum or activation exists, so the plan takes the larger of the two phases.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
 SUM_PLACES = ("device", "cpu")  # beside the model, or in (pinned) host memory
 ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
+WORKING_PARTS = ("gradients", "sums", "activations")  # allocated after loading, while scoring
 
 
 def process_rss() -> int:
@@ -44,6 +49,11 @@ def peak_rss() -> int:
     """The process's peak resident memory so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def pinned_bytes(size: int) -> int:
+    """What a pinned block of ``size`` bytes holds: PyTorch's pinned allocator rounds it up to a power of two."""
+    return 1 << (size - 1).bit_length() if size > 0 else 0
 
 
 def activation_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -82,10 +92,13 @@ class MemoryPlan:
     host: dict[str, int] = field(default_factory=dict)
     capacity: int | None = None  # the GPU's memory; None on the CPU
     accumulate_on: str = "device"
+    loading: int = 0  # host: a checkpoint converted while loading, its file mapped until the copy is made
 
     @property
     def device_total(self) -> int:
-        return sum(self.device.values())
+        """The peak: the mapped file of ``loading`` is gone before the working parts exist, so the larger counts."""
+        working = sum(self.device.get(part, 0) for part in WORKING_PARTS)
+        return sum(self.device.values()) + max(0, self.loading - working)
 
     @property
     def host_total(self) -> int:
@@ -98,6 +111,9 @@ class MemoryPlan:
                f"{parts(self.device)} = {self.device_total / GB:.2f} GB"
         if self.capacity:
             text += f" of {self.capacity / GB:.0f} GB"
+        if self.loading:
+            text += f" (while loading: the checkpoint mapped {self.loading / GB:.2f} in place of " \
+                    f"{' + '.join(WORKING_PARTS)})"
         if self.host and self.device_name != "host":
             text += f"; host {parts(self.host)} = {self.host_total / GB:.2f} GB"
         return text
@@ -151,15 +167,15 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     if not on_gpu:
         plan.device = {"runtime": runtime_rss, **plan.device}
         source = embedder.source_dtype
-        if isinstance(source, torch.dtype) and source != model.dtype:  # converted while loading: the file stays mapped
-            plan.device["checkpoint mapped while loading"] = sum(p.numel() for p in model.parameters()) * source.itemsize
+        if isinstance(source, torch.dtype) and source != model.dtype:  # converted: the whole file is read once
+            plan.loading = sum(p.numel() for p in model.parameters()) * source.itemsize
         plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
         return plan
     if accumulate_on == "auto":
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": numel_dense_gradients * dtype_bytes}
+        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": pinned_bytes(numel_dense_gradients * dtype_bytes)}
     return plan
 
 

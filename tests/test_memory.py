@@ -8,7 +8,8 @@ import torch
 from gaprune.data import load_triples
 from gaprune.importance import fisher_information
 from gaprune.layers import select_parameters
-from gaprune.memory import DEVICE_SHARE, activation_bytes_per_token, alignment_plan, fisher_plan
+from gaprune.memory import (DEVICE_SHARE, MemoryPlan, activation_bytes_per_token, alignment_plan, fisher_plan,
+                            pinned_bytes)
 from gaprune.modeling import load_embedder
 
 
@@ -58,7 +59,9 @@ def test_auto_moves_the_sums_to_the_host_only_when_the_gpu_would_be_too_full(tin
     total = roomy.device_total
     tight = alignment_plan(embedder, selected, general, chem, 2, False, capacity=int(total / DEVICE_SHARE) - 1)
     assert tight.accumulate_on == "cpu"
-    assert tight.host == {"sums": roomy.device["sums"], "pinned gradients": roomy.device["gradients"] // 2}
+    gradients = roomy.device["gradients"] // 2
+    assert tight.host == {"sums": roomy.device["sums"], "pinned gradients": pinned_bytes(gradients)}
+    assert gradients <= tight.host["pinned gradients"] < 2 * gradients
     assert "sums" not in tight.device and "; host sums" in tight.line()
     forced = fisher_plan(embedder, selected, chem, 1, "device", capacity=1)
     assert forced.accumulate_on == "device"  # an explicit choice is kept
@@ -147,9 +150,27 @@ def test_gradients_of_the_embedding_alone(capsys, tmp_path, bert_dir, data_files
 
 
 def test_a_checkpoint_converted_while_loading_is_counted(qwen3_dir, data_files):
-    """A float32 checkpoint computed in bfloat16 on a CPU: the file stays mapped beside the converted copy."""
+    """A float32 checkpoint computed in bfloat16 on a CPU: the mapped file peaks beside the converted copy while
+    loading, in place of the working parts (gradients, sums, activations) that come after."""
     embedder = load_embedder(qwen3_dir, "cpu", "bfloat16")
     selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
-    plan = fisher_plan(embedder, selected, load_triples(data_files["chem"]), 1)
+    plan = fisher_plan(embedder, selected, load_triples(data_files["chem"]), 1, runtime_rss=3 * 1024 ** 3)
     numel = sum(p.numel() for p in embedder.model.parameters())
-    assert plan.device["checkpoint mapped while loading"] == 4 * numel and plan.device["model"] == 2 * numel
+    assert plan.loading == 4 * numel and plan.device["model"] == 2 * numel
+    working = plan.device["gradients"] + plan.device["sums"] + plan.device["activations"]
+    assert plan.device_total == 3 * 1024 ** 3 + 2 * numel + max(4 * numel, working)
+    assert "while loading: the checkpoint mapped" in plan.line()
+
+
+def test_the_plan_peaks_in_the_larger_phase():
+    """Loading (model + mapped file) and scoring (model + gradients, sums, activations) never overlap."""
+    scoring_peak = MemoryPlan("fisher", "host", device={"runtime": 2, "model": 10, "gradients": 1, "sums": 3,
+                                                        "activations": 1}, loading=4)
+    assert scoring_peak.device_total == 17
+    loading_peak = MemoryPlan("fisher", "host", device=dict(scoring_peak.device), loading=9)
+    assert loading_peak.device_total == 21
+
+
+def test_pinned_blocks_round_up_to_a_power_of_two():
+    """As PyTorch's pinned host allocator does: a 4,097-byte request takes an 8,192-byte block."""
+    assert [pinned_bytes(n) for n in (0, 1, 4096, 4097, 7 * 2 ** 30)] == [0, 1, 4096, 8192, 8 * 2 ** 30]
