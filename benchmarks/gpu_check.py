@@ -140,7 +140,7 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
                            "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
                            paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
                            os.path.join(out, "one-pass"), "--fisher_output_dir", os.path.join(out, "one-pass"),
-                           "--no-use_distributed", *scored,
+                           "--score_dtype", "bfloat16", "--no-use_distributed", *scored,
                            *runtime]))
     if args.host_sums:
         stages.append(("gradient, sums in host memory", "gaprune.features.gradient", nproc,

@@ -89,11 +89,13 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
               batch_size: int = 2, max_samples: int = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
               seed: int = 42, alignment_mode: str = "product", use_distributed: bool = True,
               fisher_output_dir: str | None = None, with_fisher: bool = False,
-              accumulate_on: str = "auto", gradients: str = "all", runtime_rss: int = 0) -> AlignmentResult:
+              accumulate_on: str = "auto", gradients: str = "all", runtime_rss: int = 0,
+              score_dtype: str = "float32") -> AlignmentResult:
     """Agreement of general and domain gradients, per parameter and per weight. With ``output_dir`` the
     score files are written (in ``<output_dir>/<model>/``) and ``result.path`` is the results JSON.
     ``with_fisher`` also measures each side's Fisher information in the same pass (``result.fisher``);
-    with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``).
+    with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``),
+    their arrays in ``score_dtype``.
     ``gradients`` and ``runtime_rss`` as for fisher()."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
@@ -107,7 +109,8 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
                                     use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
-            result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name)
+            result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name,
+                                                   score_dtype)
     if output_dir is not None:
         result.path = save_alignment(result, output_dir, embedder.name, general_data_path, domain_data_path,
                                      use_distributed)

@@ -219,3 +219,28 @@ def test_cli_alignment_mode_adds_cosine_arrays(capsys, tmp_path, qwen3_dir, data
     for name, value in a.items():
         assert torch.equal(b[name], value)
         assert list(b["cosine::" + name].shape) == [value.shape[0]]
+
+
+def test_one_pass_fisher_files_in_bfloat16(capsys, tmp_path, qwen3_dir, data_files):
+    """--score_dtype bfloat16 stores the one-pass Fisher arrays as fisher.py --score_dtype bfloat16 does: the
+    float32 arrays rounded; without --fisher_output_dir it has nothing to apply to and is refused."""
+    files = {}
+    for dtype in ("float32", "bfloat16"):
+        run_gradient(capsys, qwen3_dir, data_files, tmp_path / dtype, "--max_samples", "8",
+                     "--fisher_output_dir", str(tmp_path / f"fisher-{dtype}"), "--score_dtype", dtype)
+        files[dtype] = sorted(str(tmp_path / f"fisher-{dtype}" / name) for name in os.listdir(tmp_path / f"fisher-{dtype}")
+                              if "complete" in name and name.endswith(".json"))
+    assert len(files["bfloat16"]) == 2
+    for full, half in zip(files["float32"], files["bfloat16"]):
+        assert json.load(open(half))["metadata"]["score_dtype"] == "bfloat16"
+        full_arrays, half_arrays = (os.path.join(os.path.dirname(path), json.load(open(path))["metadata"]["tensor_file"])
+                                    for path in (full, half))
+        with safe_open(full_arrays, framework="pt") as a, safe_open(half_arrays, framework="pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for name in a.keys():
+                assert b.get_tensor(name).dtype == torch.bfloat16
+                assert torch.equal(b.get_tensor(name), a.get_tensor(name).to(torch.bfloat16))
+    with pytest.raises(SystemExit) as stop:
+        gradient.main(["--model_name", qwen3_dir, "--output_dir", str(tmp_path), "--score_dtype", "bfloat16"])
+    assert stop.value.code == 2
+    assert "--score_dtype sets the dtype of the --fisher_output_dir files" in capsys.readouterr().err

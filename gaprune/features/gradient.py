@@ -16,7 +16,7 @@ from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
 from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import alignment_statistics, tensor_file_for
+from gaprune.scorefiles import SCORE_DTYPES, alignment_statistics, tensor_file_for
 
 log = logging.getLogger("gaprune.gradient")
 
@@ -44,6 +44,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--fisher_output_dir", default=None,
                         help="one calibration pass: also write the general and domain Fisher files (as fisher.py "
                              "--batch_size <half-batch> would over the triples the steps draw) into this folder")
+    parser.add_argument("--score_dtype", default="float32", choices=sorted(SCORE_DTYPES),
+                        help="dtype of the --fisher_output_dir files' per-weight arrays, as fisher.py's "
+                             "(default: float32)")
     add_runtime_args(parser, SCORING_DTYPE_HELP)
     add_scale_args(parser)
     return parser
@@ -72,7 +75,10 @@ def print_report(result: AlignmentResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str | None:
     """Under torchrun every rank takes its share of the steps; rank 0 writes and prints."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.score_dtype != "float32" and args.fisher_output_dir is None:
+        parser.error("--score_dtype sets the dtype of the --fisher_output_dir files: give --fisher_output_dir too")
     world = distributed.init_from_env(args.device)
     general = load_triples(args.general_data_path)  # bad data or output locations fail before the model loads
     domain = load_triples(args.domain_data_path)
@@ -88,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                            args.sparsify_layers, args.seed, args.alignment_mode, args.use_distributed,
                            args.fisher_output_dir if world.is_main else None,
                            with_fisher=args.fisher_output_dir is not None, accumulate_on=args.accumulate_on,
-                           gradients=args.gradients, runtime_rss=runtime_rss)
+                           gradients=args.gradients, runtime_rss=runtime_rss, score_dtype=args.score_dtype)
     if not world.is_main:
         return None
     print_report(result)
