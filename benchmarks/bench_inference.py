@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True,
+                        help="also race on the CPU in float32 (--no-cpu: CUDA rows only, for large models)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -121,8 +123,8 @@ def main() -> None:
             gaprune.save_model(embedder, pruned)
         folders = {"dense": resolve_model_dir(args.model), "pruned": pruned}
         sizes = {label: weight_bytes(folder) for label, folder in folders.items()}
-        settings = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "bfloat16")] if torch.cuda.is_available()
-                                           else [])
+        settings = [("cpu", "float32")] * args.cpu + ([("cuda", "float32"), ("cuda", "bfloat16")]
+                                                      if torch.cuda.is_available() else [])
         results = [(device, dtype, race({label: gaprune.load_embedder(folder, device, dtype)
                                          for label, folder in folders.items()}, texts, args.batch_size, args.rounds))
                    for device, dtype in settings]
