@@ -81,4 +81,4 @@ def describe_probe(embedding: torch.Tensor) -> str:
 
 
 def count_zeros(model: torch.nn.Module) -> int:
-    return sum(int((p == 0).sum()) for p in model.parameters())
+    return sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())

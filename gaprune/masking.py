@@ -156,12 +156,26 @@ class _MaskBuilder:
         return mask
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """No NaN and no infinity: the smallest and largest values (min and max carry a NaN through) are finite.
+    A reduction only, where isfinite() would first allocate a mask as large as the tensor."""
+    if not values.numel():
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
+
+
 def checked_scores(score_fn: ScoreFn) -> ScoreFn:
-    """The score function, refusing non-finite scores (a NaN is never below a threshold: it would go unmasked)."""
+    """The score function, refusing non-finite scores (a NaN is never below a threshold: it would go unmasked).
+    Each parameter is checked the first time it is scored: the scores are a function of the parameter, and the
+    threshold passes score every tensor again."""
+    seen: set[str] = set()
+
     def checked(name: str, weight: torch.Tensor) -> torch.Tensor:
         score = score_fn(name, weight)
-        if not bool(torch.isfinite(score).all()):
-            raise InputError(f"the scores of {name} are not all finite numbers (check the score files and flags)")
+        if name not in seen:
+            if not all_finite(score):
+                raise InputError(f"the scores of {name} are not all finite numbers (check the score files and flags)")
+            seen.add(name)
         return score
     return checked
 
@@ -234,10 +248,10 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
             if masks is not None:
                 masks[name] = mask.view(weight.shape).cpu()
             flat = weight.view(-1)
-            newly_zeroed += int((flat[mask] != 0).sum())
+            newly_zeroed += int(torch.count_nonzero(flat[mask]))
             if apply:
                 flat[mask] = 0
-            masked = int(mask.sum())
+            masked = int(torch.count_nonzero(mask))
             masked_total += masked
             stats = _score_stats(score)
             threshold = build_mask.threshold

@@ -25,6 +25,7 @@ from gaprune.fileio import (atomic_files, domain_name, model_dirname, read_json,
                             write_tensors)
 from gaprune.importance import AlignmentResult, FisherResult
 from gaprune.layers import layer_key, strip_prefix
+from gaprune.masking import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class ScoreArrays:
             array = self._read_tensor_file(lambda handle: handle.get_tensor(self._names[key])).float()
         else:
             array = torch.from_numpy(np.asarray(self._read_npy(key, mmap=False), dtype=np.float32))
-        if not bool(torch.isfinite(array).all()):
+        if not all_finite(array):
             bad = int((~torch.isfinite(array)).sum())
             raise InputError(f"{self.path}: the {'cosine ' if cosine else ''}array of {key} holds {bad} non-finite "
                              f"value(s) (NaN or inf)")

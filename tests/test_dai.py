@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gaprune.masking import kth_smallest, prune_lowest, uniform_allocation
+from gaprune.masking import all_finite, kth_smallest, prune_lowest, uniform_allocation
 from gaprune.scorers import score_function as make_score_fn
 from gaprune.scoring import DAIConfig, dai_score
 
@@ -220,3 +220,13 @@ def test_alignment_changes_the_mask_where_fisher_ties():
     result = prune_lowest(w, score_fn, 0.25)
     assert result.masked == 2
     assert (w["t"] == 0).nonzero().tolist() == [[0, 1], [1, 2]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 4097, 99_999])
+def test_one_non_finite_value_anywhere_is_caught(bad, at):
+    values = torch.randn(100_000)
+    assert all_finite(values) and all_finite(torch.empty(0))
+    values[at] = bad
+    assert not all_finite(values)
+    assert not all_finite(values.view(400, 250))

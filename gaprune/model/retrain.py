@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     result = sparse_finetune(embedder, domain, args.steps, args.lr, args.batch_size, masks, general,
                              args.general_ratio, args.warmup_steps, args.grad_accum, args.weight_decay, args.seed,
                              None if compute == torch.float32 else compute)
-    zeros_after = sum(int((named[n][m] == 0).sum()) for n, m in masks.items())
+    zeros_after = sum(int(m.sum()) - int(torch.count_nonzero(named[n][m])) for n, m in masks.items())
     embedding = probe_embedding(embedder)
 
     folder = output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps")
