@@ -244,7 +244,7 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
             score = score_fn(name, weight)
             mask = in_groups(score, weight) if pattern.structured else build_mask(score)
             if build_reference is not None:
-                overlap += int((mask & reference_mask).sum())
+                overlap += int(torch.count_nonzero(mask & reference_mask))
             if masks is not None:
                 masks[name] = mask.view(weight.shape).cpu()
             flat = weight.view(-1)

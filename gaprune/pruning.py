@@ -98,9 +98,9 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                 start = weight
             if reconstruct:
                 start, _ = sparsegpt(start, layer_inputs.hessian, mask=mask)
-            newly_zeroed += int((mask & (weight != 0)).sum())
+            newly_zeroed += int(torch.count_nonzero(weight[mask]))
             weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
-            masked = int(mask.sum())
+            masked = int(torch.count_nonzero(mask))
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
 
     maximum = embedder.max_length

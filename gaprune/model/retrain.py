@@ -82,13 +82,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     else:
         held = {n: p for n, p in named.items() if p.dim() >= 2}
     masks = zero_masks(held)
-    masked = sum(int(m.sum()) for m in masks.values())
+    masked = sum(int(torch.count_nonzero(m)) for m in masks.values())
     log.info("%d zero weights in %d tensors are held at zero", masked, len(masks))
 
     result = sparse_finetune(embedder, domain, args.steps, args.lr, args.batch_size, masks, general,
                              args.general_ratio, args.warmup_steps, args.grad_accum, args.weight_decay, args.seed,
                              None if compute == torch.float32 else compute)
-    zeros_after = sum(int(m.sum()) - int(torch.count_nonzero(named[n][m])) for n, m in masks.items())
+    zeros_after = masked - sum(int(torch.count_nonzero(named[n][m])) for n, m in masks.items())
     embedding = probe_embedding(embedder)
 
     folder = output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps")
