@@ -129,9 +129,13 @@ def main() -> None:
                                          for label, folder in folders.items()}, texts, args.batch_size, args.rounds))
                    for device, dtype in settings]
         sparse = semi_structured_copy(args.model, texts)
-        semi = None if isinstance(sparse, str) else race(
-            {"dense": gaprune.load_embedder(args.model, "cuda", "bfloat16"), "2:4": sparse[0]}, texts,
-            args.batch_size, args.rounds)
+        semi = None
+        if not isinstance(sparse, str):
+            try:
+                semi = race({"dense": gaprune.load_embedder(args.model, "cuda", "bfloat16"), "2:4": sparse[0]}, texts,
+                            args.batch_size, args.rounds)
+            except RuntimeError as err:  # the other rows still print
+                sparse = f"the 2:4 race failed: {str(err).splitlines()[0]}"
 
     print(f"{args.model} against {pruned}: {len(texts)} texts of the example data, batch {args.batch_size}, "
           f"best of {args.rounds} rounds, batches in turn, {torch.get_num_threads()} CPU threads")
