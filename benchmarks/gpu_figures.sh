@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure the README asks for, in one run on one CUDA GPU (about 10 minutes on an H100/H200):
+#   0. tests/test_cuda.py: the CUDA paths against the CPU's (seconds; a failure is reported, the run goes on);
 #   1. gpu_check.py on the Qwen3-Embedding-0.6B and -4B shapes, all layers, bfloat16: every stage, with the
 #      one calibration pass and the sums in pinned host memory as extra rows (16 synthetic triples per side);
 #   2. bench_inference.py on a random Qwen3-Embedding-0.6B-shaped model: dense against channel-pruned
@@ -16,18 +17,23 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-output/gpu}"
 SHAPES="${SHAPES:-0.6B 4B}"
 TRIPLES="${TRIPLES:-16}"
-WORK="${WORK:-$(mktemp -d)}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+if [ -z "${WORK:-}" ]; then  # models and score files: a temporary folder unless WORK names one
+    WORK="$(mktemp -d)"
+    trap 'rm -rf "$WORK"' EXIT
+fi
 mkdir -p "$OUT" "$WORK"
-trap 'rm -rf "$WORK"' EXIT
 
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())"
+"$PYTHON" -c "import sys, torch; torch.cuda.is_available() or sys.exit('no CUDA GPU here'); print(torch.__version__, torch.cuda.get_device_name())"
 df -h "$WORK" | tail -1
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -n 3 \
+    || echo "tests/test_cuda.py failed: see $OUT/test_cuda.txt"
 
 # shellcheck disable=SC2086  # SHAPES is a list
-python benchmarks/gpu_check.py --shapes $SHAPES --triples "$TRIPLES" --one_pass --host_sums --work_dir "$WORK" \
+"$PYTHON" benchmarks/gpu_check.py --shapes $SHAPES --triples "$TRIPLES" --one_pass --host_sums --work_dir "$WORK" \
     2> >(tail -n 40 > "$OUT/gpu_check.log") | tee "$OUT/gpu_check.md"
 
-python - "$WORK/qwen3-0.6B" <<'PYTHON'
+"$PYTHON" - "$WORK/qwen3-0.6B" <<'BUILD'
 import sys
 import torch
 from gaprune.toy_models import QWEN3_EMBEDDING_SHAPES, build_qwen3
@@ -36,6 +42,6 @@ build_qwen3(sys.argv[1], hidden_size=shape["hidden_size"], intermediate_size=sha
             num_layers=shape["num_hidden_layers"], num_heads=shape["num_attention_heads"],
             num_kv_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"], vocab_size=shape["vocab_size"],
             tokenizer_vocab=2000, dtype=torch.bfloat16, device="cuda")
-PYTHON
-python benchmarks/bench_inference.py --model "$WORK/qwen3-0.6B" --no-cpu 2> >(tail -n 40 > "$OUT/bench_inference.log") \
+BUILD
+"$PYTHON" benchmarks/bench_inference.py --model "$WORK/qwen3-0.6B" --no-cpu 2> >(tail -n 40 > "$OUT/bench_inference.log") \
     | tee "$OUT/bench_inference.md"

@@ -1,0 +1,90 @@
+"""The CUDA paths against the CPU ones: sums beside the model or in pinned host memory, sparse embedding
+gradients, the one pass, calibrated pruning. Skipped without a GPU (CI runs on CPUs); on a GPU machine:
+``python -m pytest -q tests/test_cuda.py``."""
+
+import pytest
+import torch
+
+from gaprune import api
+from gaprune.data import triple_texts
+from gaprune.importance import fisher_information, gradient_alignment
+from gaprune.layers import select_parameters
+from gaprune.memory import fisher_plan, pinned_bytes
+from gaprune.modeling import load_embedder
+from gaprune.pruning import Calibration
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+LAYERS = ["embed", "attention", "mlp"]  # the embedding: sparse gradients, added into its rows
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        scale = b[name].abs().max().item()
+        torch.testing.assert_close(a[name].cpu().double(), b[name].cpu().double(), rtol=rtol, atol=rtol * scale,
+                                   msg=name)
+
+
+def test_fisher_on_cuda_equals_the_cpu_with_sums_on_either_side(model_dir, chem_triples):
+    on_cpu = fisher_information(load_embedder(model_dir, "cpu", "float32"), chem_triples[:6], 1, LAYERS)
+    embedder = load_embedder(model_dir, "cuda", "float32")
+    beside = fisher_information(embedder, chem_triples[:6], 1, LAYERS, accumulate_on="device")
+    pinned = fisher_information(embedder, chem_triples[:6], 1, LAYERS, accumulate_on="cpu")
+    assert all(t.is_cuda for t in beside.per_weight.values())
+    assert not any(t.is_cuda for t in pinned.per_weight.values())
+    close(pinned.per_weight, beside.per_weight, 1e-6)  # the same gradients, added on the host
+    close(beside.per_weight, on_cpu.per_weight, 1e-3)  # other kernels (TF32 off): rounding only
+    assert beside.mean_loss == pytest.approx(on_cpu.mean_loss, rel=1e-4)
+
+
+def test_one_pass_on_cuda_with_host_sums_equals_the_device_sums(model_dir, chem_triples, web_triples):
+    embedder = load_embedder(model_dir, "cuda", "float32")
+    beside = gradient_alignment(embedder, web_triples, chem_triples, 2, 8, LAYERS, with_fisher=True)
+    pinned = gradient_alignment(embedder, web_triples, chem_triples, 2, 8, LAYERS, with_fisher=True,
+                                accumulate_on="cpu")
+    close(pinned.elementwise, beside.elementwise, 1e-5)
+    for side in ("general", "domain"):
+        close(pinned.fisher[side].per_weight, beside.fisher[side].per_weight, 1e-6)
+    assert pinned.conflict_rates == beside.conflict_rates
+    on_cpu = gradient_alignment(load_embedder(model_dir, "cpu", "float32"), web_triples, chem_triples, 2, 8,
+                                LAYERS, with_fisher=True)
+    for name, score in on_cpu.alignment_scores.items():
+        assert beside.alignment_scores[name] == pytest.approx(score, abs=1e-3), name
+
+
+def test_bfloat16_on_cuda_keeps_float32_sums(qwen3_dir, chem_triples):
+    embedder = load_embedder(qwen3_dir, "cuda", "bfloat16")
+    result = fisher_information(embedder, chem_triples[:4], 1, LAYERS, accumulate_on="cpu")
+    assert all(t.dtype == torch.float32 for t in result.per_weight.values())
+    reference = fisher_information(load_embedder(qwen3_dir, "cuda", "float32"), chem_triples[:4], 1, LAYERS)
+    for name, array in result.per_weight.items():  # bfloat16 gradients: a few percent per weight
+        correlation = torch.corrcoef(torch.stack([array.flatten().cuda(), reference.per_weight[name].flatten()]))
+        assert correlation[0, 1] > 0.98, name
+
+
+def test_the_pinned_block_stays_within_the_plan(qwen3_dir, chem_triples):
+    embedder = load_embedder(qwen3_dir, "cuda", "bfloat16")
+    selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    plan = fisher_plan(embedder, selected, chem_triples[:2], 1, accumulate_on="cpu")
+    assert plan.host["pinned gradients"] == pinned_bytes(plan.host["pinned gradients"])
+
+    def pinned_now() -> int:
+        stats = torch.cuda.host_memory_stats()
+        return stats.get("reserved_bytes.current", stats.get("allocated_bytes.current", 0))
+    before = pinned_now()
+    fisher_information(embedder, chem_triples[:2], 1, ["mlp"], accumulate_on="cpu")
+    assert pinned_now() - before <= plan.host["pinned gradients"]
+
+
+def test_calibrated_sparsegpt_on_cuda_matches_the_cpu(model_dir, chem_triples, web_triples):
+    texts = {"domain": triple_texts(chem_triples[:4]), "general": triple_texts(web_triples[:4])}
+    zeros = {}
+    for device in ("cpu", "cuda"):
+        embedder = load_embedder(model_dir, device, "float32")
+        api.prune(embedder, 0.5, "sparsegpt", layer_types=("mlp",), calibration=Calibration(texts, 0.5))
+        zeros[device] = {name: (p == 0).cpu() for name, p in
+                         select_parameters(embedder.model.named_parameters(), ["mlp"]).items()}
+    agree = sum(int(torch.count_nonzero(zeros["cpu"][n] == zeros["cuda"][n])) for n in zeros["cpu"])
+    total = sum(m.numel() for m in zeros["cpu"].values())
+    assert agree / total > 0.99  # float32 Cholesky on two devices: a few weights at the threshold may swap
