@@ -175,7 +175,8 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": pinned_bytes(numel_dense_gradients * dtype_bytes)}
+        plan.host = {"sums": plan.device.pop("sums"),
+                     "pinned gradients": pinned_bytes(numel_dense_gradients * dtype_bytes)}
     return plan
 
 

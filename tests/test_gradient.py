@@ -228,12 +228,14 @@ def test_one_pass_fisher_files_in_bfloat16(capsys, tmp_path, qwen3_dir, data_fil
     for dtype in ("float32", "bfloat16"):
         run_gradient(capsys, qwen3_dir, data_files, tmp_path / dtype, "--max_samples", "8",
                      "--fisher_output_dir", str(tmp_path / f"fisher-{dtype}"), "--score_dtype", dtype)
-        files[dtype] = sorted(str(tmp_path / f"fisher-{dtype}" / name) for name in os.listdir(tmp_path / f"fisher-{dtype}")
+        folder = tmp_path / f"fisher-{dtype}"
+        files[dtype] = sorted(str(folder / name) for name in os.listdir(folder)
                               if "complete" in name and name.endswith(".json"))
     assert len(files["bfloat16"]) == 2
     for full, half in zip(files["float32"], files["bfloat16"]):
         assert json.load(open(half))["metadata"]["score_dtype"] == "bfloat16"
-        full_arrays, half_arrays = (os.path.join(os.path.dirname(path), json.load(open(path))["metadata"]["tensor_file"])
+        full_arrays, half_arrays = (os.path.join(os.path.dirname(path),
+                                                 json.load(open(path))["metadata"]["tensor_file"])
                                     for path in (full, half))
         with safe_open(full_arrays, framework="pt") as a, safe_open(half_arrays, framework="pt") as b:
             assert sorted(a.keys()) == sorted(b.keys())
