@@ -23,7 +23,7 @@ from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import embedding_weights, select_parameters, sparse_embedding_gradients
 from gaprune.loss import triplet_loss
-from gaprune.memory import SUM_PLACES
+from gaprune.memory import SUM_PLACES, pinned_layout
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch
 
 
 class _PinnedStaging:
-    """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: one
-    pinned block per dtype (one allocation, not one per parameter), filled by asynchronous copies and
-    one wait on the gradients' GPU. A no-op when the sums live beside the model. The ``sparse`` parameters
-    (embeddings) have small sparse gradients, copied as they come."""
+    """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: a few
+    pinned blocks per dtype (memory.pinned_layout: not one allocation per parameter, and not one block that
+    the allocator would round up to a power of two), filled by asynchronous copies and one wait on the
+    gradients' GPU. A no-op when the sums live beside the model. The ``sparse`` parameters (embeddings) have
+    small sparse gradients, copied as they come."""
 
     def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str, sparse: Sequence[torch.Tensor] = ()):
         if accumulate_on not in SUM_PLACES:
@@ -82,24 +83,19 @@ class _PinnedStaging:
             return
         sparse_ids = {id(p) for p in sparse}
         staged = [p for p in params if id(p) not in sparse_ids]
-        blocks: dict[torch.dtype, torch.Tensor] = {}
-        offsets: dict[torch.dtype, int] = {}
+        views: dict[int, torch.Tensor] = {}
         try:
             for dtype in {p.dtype for p in staged}:
-                blocks[dtype] = torch.empty(sum(p.numel() for p in staged if p.dtype == dtype), dtype=dtype,
-                                            pin_memory=True)
-                offsets[dtype] = 0
+                same = [p for p in staged if p.dtype == dtype]
+                used, places = pinned_layout([p.numel() * p.element_size() for p in same])
+                blocks = [torch.empty(size // dtype.itemsize, dtype=dtype, pin_memory=True) for size in used]
+                for p, (block, offset) in zip(same, places):
+                    start = offset // dtype.itemsize
+                    views[id(p)] = blocks[block][start:start + p.numel()].view(p.shape)
         except RuntimeError as err:
             raise InputError(f"cannot pin {sum(p.numel() * p.element_size() for p in staged) / 2 ** 30:.1f} GB of host "
                              f"memory for --accumulate_on cpu ({err}); raise the memlock limit or free memory") from None
-        self.buffers = []
-        for p in params:
-            if id(p) in sparse_ids:
-                self.buffers.append(None)
-                continue
-            start = offsets[p.dtype]
-            self.buffers.append(blocks[p.dtype][start:start + p.numel()].view(p.shape))
-            offsets[p.dtype] = start + p.numel()
+        self.buffers = [views.get(id(p)) for p in params]
 
     def __call__(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         if self.buffers is None:

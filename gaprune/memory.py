@@ -34,6 +34,7 @@ DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under 
 SUM_PLACES = ("device", "cpu")  # beside the model, or in (pinned) host memory
 ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
 WORKING_PARTS = ("gradients", "sums", "activations")  # allocated after loading, while scoring
+PINNED_BLOCK = 1 << 30  # bytes per pinned block of gradients (a power of two, as the allocator rounds)
 
 
 def process_rss() -> int:
@@ -54,6 +55,23 @@ def peak_rss() -> int:
 def pinned_bytes(size: int) -> int:
     """What a pinned block of ``size`` bytes holds: PyTorch's pinned allocator rounds it up to a power of two."""
     return 1 << (size - 1).bit_length() if size > 0 else 0
+
+
+def pinned_layout(sizes: Sequence[int], block: int = PINNED_BLOCK) -> tuple[list[int], list[tuple[int, int]]]:
+    """Pack tensors of ``sizes`` (bytes) into pinned blocks: returns each block's used bytes and each tensor's
+    (block, offset). One block rounded up to a power of two would waste up to half of it (Qwen3-8B's 12.9 GB of
+    gradients would pin 16 GB); bins of ``block`` bytes (or the largest tensor's power of two), filled largest
+    first, waste only their gaps and the rounding of their used bytes, which stays within each bin."""
+    capacity = max(block, pinned_bytes(max(sizes, default=0)))
+    used: list[int] = []
+    places: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        bin_ = next((b for b, taken in enumerate(used) if taken + sizes[index] <= capacity), len(used))
+        if bin_ == len(used):
+            used.append(0)
+        places[index] = (bin_, used[bin_])
+        used[bin_] += sizes[index]
+    return used, places
 
 
 def activation_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -175,8 +193,8 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        plan.host = {"sums": plan.device.pop("sums"),
-                     "pinned gradients": pinned_bytes(numel_dense_gradients * dtype_bytes)}
+        blocks, _ = pinned_layout([p.numel() * p.element_size() for p in trainable if id(p) not in embeddings])
+        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": sum(map(pinned_bytes, blocks))}
     return plan
 
 
