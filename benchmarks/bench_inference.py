@@ -123,8 +123,8 @@ def main() -> None:
             gaprune.save_model(embedder, pruned)
         folders = {"dense": resolve_model_dir(args.model), "pruned": pruned}
         sizes = {label: weight_bytes(folder) for label, folder in folders.items()}
-        settings = [("cpu", "float32")] * args.cpu + ([("cuda", "float32"), ("cuda", "bfloat16")]
-                                                      if torch.cuda.is_available() else [])
+        settings = ([("cpu", "float32")] if args.cpu else []) + ([("cuda", "float32"), ("cuda", "bfloat16")]
+                                                                if torch.cuda.is_available() else [])
         results = [(device, dtype, race({label: gaprune.load_embedder(folder, device, dtype)
                                          for label, folder in folders.items()}, texts, args.batch_size, args.rounds))
                    for device, dtype in settings]

@@ -85,7 +85,7 @@ def run_stage(module: str, args: list[str], nproc: int, required: bool = True) -
         print(done.stderr[-4000:], file=sys.stderr)
         lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("GPU_CHECK_PEAK")]
         reason = (lines or [f"exit status {done.returncode}"])[-1]
-        return {"seconds": seconds, "failed": reason[:120]}
+        return {"seconds": seconds, "failed": reason[:120].replace("|", "/")}  # a markdown table cell
     peaks = [tuple(map(int, m)) for m in re.findall(r"GPU_CHECK_PEAK rss=(\d+) gpu=(\d+)", done.stderr)]
     plan = re.search(r"memory plan \(.*?= ([\d.]+) GB", done.stderr)
     host_plan = re.search(r"; host .*?= ([\d.]+) GB", done.stderr)

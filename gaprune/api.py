@@ -33,7 +33,7 @@ from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruners import NATURAL_ORDER
 from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, check_group_order, check_layer_shares,
                              prune_calibrated, prune_candidates, prune_structure, scorers_used, structure_candidates)
-from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
+from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import unit_plan
@@ -97,6 +97,8 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``),
     their arrays in ``score_dtype``.
     ``gradients`` and ``runtime_rss`` as for fisher()."""
+    if score_dtype not in SCORE_DTYPES:  # before the pass, not when writing after it
+        raise InputError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {score_dtype!r}")
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",

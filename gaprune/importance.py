@@ -23,7 +23,7 @@ from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import embedding_weights, select_parameters, sparse_embedding_gradients
 from gaprune.loss import triplet_loss
-from gaprune.memory import SUM_PLACES, pinned_layout
+from gaprune.memory import SUM_PLACES, pinned_layouts
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _selected(embedder: Embedder, layer_types: Sequence[str]) -> dict[str, torch
 
 class _PinnedStaging:
     """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: a few
-    pinned blocks per dtype (memory.pinned_layout: not one allocation per parameter, and not one block that
+    pinned blocks per dtype (memory.pinned_layouts: not one allocation per parameter, and not one block that
     the allocator would round up to a power of two), filled by asynchronous copies and one wait on the
     gradients' GPU. A no-op when the sums live beside the model. The ``sparse`` parameters (embeddings) have
     small sparse gradients, copied as they come."""
@@ -85,11 +85,9 @@ class _PinnedStaging:
         staged = [p for p in params if id(p) not in sparse_ids]
         views: dict[int, torch.Tensor] = {}
         try:
-            for dtype in {p.dtype for p in staged}:
-                same = [p for p in staged if p.dtype == dtype]
-                used, places = pinned_layout([p.numel() * p.element_size() for p in same])
+            for dtype, (used, places) in pinned_layouts(staged).items():
                 blocks = [torch.empty(size // dtype.itemsize, dtype=dtype, pin_memory=True) for size in used]
-                for p, (block, offset) in zip(same, places):
+                for p, (block, offset) in zip([p for p in staged if p.dtype == dtype], places):
                     start = offset // dtype.itemsize
                     views[id(p)] = blocks[block][start:start + p.numel()].view(p.shape)
         except RuntimeError as err:

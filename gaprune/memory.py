@@ -74,6 +74,17 @@ def pinned_layout(sizes: Sequence[int], block: int = PINNED_BLOCK) -> tuple[list
     return used, places
 
 
+def pinned_layouts(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, tuple[list[int], list[tuple[int, int]]]]:
+    """pinned_layout for the tensors of each dtype (a block holds one dtype), in their order."""
+    return {dtype: pinned_layout([t.numel() * t.element_size() for t in tensors if t.dtype == dtype])
+            for dtype in dict.fromkeys(t.dtype for t in tensors)}
+
+
+def pinned_total(tensors: Sequence[torch.Tensor]) -> int:
+    """The pinned memory that host copies of ``tensors`` take, blocks rounded as the allocator rounds them."""
+    return sum(pinned_bytes(size) for used, _ in pinned_layouts(tensors).values() for size in used)
+
+
 def activation_bytes_per_token(config, dtype_bytes: int) -> int:
     """What autograd keeps per token for the backward pass: per layer the inputs and outputs of the norms,
     projections, attention and MLP activation in the model's dtype (norms also as float32)."""
@@ -193,8 +204,8 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        blocks, _ = pinned_layout([p.numel() * p.element_size() for p in trainable if id(p) not in embeddings])
-        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": sum(map(pinned_bytes, blocks))}
+        plan.host = {"sums": plan.device.pop("sums"),
+                     "pinned gradients": pinned_total([p for p in trainable if id(p) not in embeddings])}
     return plan
 
 

@@ -215,8 +215,9 @@ def fisher_to_compression_ratio(candidates: Mapping[str, torch.Tensor], array: A
     generator = torch.Generator().manual_seed(seed)
     ratios = []
     for name, weight in candidates.items():
-        # with replacement: a permutation of each 25M-weight tensor of a 4B model costs most of a second
-        index = torch.randint(weight.numel(), (min(sample, weight.numel()),), generator=generator).to(weight.device)
+        numel = weight.numel()  # large tensors with replacement: a permutation of 25M weights costs most of a second
+        index = (torch.randperm(numel, generator=generator) if numel <= sample
+                 else torch.randint(numel, (sample,), generator=generator)).to(weight.device)
         abs_w = magnitude(weight)[index]
 
         def pick(side: str, absent: float) -> torch.Tensor | float:

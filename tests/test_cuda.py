@@ -9,7 +9,7 @@ from gaprune import api
 from gaprune.data import triple_texts
 from gaprune.importance import fisher_information, gradient_alignment
 from gaprune.layers import select_parameters
-from gaprune.memory import fisher_plan
+from gaprune.memory import fisher_plan, pinned_total
 from gaprune.modeling import load_embedder
 from gaprune.pruning import Calibration
 
@@ -46,7 +46,8 @@ def test_one_pass_on_cuda_with_host_sums_equals_the_device_sums(model_dir, chem_
     close(pinned.elementwise, beside.elementwise, 1e-5)
     for side in ("general", "domain"):
         close(pinned.fisher[side].per_weight, beside.fisher[side].per_weight, 1e-6)
-    assert pinned.conflict_rates == beside.conflict_rates
+    for name, rate in beside.conflict_rates.items():  # a cosine near 0 may change sign between two runs
+        assert pinned.conflict_rates[name] == pytest.approx(rate, abs=0.25), name
     on_cpu = gradient_alignment(load_embedder(model_dir, "cpu", "float32"), web_triples, chem_triples, 2, 8,
                                 LAYERS, with_fisher=True)
     for name, score in on_cpu.alignment_scores.items():
@@ -63,18 +64,28 @@ def test_bfloat16_on_cuda_keeps_float32_sums(qwen3_dir, chem_triples):
         assert correlation[0, 1] > 0.98, name
 
 
-def test_the_pinned_block_stays_within_the_plan(qwen3_dir, chem_triples):
+def test_the_pinned_blocks_are_what_the_plan_counts(qwen3_dir, chem_triples):
+    """The staging pins at least the gradients' bytes and at most the plan's blocks (rounded as PyTorch rounds
+    them; the plan counts every dense gradient, the norms too)."""
     embedder = load_embedder(qwen3_dir, "cuda", "bfloat16")
-    selected = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    layers = ["attention", "mlp"]
+    selected = select_parameters(embedder.model.named_parameters(), layers)
     plan = fisher_plan(embedder, selected, chem_triples[:2], 1, accumulate_on="cpu")
-    assert plan.host["pinned gradients"] > 0
+    staged = [p for name, p in embedder.model.named_parameters() if name in selected]
+    assert plan.host["pinned gradients"] >= pinned_total(staged) > 0
 
     def pinned_now() -> int:
         stats = torch.cuda.host_memory_stats()
         return stats.get("reserved_bytes.current", stats.get("allocated_bytes.current", 0))
+    emptied = hasattr(torch._C, "_host_emptyCache")
+    if emptied:
+        torch._C._host_emptyCache()  # no cached block from an earlier test to reuse
     before = pinned_now()
-    fisher_information(embedder, chem_triples[:2], 1, ["mlp"], accumulate_on="cpu")
-    assert pinned_now() - before <= plan.host["pinned gradients"]
+    fisher_information(embedder, chem_triples[:2], 1, layers, accumulate_on="cpu")
+    grown = pinned_now() - before
+    assert grown <= plan.host["pinned gradients"]
+    if emptied:
+        assert grown >= sum(p.numel() * p.element_size() for p in staged)
 
 
 def test_calibrated_sparsegpt_on_cuda_matches_the_cpu(model_dir, chem_triples, web_triples):
