@@ -67,7 +67,7 @@ def ordered_keys(score: torch.Tensor) -> torch.Tensor:
     """Map float32 values to int32 keys whose integer order is the float order (flip the magnitude bits
     of negative numbers)."""
     bits = score.float().contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # one temporary: a large one costs page faults
 
 
 def key_to_float(key: int) -> float:
@@ -90,16 +90,17 @@ def kth_smallest(scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Thresh
     """
     high = None
     for s in scores():
-        counts = torch.bincount((ordered_keys(s) >> 16) + (1 << 15), minlength=1 << 16)  # signed high half
+        counts = torch.bincount(ordered_keys(s).bitwise_right_shift_(16).add_(1 << 15), minlength=1 << 16)  # signed
         high = counts if high is None else high + counts
     cum_high = torch.cumsum(high, 0)
     bin_high = int(torch.searchsorted(cum_high, torch.tensor(k, device=cum_high.device)))
     before_high = int(cum_high[bin_high - 1]) if bin_high > 0 else 0
 
     low = torch.zeros(1 << 16, dtype=torch.int64, device=cum_high.device)
+    low_end = (bin_high - (1 << 15)) << 16  # the keys whose high half is bin_high
     for s in scores():
         keys = ordered_keys(s)
-        keys = keys[(keys >> 16) == bin_high - (1 << 15)]
+        keys = keys[(keys >= low_end) & (keys <= low_end + 0xFFFF)]  # int32 bounds: the top bin ends at 2**31 - 1
         if keys.numel():
             low += torch.bincount(keys & 0xFFFF, minlength=1 << 16).to(low.device)
     cum_low = torch.cumsum(low, 0)
@@ -180,6 +181,31 @@ def checked_scores(score_fn: ScoreFn) -> ScoreFn:
     return checked
 
 
+class _ScoreCache:
+    """A score function whose scores are kept in host memory from the first pass over the tensors to the
+    last (two counting passes find a global threshold, a third masks), while they fit in ``budget`` bytes;
+    the rest are computed again each pass. Callers do not modify the scores they get."""
+
+    def __init__(self, score_fn: ScoreFn, budget: int):
+        self.score_fn, self.room = score_fn, budget
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.kept:
+            return self.kept[name].to(weight.device)
+        score = self.score_fn(name, weight)
+        size = score.numel() * score.element_size()
+        if size <= self.room:
+            self.kept[name] = score.cpu()
+            self.room -= size
+        return score
+
+    def release(self, name: str) -> None:
+        score = self.kept.pop(name, None)
+        if score is not None:
+            self.room += score.numel() * score.element_size()
+
+
 def layer_allocations(per_param: Mapping[str, dict]) -> dict[str, dict]:
     """Per layer: the candidate weights, how many are masked, and the ratio."""
     allocations: dict[str, dict] = {}
@@ -195,13 +221,16 @@ def layer_allocations(per_param: Mapping[str, dict]) -> dict[str, dict]:
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
                  rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None,
-                 pattern: Pattern = Pattern(), keep_masks: bool = False, apply: bool = True) -> MaskResult:
+                 pattern: Pattern = Pattern(), keep_masks: bool = False, apply: bool = True,
+                 cache_bytes: int = 0) -> MaskResult:
     """Zero, in place, the lowest-scoring ``int(total * pct)`` candidate weights (global), or each layer's
     share of them (uniform). Ties at the threshold are taken in parameter order, so the count is exact.
     With an N:M ``pattern``, the N lowest of every M consecutive weights of each row instead (``pct`` unused).
 
     With ``reference_fn``, also count how many masked weights the same budget under that scorer masks.
     With ``keep_masks``, the result holds every tensor's mask; without ``apply`` the weights stay as they are.
+    ``cache_bytes``: host memory that may keep scores between the passes instead of computing them again
+    (0: one tensor's scores at a time).
     """
     total = sum(p.numel() for p in candidates.values())
     k = int(total * pct)
@@ -218,7 +247,8 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     else:
         raise ValueError(f"unknown budget strategy {strategy!r}")
 
-    score_fn, reference_fn = checked_scores(score_fn), reference_fn and checked_scores(reference_fn)
+    score_fn = _ScoreCache(checked_scores(score_fn), 0 if pattern.structured else cache_bytes)  # N:M: one pass
+    reference_fn = reference_fn and checked_scores(reference_fn)
 
     def threshold_of(fn: ScoreFn, names: list[str], budget: int) -> Threshold | None:
         if pattern.structured or not budget:
@@ -242,6 +272,7 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
                 reference_mask = (in_groups(reference_score, weight) if pattern.structured
                                   else build_reference(reference_score))
             score = score_fn(name, weight)
+            score_fn.release(name)  # the last pass over this tensor
             mask = in_groups(score, weight) if pattern.structured else build_mask(score)
             if build_reference is not None:
                 overlap += int(torch.count_nonzero(mask & reference_mask))

@@ -11,6 +11,7 @@ from gaprune.calibration import LayerInputs, prune_block_by_block
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
+from gaprune.memory import score_cache_bytes
 from gaprune.modeling import Embedder
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
@@ -33,7 +34,7 @@ def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, sc
     diagnostics = chosen.diagnostics(context)
     result = prune_lowest(candidates, chosen.build(context), pct, strategy, rho_min, rho_max,
                           reference_fn=get_scorer(REFERENCE_SCORER).build(context), pattern=pattern,
-                          keep_masks=keep_masks, apply=apply)
+                          keep_masks=keep_masks, apply=apply, cache_bytes=score_cache_bytes())
     diagnostics["mask_agreement_with_magnitude"] = result.reference_overlap / result.masked if result.masked else None
     result.diagnostics = diagnostics
     return result

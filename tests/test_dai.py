@@ -87,6 +87,13 @@ def test_kth_smallest_matches_concatenation_with_ties_and_negatives():
         assert 1 <= th.ties_to_take <= int((everything == th.value).sum())
 
 
+def test_kth_smallest_at_the_ends_of_the_float_range():
+    """The largest finite scores fall in the top bins of the int32 keys, the most negative in the bottom ones."""
+    extremes = torch.tensor([3.4e38, 3.3e38, 3.39e38, -3.4e38, -1e38, 1.0, 0.0])
+    for k in range(1, len(extremes) + 1):
+        assert kth_smallest(lambda: iter([extremes]), k).value == torch.kthvalue(extremes, k).values.item()
+
+
 def fresh(values):
     return {name: torch.tensor(v, dtype=torch.float32).clone() for name, v in values.items()}
 
@@ -230,3 +237,28 @@ def test_one_non_finite_value_anywhere_is_caught(bad, at):
     values[at] = bad
     assert not all_finite(values)
     assert not all_finite(values.view(400, 250))
+
+
+@pytest.mark.parametrize("strategy", ["global", "uniform"])
+def test_cached_scores_give_the_same_masks_from_one_scoring_pass(strategy):
+    """With room to keep the scores, every tensor is scored once instead of three times (two counting passes
+    and the mask pass), and the masks and reports are the same. With room for one tensor, the global budget
+    keeps the first (1 + 3 + 3 calls); the uniform one finishes each layer before the next, so it is enough."""
+    torch.manual_seed(2)
+    original = {f"layers.{i}.mlp.up_proj.weight": torch.randn(30, 40) for i in range(3)}
+    calls = []
+
+    def score_fn(name, weight):
+        calls.append(name)
+        return dai_score(weight, 1.0, 1.0, 0.0, DAIConfig())
+    results, masks = {}, {}
+    for cache_bytes in (0, 30 * 40 * 4, 10 ** 9):
+        calls.clear()
+        pruned = {n: w.clone() for n, w in original.items()}
+        results[cache_bytes] = prune_lowest(pruned, score_fn, 0.4, strategy, cache_bytes=cache_bytes)
+        masks[cache_bytes] = {n: p == 0 for n, p in pruned.items()}
+        expected = {0: 9, 30 * 40 * 4: 7 if strategy == "global" else 3, 10 ** 9: 3}[cache_bytes]
+        assert len(calls) == expected, (cache_bytes, calls)
+    for cache_bytes in (30 * 40 * 4, 10 ** 9):
+        assert all(torch.equal(masks[cache_bytes][n], masks[0][n]) for n in original)
+        assert results[cache_bytes].per_param == results[0].per_param
