@@ -13,7 +13,9 @@
 # GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
 # EVALUATE (1 = compare with the dense model), ONE_PASS (1 = both Fisher files and the alignment from one
 # pass of gradient.py over MAX_SAMPLES triples per side, instead of three runs; its Fisher uses half-batches
-# of BATCH_SIZE / 2 and the triples the steps draw). Relative paths are taken from where you run it.
+# of BATCH_SIZE / 2 and the triples the steps draw), NPROC (processes for sampling, scoring and evaluation:
+# torchrun, one per GPU; each takes its share of the batches and the files equal one process's, so gradient.py
+# runs with --no-use_distributed). Relative paths are taken from where you run it.
 # Each stage prints the path it wrote; the next stage reads it from there.
 set -euo pipefail
 
@@ -39,9 +41,10 @@ EVALUATE="${EVALUATE:-1}"
 ONE_PASS="${ONE_PASS:-0}"
 STRUCTURE="${STRUCTURE:-unstructured}"
 SCORER="${SCORER:-dai}"
+NPROC="${NPROC:-1}"
 
 # Every setting is checked before the first stage runs.
-for NAME in SAMPLE_SIZE MAX_SAMPLES BATCH_SIZE RETRAIN_BATCH_SIZE; do
+for NAME in SAMPLE_SIZE MAX_SAMPLES BATCH_SIZE RETRAIN_BATCH_SIZE NPROC; do
     [[ "${!NAME}" =~ ^[1-9][0-9]*$ ]] || fail "${NAME} must be a whole number of at least 1, got '${!NAME}'"
 done
 [ "${BATCH_SIZE}" -ge 2 ] || fail "BATCH_SIZE must be at least 2 (gradient.py pairs a general and a domain half), got ${BATCH_SIZE}"
@@ -73,6 +76,12 @@ else
     PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
 fi
 for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
+# The stages that share their batches out under torchrun; gradient.py's steps then stand alone on every rank.
+SHARED=(); GRADIENT_ARGS=()
+if [ "${NPROC}" -gt 1 ]; then
+    SHARED=(-m torch.distributed.run --standalone --nproc_per_node "${NPROC}")
+    GRADIENT_ARGS=(--no-use_distributed)
+fi
 
 GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"
 DOMAIN_SAMPLE="data/sample/$(basename "${DOMAIN_DATA%.json}")-output.json"
@@ -98,35 +107,36 @@ stage() {
     echo "    -> ${LAST}" >&2
 }
 
-stage "sample general data" -m gaprune.features.sample --input_file "${GENERAL_DATA}" \
+stage "sample general data" "${SHARED[@]}" -m gaprune.features.sample --input_file "${GENERAL_DATA}" \
     --output_file "${GENERAL_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
     --device "${DEVICE}"
-stage "sample domain data" -m gaprune.features.sample --input_file "${DOMAIN_DATA}" \
+stage "sample domain data" "${SHARED[@]}" -m gaprune.features.sample --input_file "${DOMAIN_DATA}" \
     --output_file "${DOMAIN_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
     --device "${DEVICE}"
 
 if [ "${ONE_PASS}" = "1" ]; then
-    stage "gradient alignment and Fisher information, one pass" -m gaprune.features.gradient \
+    stage "gradient alignment and Fisher information, one pass" "${SHARED[@]}" -m gaprune.features.gradient \
         --model_name "${MODEL}" --batch_size "${BATCH_SIZE}" --max_samples $((2 * MAX_SAMPLES)) \
         --output_dir output/gradient --fisher_output_dir output/fisher --domain_data_path "${DOMAIN_SAMPLE}" \
-        --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" --alignment_mode "${ALIGNMENT_MODE}"
+        --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" --alignment_mode "${ALIGNMENT_MODE}" \
+        "${GRADIENT_ARGS[@]}"
     ALIGNMENT="${LAST}"
     GENERAL_FISHER="$(sed -n 's/^General Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
     DOMAIN_FISHER="$(sed -n 's/^Domain Fisher scores (same pass, [0-9]* triples): //p' <<< "${OUTPUT}")"
     [ -n "${GENERAL_FISHER}" ] && [ -n "${DOMAIN_FISHER}" ] || fail "gradient.py printed no Fisher file paths"
 else
-    stage "Fisher information, general" -m gaprune.features.fisher --model_name "${MODEL}" \
+    stage "Fisher information, general" "${SHARED[@]}" -m gaprune.features.fisher --model_name "${MODEL}" \
         --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
         --data_path "${GENERAL_SAMPLE}" --device "${DEVICE}"
     GENERAL_FISHER="${LAST}"
-    stage "Fisher information, domain" -m gaprune.features.fisher --model_name "${MODEL}" \
+    stage "Fisher information, domain" "${SHARED[@]}" -m gaprune.features.fisher --model_name "${MODEL}" \
         --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/fisher \
         --data_path "${DOMAIN_SAMPLE}" --device "${DEVICE}"
     DOMAIN_FISHER="${LAST}"
-    stage "gradient alignment" -m gaprune.features.gradient --model_name "${MODEL}" \
+    stage "gradient alignment" "${SHARED[@]}" -m gaprune.features.gradient --model_name "${MODEL}" \
         --batch_size "${BATCH_SIZE}" --max_samples "${MAX_SAMPLES}" --output_dir output/gradient \
         --domain_data_path "${DOMAIN_SAMPLE}" --general_data_path "${GENERAL_SAMPLE}" --device "${DEVICE}" \
-        --alignment_mode "${ALIGNMENT_MODE}"
+        --alignment_mode "${ALIGNMENT_MODE}" "${GRADIENT_ARGS[@]}"
     ALIGNMENT="${LAST}"
 fi
 
@@ -148,7 +158,7 @@ fi
 # Retrieval on the full example files (the calibration data's superset, so not a held-out measurement).
 if [ "${EVALUATE}" = "1" ]; then
     for EVALUATED in "${MODELS[@]}"; do
-        stage "evaluation of ${EVALUATED} against the dense model" -m gaprune.model.evaluate \
+        stage "evaluation of ${EVALUATED} against the dense model" "${SHARED[@]}" -m gaprune.model.evaluate \
             --model_path "${EVALUATED}" --baseline_model "${MODEL}" --data_paths "${DOMAIN_DATA}" "${GENERAL_DATA}" \
             --output_file "output/eval/$(basename "${EVALUATED}")_eval.json" --device "${DEVICE}"
     done
