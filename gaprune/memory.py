@@ -205,8 +205,9 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
-        plan.host = {"sums": plan.device.pop("sums"),
-                     "pinned gradients": pinned_total([p for p in trainable if id(p) not in embeddings])}
+        chosen = {id(p) for p in selected.values()}  # fisher.py stages the selected gradients only
+        staged = [p for p in trainable if id(p) not in embeddings and (sum_arrays_all or id(p) in chosen)]
+        plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": pinned_total(staged)}
     return plan
 
 

@@ -9,7 +9,7 @@ from gaprune.data import load_triples
 from gaprune.importance import fisher_information
 from gaprune.layers import select_parameters
 from gaprune.memory import (DEVICE_SHARE, MemoryPlan, activation_bytes_per_token, alignment_plan, fisher_plan,
-                            pinned_bytes, pinned_layout)
+                            pinned_bytes, pinned_layout, pinned_total)
 from gaprune.modeling import load_embedder
 
 
@@ -65,6 +65,8 @@ def test_auto_moves_the_sums_to_the_host_only_when_the_gpu_would_be_too_full(tin
     assert "sums" not in tight.device and "; host sums" in tight.line()
     forced = fisher_plan(embedder, selected, chem, 1, "device", capacity=1)
     assert forced.accumulate_on == "device"  # an explicit choice is kept
+    on_host = fisher_plan(embedder, selected, chem, 1, "cpu", capacity=10 ** 12)  # fisher.py stages the selected
+    assert on_host.host["pinned gradients"] == pinned_total(list(selected.values())) < tight.host["pinned gradients"]
 
 
 def test_unknown_accumulation_place_is_refused(tiny):
