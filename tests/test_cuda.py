@@ -33,7 +33,7 @@ def test_fisher_on_cuda_equals_the_cpu_with_sums_on_either_side(model_dir, chem_
     pinned = fisher_information(embedder, chem_triples[:6], 1, LAYERS, accumulate_on="cpu")
     assert all(t.is_cuda for t in beside.per_weight.values())
     assert not any(t.is_cuda for t in pinned.per_weight.values())
-    close(pinned.per_weight, beside.per_weight, 1e-6)  # the same gradients, added on the host
+    close(pinned.per_weight, beside.per_weight, 1e-5)  # two runs (attention's backward may differ in the last bits)
     close(beside.per_weight, on_cpu.per_weight, 1e-3)  # other kernels (TF32 off): rounding only
     assert beside.mean_loss == pytest.approx(on_cpu.mean_loss, rel=1e-4)
 
@@ -45,7 +45,7 @@ def test_one_pass_on_cuda_with_host_sums_equals_the_device_sums(model_dir, chem_
                                 accumulate_on="cpu")
     close(pinned.elementwise, beside.elementwise, 1e-5)
     for side in ("general", "domain"):
-        close(pinned.fisher[side].per_weight, beside.fisher[side].per_weight, 1e-6)
+        close(pinned.fisher[side].per_weight, beside.fisher[side].per_weight, 1e-5)
     for name, rate in beside.conflict_rates.items():  # a cosine near 0 may change sign between two runs
         assert pinned.conflict_rates[name] == pytest.approx(rate, abs=0.25), name
     on_cpu = gradient_alignment(load_embedder(model_dir, "cpu", "float32"), web_triples, chem_triples, 2, 8,
@@ -67,6 +67,8 @@ def test_bfloat16_on_cuda_keeps_float32_sums(qwen3_dir, chem_triples):
 def test_the_pinned_blocks_are_what_the_plan_counts(qwen3_dir, chem_triples):
     """The staging pins at least the selected gradients' bytes and at most the plan's blocks (theirs, rounded
     as PyTorch rounds them)."""
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip("this PyTorch has no torch.cuda.host_memory_stats")
     embedder = load_embedder(qwen3_dir, "cuda", "bfloat16")
     layers = ["attention", "mlp"]
     selected = select_parameters(embedder.model.named_parameters(), layers)
