@@ -85,9 +85,10 @@ class _PinnedStaging:
         staged = [p for p in params if id(p) not in sparse_ids]
         views: dict[int, torch.Tensor] = {}
         try:
-            for dtype, (used, places) in pinned_layouts(staged).items():
+            for group, used, places in pinned_layouts(staged):
+                dtype = group[0].dtype
                 blocks = [torch.empty(size // dtype.itemsize, dtype=dtype, pin_memory=True) for size in used]
-                for p, (block, offset) in zip([p for p in staged if p.dtype == dtype], places):
+                for p, (block, offset) in zip(group, places):
                     start = offset // dtype.itemsize
                     views[id(p)] = blocks[block][start:start + p.numel()].view(p.shape)
         except RuntimeError as err:

@@ -20,7 +20,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -75,15 +75,17 @@ def pinned_layout(sizes: Sequence[int], block: int = PINNED_BLOCK) -> tuple[list
     return used, places
 
 
-def pinned_layouts(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, tuple[list[int], list[tuple[int, int]]]]:
-    """pinned_layout for the tensors of each dtype (a block holds one dtype), in their order."""
-    return {dtype: pinned_layout([t.numel() * t.element_size() for t in tensors if t.dtype == dtype])
-            for dtype in dict.fromkeys(t.dtype for t in tensors)}
+def pinned_layouts(tensors: Sequence[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], list[int],
+                                                                         list[tuple[int, int]]]]:
+    """For each dtype (a block holds one): its tensors in their order, and their pinned_layout."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [t for t in tensors if t.dtype == dtype]
+        yield (group, *pinned_layout([t.numel() * t.element_size() for t in group]))
 
 
 def pinned_total(tensors: Sequence[torch.Tensor]) -> int:
     """The pinned memory that host copies of ``tensors`` take, blocks rounded as the allocator rounds them."""
-    return sum(pinned_bytes(size) for used, _ in pinned_layouts(tensors).values() for size in used)
+    return sum(pinned_bytes(size) for _, used, _ in pinned_layouts(tensors) for size in used)
 
 
 def activation_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -182,7 +184,8 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     trainable = [p for p in model.parameters() if p.requires_grad]
     numel_all = sum(p.numel() for p in trainable)
     embeddings = {id(p) for p in embedding_weights(model)}  # sparse gradients: the batch's token rows only
-    numel_dense_gradients = sum(p.numel() for p in trainable if id(p) not in embeddings)
+    dense = [p for p in trainable if id(p) not in embeddings]
+    numel_dense_gradients = sum(p.numel() for p in dense)
     numel_selected = sum(p.numel() for p in selected.values())
     sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
     capacity = capacity or _capacity(device)
@@ -206,7 +209,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     plan.accumulate_on = accumulate_on
     if accumulate_on == "cpu":
         chosen = {id(p) for p in selected.values()}  # fisher.py stages the selected gradients only
-        staged = [p for p in trainable if id(p) not in embeddings and (sum_arrays_all or id(p) in chosen)]
+        staged = dense if sum_arrays_all else [p for p in dense if id(p) in chosen]
         plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": pinned_total(staged)}
     return plan
 
