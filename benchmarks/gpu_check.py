@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --shapes 0.6B 4B --nproc 2    # the calibration stages under torchrun
     python benchmarks/gpu_check.py --one_pass              # also gradient.py --fisher_output_dir (one pass)
     python benchmarks/gpu_check.py --plan_only --capacity_gb 80   # the memory plans of the full shapes, any machine
+    python benchmarks/gpu_check.py --plan_only --nproc 4          # ... on 4 GPUs (auto may shard the sums)
 
 Builds each model from its published config (no download; the embedding matrix has the real vocabulary),
 scores the MLP weights (Fisher files in bfloat16, to fit the device machine's disk), writes synthetic triples as long as the published data's (general about 230 words, chemistry about 485
@@ -141,6 +142,13 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
                            os.path.join(out, "one-pass"), "--fisher_output_dir", os.path.join(out, "one-pass"),
                            "--score_dtype", "bfloat16", "--no-use_distributed", *scored,
                            *runtime]))
+    if args.sharded_sums:
+        stages.append(("gradient, sums sharded across ranks", "gaprune.features.gradient", nproc,
+                       tokens["general"] + tokens["chem"], [
+                           "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
+                           paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
+                           os.path.join(out, "sharded-sums"), "--accumulate_on", "sharded", "--no-use_distributed",
+                           *scored, *runtime]))
     if args.host_sums:
         stages.append(("gradient, sums in host memory", "gaprune.features.gradient", nproc,
                        tokens["general"] + tokens["chem"], [
@@ -160,6 +168,7 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
         if label != "gradient" and module.endswith("gradient"):  # the extra rows' files: only their timing counts
             shutil.rmtree(os.path.join(out, "one-pass"), ignore_errors=True)
             shutil.rmtree(os.path.join(out, "host-sums"), ignore_errors=True)
+            shutil.rmtree(os.path.join(out, "sharded-sums"), ignore_errors=True)
         rows.append({"shape": name, "layers": layers, "stage": label, "tokens": stage_tokens, **result})
         print(format_row(rows[-1]), flush=True)
     pruned_dir = os.path.join(out, "model")
@@ -193,8 +202,8 @@ def format_row(row: dict) -> str:
 
 
 def print_plans(args: argparse.Namespace) -> None:
-    """The scoring stages' memory plans for the full shapes in bfloat16 on a GPU of --capacity_gb, from models
-    on the meta device (nothing allocated) and the synthetic triples."""
+    """The scoring stages' memory plans for the full shapes in bfloat16 on --nproc GPUs of --capacity_gb each,
+    from models on the meta device (nothing allocated) and the synthetic triples."""
     from transformers import Qwen3Config, Qwen3Model
     from gaprune.layers import select_parameters
     from gaprune.memory import alignment_plan, fisher_plan
@@ -210,9 +219,12 @@ def print_plans(args: argparse.Namespace) -> None:
         embedder = Embedder(model, tokenizer, "lasttoken", "", torch.bfloat16, name, args.max_length)
         selected = select_parameters(model.named_parameters(), ["attention", "mlp"])
         print(f"Qwen3-Embedding-{name}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters:")
-        for plan in (fisher_plan(embedder, selected, data["chem"], 1, capacity=capacity),
-                     alignment_plan(embedder, selected, data["general"], data["chem"], 2, False, capacity=capacity),
-                     alignment_plan(embedder, selected, data["general"], data["chem"], 2, True, capacity=capacity)):
+        ranks = args.nproc
+        for plan in (fisher_plan(embedder, selected, data["chem"], 1, capacity=capacity, ranks=ranks),
+                     alignment_plan(embedder, selected, data["general"], data["chem"], 2, False, capacity=capacity,
+                                    ranks=ranks),
+                     alignment_plan(embedder, selected, data["general"], data["chem"], 2, True, capacity=capacity,
+                                    ranks=ranks)):
             print("  " + plan.line())
 
 
@@ -228,6 +240,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes for fisher/gradient (torchrun)")
     parser.add_argument("--one_pass", action="store_true", help="also time gradient.py --fisher_output_dir")
     parser.add_argument("--host_sums", action="store_true", help="also time gradient.py --accumulate_on cpu")
+    parser.add_argument("--sharded_sums", action="store_true",
+                        help="also time gradient.py --accumulate_on sharded (needs --nproc 2 or more)")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temporary folder)")
     parser.add_argument("--plan_only", action="store_true", help="print the memory plans of the full shapes only")
     parser.add_argument("--capacity_gb", type=float, default=80.0, help="--plan_only: the GPU's memory")
@@ -236,6 +250,8 @@ def main() -> None:
     args.triples = args.triples or (64 if on_gpu else 4)
     if args.plan_only:
         return print_plans(args)
+    if args.sharded_sums and args.nproc < 2:
+        parser.error("--sharded_sums shares the sums among torchrun processes: give --nproc 2 or more")
     print(f"{'CUDA ' + torch.cuda.get_device_name() if on_gpu else 'CPU'}, torch {torch.__version__}, "
           f"{args.triples} triples per side, {args.nproc} process(es) for the scoring stages\n{HEADER}", flush=True)
     rows = []

@@ -28,7 +28,8 @@ from gaprune.importance import AlignmentResult, FisherResult, fisher_information
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
-from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
+from gaprune.distributed import current_world
+from gaprune.memory import SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruners import NATURAL_ORDER
 from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, check_group_order, check_layer_shares,
@@ -50,14 +51,21 @@ def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
 
 
 @contextmanager
-def _scoring(embedder: Embedder, layer_types: Sequence[str], gradients: str,
-             plan_for: Callable[[dict[str, torch.Tensor]], MemoryPlan]) -> Iterator[MemoryPlan]:
+def _scoring(embedder: Embedder, layer_types: Sequence[str], gradients: str, accumulate_on: str,
+             plan_for: Callable[[dict[str, torch.Tensor], str, int], MemoryPlan]) -> Iterator[MemoryPlan]:
     """A scoring stage's surroundings: inside, only the gradients asked for (``gradients_of``) and the stage's
-    memory plan, logged in one line (with a warning when it would not fit); afterwards, the peak really used."""
+    memory plan (``plan_for(selected, accumulate_on, ranks)``), logged in one line (with a warning when it would
+    not fit); afterwards, the peak really used. Under torchrun every rank takes the place for the sums that
+    the most cautious rank's plan chose (their GPUs' free memory may differ)."""
+    world = current_world()
     with gradients_of(embedder.model, layer_types, gradients) as frozen:
         if frozen:
             log.info("--gradients selected: %d weights outside --sparsify_layers take no gradient", frozen)
-        plan = plan_for(select_parameters(embedder.model.named_parameters(), layer_types))
+        selected = select_parameters(embedder.model.named_parameters(), layer_types)
+        plan = plan_for(selected, accumulate_on, world.size)
+        agreed = SUM_PLACES[world.most(SUM_PLACES.index(plan.accumulate_on))]
+        if agreed != plan.accumulate_on:
+            plan = plan_for(selected, agreed, world.size)
         log.info("%s", plan.line())
         warn_if_too_large(plan)
         yield plan
@@ -76,8 +84,8 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
     before the model was loaded, for the memory plan on a CPU (0: not counted)."""
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
-    with _scoring(embedder, layer_types, gradients, lambda selected: fisher_plan(
-            embedder, selected, triples, batch_size, accumulate_on, runtime_rss)) as plan:
+    with _scoring(embedder, layer_types, gradients, accumulate_on, lambda selected, place, ranks: fisher_plan(
+            embedder, selected, triples, batch_size, place, runtime_rss, ranks=ranks)) as plan:
         result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
                                     accumulate_on=plan.accumulate_on)
     if output_dir is not None:
@@ -105,8 +113,8 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
                     domain_data_path)
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     with_fisher = with_fisher or fisher_output_dir is not None
-    with _scoring(embedder, layer_types, gradients, lambda selected: alignment_plan(
-            embedder, selected, general, domain, batch_size, with_fisher, accumulate_on, runtime_rss)) as plan:
+    with _scoring(embedder, layer_types, gradients, accumulate_on, lambda selected, place, ranks: alignment_plan(
+            embedder, selected, general, domain, batch_size, with_fisher, place, runtime_rss, ranks=ranks)) as plan:
         result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
                                     use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
     if fisher_output_dir is not None:

@@ -70,8 +70,10 @@ def add_runtime_args(parser: argparse.ArgumentParser,
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
     """Where the scoring stages keep their float32 sums (the memory plan decides for auto)."""
     parser.add_argument("--accumulate_on", default="auto", choices=ACCUMULATE_ON,
-                        help="where the float32 sums live: device (beside the model), cpu (host memory, pinned "
-                             "copies), auto (device unless the memory plan says it would be over 90%% full)")
+                        help="where the float32 sums live: device (beside the model), sharded (under torchrun: each "
+                             "tensor's sums on one rank, every step's gradients reduced onto it), cpu (host memory, "
+                             "pinned copies), auto (device unless the memory plan says it would be over 90%% full, "
+                             "then sharded if that fits, else cpu)")
     parser.add_argument("--gradients", default="all", choices=GRADIENTS,
                         help="all: every parameter takes a gradient and gets a summary entry (published); selected: "
                              "only the --sparsify_layers parameters, saving their backward time and memory (the "

@@ -56,6 +56,33 @@ class World:
             else:
                 dist.all_reduce(tensor)
 
+    def reduce_to(self, contribution: torch.Tensor, owner: int) -> None:
+        """Add ``contribution`` across ranks into rank ``owner``'s copy (the other ranks' copies become scratch)."""
+        dist.reduce(contribution, dst=owner)
+
+    def to_main(self, tensor: torch.Tensor | None, owner: int, shape: Sequence[int],
+                dtype: torch.dtype) -> torch.Tensor | None:
+        """Rank 0 gets the ``shape`` tensor that rank ``owner`` holds, received into host memory (its own as it
+        is); the other ranks get None. Every rank must call it, in the same order."""
+        if owner == 0:
+            return tensor if self.is_main else None
+        on_gpu = dist.get_backend() == "nccl"
+        if self.rank == owner:
+            dist.send(tensor.cuda() if on_gpu else tensor.cpu(), dst=0)
+        elif self.is_main:
+            received = torch.empty(tuple(shape), dtype=dtype, device="cuda" if on_gpu else "cpu")
+            dist.recv(received, src=owner)
+            return received.cpu()
+        return None
+
+    def most(self, value: int) -> int:
+        """The largest of every rank's ``value``."""
+        if not self.is_distributed:
+            return value
+        tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
     def gather_rows(self, compute: Callable[[int, int], torch.Tensor], count: int) -> torch.Tensor:
         """``compute(start, end)`` on this rank's contiguous share of ``count`` rows, then every rank's rows in
         order on every rank (shares padded to one length for all_gather, the padding dropped)."""

@@ -5,7 +5,8 @@ gradient_alignment: how general-data and domain-data gradients agree, per parame
 
 Sums are float32 (float64 for a float64 model), on the model's device unless ``accumulate_on="cpu"``
 puts them in host memory. Under torchrun each rank sums its share of the batches and the sums are
-added across ranks once, at the end (gaprune.distributed).
+added across ranks once, at the end (gaprune.distributed); with ``accumulate_on="sharded"`` each tensor's
+sums live on one rank instead (memory.sharded_sums), and every step's gradients are reduced onto it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import embedding_weights, select_parameters, sparse_embedding_gradients
 from gaprune.loss import triplet_loss
-from gaprune.memory import SUM_PLACES, pinned_layouts
+from gaprune.memory import SUM_PLACES, pinned_layouts, sharded_sums
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class _PinnedStaging:
     """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: a few
     pinned blocks per dtype (memory.pinned_layouts: not one allocation per parameter, and not one block that
     the allocator would round up to a power of two), filled by asynchronous copies and one wait on the
-    gradients' GPU. A no-op when the sums live beside the model. The ``sparse`` parameters (embeddings) have
+    gradients' GPU. A no-op when the sums live beside the model (or sharded). The ``sparse`` parameters (embeddings) have
     small sparse gradients, copied as they come."""
 
     def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str, sparse: Sequence[torch.Tensor] = ()):
@@ -131,6 +132,57 @@ def _add_into(total: torch.Tensor, grad: torch.Tensor, square: bool = False) -> 
             total_piece.add_(grad_piece)
 
 
+class _Sums:
+    """One sum per tensor over the steps, of gradients or (``square``) of their squares, in ``dtype``.
+
+    Without ``owners`` (or an owner None) every rank sums its own steps and ``finish`` adds the sums across
+    ranks. A tensor with an owner is held by that rank alone: every step each rank's contribution is reduced
+    onto it, so every rank must add (or ``add_nothing``) as many times, in the same order."""
+
+    def __init__(self, params: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device, world: World,
+                 owners: Sequence[int | None] | None = None, square: bool = False):
+        self.shapes = [p.shape for p in params]
+        self.dtype, self.device, self.world, self.square = dtype, device, world, square
+        self.owners = list(owners) if owners is not None else [None] * len(params)
+        self.arrays = [torch.zeros(p.shape, dtype=dtype, device=device) if owner in (None, world.rank) else None
+                       for p, owner in zip(params, self.owners)]
+
+    def add(self, grads: Sequence[torch.Tensor]) -> None:
+        for total, grad, owner in zip(self.arrays, grads, self.owners):
+            if owner is None:
+                _add_into(total, grad, self.square)
+                continue
+            contribution = grad.to(self.dtype, copy=True)  # a copy: the reduce overwrites it
+            self._reduce_into(total, contribution.square_() if self.square else contribution, owner)
+
+    def add_nothing(self) -> None:
+        """This rank's part of a step it has no batch for (its share of the steps is one shorter)."""
+        for total, shape, owner in zip(self.arrays, self.shapes, self.owners):
+            if owner is not None:
+                self._reduce_into(total, torch.zeros(shape, dtype=self.dtype, device=self.device), owner)
+
+    def _reduce_into(self, total: torch.Tensor | None, contribution: torch.Tensor, owner: int) -> None:
+        self.world.reduce_to(contribution, owner)
+        if total is not None:
+            total.add_(contribution)
+
+    def finish(self, *others: torch.Tensor) -> None:
+        """Add the unsharded sums (and ``others``) across ranks."""
+        self.world.sum_([*(a for a, owner in zip(self.arrays, self.owners) if owner is None), *others])
+
+    def reports(self, index: int) -> bool:
+        """Whether this rank speaks for tensor ``index``: its owner, or rank 0 for an unsharded one."""
+        owner = self.owners[index]
+        return owner == self.world.rank if owner is not None else self.world.is_main
+
+    def to_main(self, index: int) -> torch.Tensor | None:
+        """Tensor ``index``'s whole sum on rank 0 (received into host memory from its owner); None elsewhere."""
+        owner = self.owners[index]
+        if owner is None:
+            return self.arrays[index] if self.world.is_main else None
+        return self.world.to_main(self.arrays[index], owner, self.shapes[index], self.dtype)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a . b accumulated in ``dtype``; half-precision gradients are multiplied in their own dtype. Sparse
     (coalesced) gradients meet on the rows they share."""
@@ -179,36 +231,65 @@ class _FisherSums:
     of squares for the others (all their mean score needs)."""
 
     def __init__(self, named: Sequence[tuple[str, torch.nn.Parameter]], selected: dict[str, torch.nn.Parameter],
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, world: World,
+                 owners: Sequence[int | None] | None = None):
         self.named = named
-        self.full = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in selected.items()}
+        self.selected = list(selected)
+        self.full = _Sums(list(selected.values()), dtype, device, world, owners, square=True)
         self.others = [(n, p) for n, p in named if n not in selected]
         self.other_sums = torch.zeros(len(self.others), dtype=dtype, device=named[0][1].device)
 
     def add(self, selected_grads: Sequence[torch.Tensor], other_sq_norms: torch.Tensor | None) -> None:
-        for total, grad in zip(self.full.values(), selected_grads):
-            _add_into(total, grad, square=True)
+        self.full.add(selected_grads)
         if other_sq_norms is not None:
             self.other_sums += other_sq_norms
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.full.values(), self.other_sums]
+    def add_nothing(self) -> None:
+        self.full.add_nothing()
+
+    def finish(self, *others: torch.Tensor) -> None:
+        """Add the ranks' sums (and ``others``) together."""
+        self.full.finish(self.other_sums, *others)
 
     def result(self, num_samples: int, first_loss: float, mean_loss: float, batch_size: int,
                layer_types: Sequence[str], compute_dtype: str) -> FisherResult:
-        """F = sum / num_samples + 1e-8, and every parameter's mean F."""
-        for array in self.full.values():
-            array.div_(num_samples).add_(FISHER_EPS)
+        """F = sum / num_samples + 1e-8, and every parameter's mean F, after ``finish`` (call it on every rank:
+        under torchrun the arrays come to rank 0, and only its result has them)."""
+        arrays = {}
+        for index, name in enumerate(self.selected):
+            array = self.full.to_main(index)
+            if array is not None:
+                arrays[name] = array.div_(num_samples).add_(FISHER_EPS)
         numels = torch.tensor([p.numel() for _, p in self.others], dtype=self.other_sums.dtype,
                               device=self.other_sums.device)
         other_means = dict(zip((name for name, _ in self.others),
                                (self.other_sums / num_samples / numels + FISHER_EPS).tolist()))
-        mean_scores = {name: self.full[name].mean().item() if name in self.full else other_means[name]
-                       for name, _ in self.named}
-        return FisherResult(per_weight=self.full, mean_scores=mean_scores,
+        mean_scores = {name: arrays[name].mean().item() if name in arrays else other_means[name]
+                       for name, _ in self.named if name in arrays or name in other_means}
+        return FisherResult(per_weight=arrays, mean_scores=mean_scores,
                             shapes={n: list(p.shape) for n, p in self.named}, num_samples=num_samples,
                             first_loss=first_loss, mean_loss=mean_loss, batch_size=batch_size,
                             layer_types=list(layer_types), compute_dtype=compute_dtype)
+
+
+def _owners(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], arrays_all: int, arrays_selected: int,
+            accumulate_on: str, world: World, embedder: Embedder) -> list[int | None] | None:
+    """Which rank holds each of ``params``' sums under ``accumulate_on="sharded"`` (None: not sharded)."""
+    if accumulate_on != "sharded" or not world.is_distributed:
+        return None
+    sparse = embedding_weights(embedder.model)
+    owners, held = sharded_sums(params, selected, arrays_all, arrays_selected, world.size, sparse)
+    [whole] = sharded_sums(params, selected, arrays_all, arrays_selected, 1, sparse)[1]
+    mb = _accumulator_dtype(embedder).itemsize / 2 ** 20
+    log.info("sums sharded across %d ranks: rank %d holds %d of %d tensors' sums, %.1f MB of the %.1f MB one "
+             "process holds", world.size, world.rank, owners.count(world.rank), sum(o is not None for o in owners),
+             held[world.rank] * mb, whole * mb)
+    return owners
+
+
+def _rounds(items: int, world: World) -> int:
+    """Steps of the busiest rank when ``items`` are shared out by World.shard."""
+    return -(-items // world.size)
 
 
 def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: int, layer_types: Sequence[str],
@@ -217,14 +298,16 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
     """Fisher diagonal over ``triples`` in file order, batches of ``min(batch_size, len(triples))``.
 
     Under torchrun each rank takes every world-size-th batch and the sums are added across ranks at the
-    end: the result is the single-process one. ``accumulate_on="cpu"`` keeps the float32 sums in host memory.
+    end: the result is the single-process one. ``accumulate_on="cpu"`` keeps the float32 sums in host memory;
+    ``"sharded"`` splits them among the ranks. Under torchrun only rank 0's result has the per-weight arrays.
     """
     world = world or current_world()
     named = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
     selected = _selected(embedder, layer_types)
     host = _PinnedStaging(list(selected.values()), accumulate_on, embedding_weights(embedder.model))
     dtype = _accumulator_dtype(embedder)
-    sums = _FisherSums(named, selected, dtype, host.device)
+    owners = _owners(list(selected.values()), list(selected.values()), 0, 1, accumulate_on, world, embedder)
+    sums = _FisherSums(named, selected, dtype, host.device, world, owners)
     other_params = [p for _, p in sums.others]
     loss_sum = torch.zeros((), dtype=dtype, device=embedder.device)
     first_loss = float("nan")
@@ -243,8 +326,10 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
             loss_sum += loss.detach()
             norms = _norms(_grads(other_params, dtype), dtype).square() if other_params else None
             sums.add(host(_grads(list(selected.values()), dtype)), norms)
+    for _ in range(_rounds(len(batches), world) - len(mine)):
+        sums.add_nothing()
     embedder.model.zero_grad(set_to_none=True)
-    world.sum_([*sums.tensors(), loss_sum])
+    sums.finish(loss_sum)
     return sums.result(len(triples), first_loss, (loss_sum / len(batches)).item(), batch_size, layer_types,
                        _dtype_name(embedder))
 
@@ -331,7 +416,9 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     ``with_fisher``: the same pass also sums each half-batch's squared gradients into a Fisher result per
     side (``result.fisher``), equal to fisher.py --batch_size <half-batch> over the triples the steps drew.
 
-    Under torchrun the steps are shared out among the ranks and every sum is added across ranks at the end.
+    Under torchrun the steps are shared out among the ranks and every sum is added across ranks at the end
+    (with ``accumulate_on="sharded"``, reduced every step onto the one rank that holds it); only rank 0's result
+    has the per-weight arrays.
     With ``distributed`` the ranks' concurrent half-batches also form one contrastive loss (embeddings
     gathered: in-batch negatives from every rank), so a step covers world-size half-batches per side and the
     result is no longer the single-process one; without it the result equals one process.
@@ -365,17 +452,19 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     chosen = [name in selected for name, _ in named]
     unchosen = ~torch.tensor(chosen, device=device)  # the parameters whose Fisher keeps only a sum of squares
     host = _PinnedStaging(params, accumulate_on, embedding_weights(embedder.model))
-    sum_general = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
-    sum_domain = [torch.zeros(p.shape, dtype=dtype, device=host.device) for p in params]
-    fisher = {side: _FisherSums(named, selected, dtype, host.device) for side in ("general", "domain")} \
-        if with_fisher else {}
+    owners = _owners(params, list(selected.values()), 2, 2 if with_fisher else 0, accumulate_on, world, embedder)
+    sum_general = _Sums(params, dtype, host.device, world, owners)
+    sum_domain = _Sums(params, dtype, host.device, world, owners)
+    totals = {"general": sum_general, "domain": sum_domain}
+    selected_owners = [owner for owner, keep in zip(owners, chosen) if keep] if owners else None
+    fisher = {side: _FisherSums(named, selected, dtype, host.device, world, selected_owners)
+              for side in ("general", "domain")} if with_fisher else {}
     seen = torch.zeros(len(params), device=device)
     conflicts = torch.zeros(len(params), device=device)
     loss_sums = torch.zeros(2, dtype=dtype, device=device)
     first_losses = torch.full((2,), float("nan"), dtype=dtype, device=device)
 
-    def side_gradients(side: str, batch: list[dict],
-                       total: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def side_gradients(side: str, batch: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """One side's loss, gradients and gradient norms; the gradients are added to the side's sums (copied
         to the host once where the sums live there) and, in one pass, squared into its Fisher sums."""
         embedder.model.zero_grad(set_to_none=True)
@@ -384,16 +473,22 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
         grads = _grads(params, dtype)
         norms = _norms(grads, dtype)
         on_host = host(grads)
-        for sum_, grad in zip(total, on_host):
-            _add_into(sum_, grad)
+        totals[side].add(on_host)
         if fisher:
             fisher[side].add([g for g, keep in zip(on_host, chosen) if keep], norms[unchosen].square())
         return loss.detach(), grads, norms
 
+    def no_gradients(side: str) -> None:
+        """This rank's part in a step it has no batch for, as side_gradients would take part."""
+        totals[side].add_nothing()
+        if fisher:
+            fisher[side].add_nothing()
+
+    mine = world.shard(range(steps))
     with sparse_embedding_gradients(embedder.model):
-        for step in tqdm(world.shard(range(steps)), desc="alignment", unit="step", disable=not world.is_main):
-            general_loss, general_grads, norms_g = side_gradients("general", general_batches[step], sum_general)
-            domain_loss, domain_grads, norms_d = side_gradients("domain", domain_batches[step], sum_domain)
+        for step in tqdm(mine, desc="alignment", unit="step", disable=not world.is_main):
+            general_loss, general_grads, norms_g = side_gradients("general", general_batches[step])
+            domain_loss, domain_grads, norms_d = side_gradients("domain", domain_batches[step])
             dots = torch.stack([_dot(g, d, dtype) for g, d in zip(general_grads, domain_grads)])
             both = (norms_g > 0) & (norms_d > 0)
             cosines = dots / (norms_g * norms_d).clamp(min=torch.finfo(dtype).tiny)
@@ -404,24 +499,38 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
             if step == 0:
                 first_losses.copy_(losses)
             del general_grads, domain_grads
+    for _ in range(_rounds(steps, world) - len(mine)):
+        no_gradients("general")
+        no_gradients("domain")
     embedder.model.zero_grad(set_to_none=True)
-    world.sum_([*sum_general, *sum_domain, seen, conflicts, loss_sums,
-                *(t for sums in fisher.values() for t in sums.tensors())])
+    sum_general.finish()
+    sum_domain.finish(seen, conflicts, loss_sums)
+    for sums in fisher.values():
+        sums.finish()
 
-    alignment, elementwise, cosine = {}, {}, {}
+    # each parameter's alignment on the rank that speaks for it; the selected ones' arrays on rank 0
+    alignment = torch.zeros(len(named), dtype=dtype, device=device)
+    elementwise, cosine = {}, {}
     for index, (name, _) in enumerate(named):
-        avg_g = sum_general[index].div_(steps)
-        avg_d = sum_domain[index].div_(steps)
-        norm_g, norm_d = avg_g.norm(), avg_d.norm()
-        if norm_g <= NORM_EPS or norm_d <= NORM_EPS:
-            alignment[name] = 0.0
+        if name in selected:
+            avg_g, avg_d = sum_general.to_main(index), sum_domain.to_main(index)
+        elif sum_general.reports(index):
+            avg_g, avg_d = sum_general.arrays[index], sum_domain.arrays[index]
         else:
-            alignment[name] = (torch.dot(avg_g.flatten(), avg_d.flatten()) / (norm_g * norm_d)).item()
+            continue
+        sum_general.arrays[index] = sum_domain.arrays[index] = None  # free as we go
+        if avg_g is None:
+            continue
+        avg_g, avg_d = avg_g.div_(steps), avg_d.div_(steps)
+        norm_g, norm_d = avg_g.norm(), avg_d.norm()
+        if norm_g > NORM_EPS and norm_d > NORM_EPS:
+            alignment[index] = torch.dot(avg_g.flatten(), avg_d.flatten()).to(device) / (norm_g * norm_d).to(device)
         if name in selected:
             elementwise[name] = elementwise_alignment(avg_g, avg_d)
             if cosine_fn is not None:
                 cosine[name] = cosine_fn(avg_g, avg_d)
-        sum_general[index] = sum_domain[index] = None  # free as we go
+    world.sum_([alignment])
+    alignment = dict(zip((name for name, _ in named), alignment.tolist()))
     rates = torch.where(seen > 0, conflicts / seen.clamp(min=1), torch.zeros_like(seen)).tolist()
     losses = (loss_sums / steps).tolist()
     firsts = first_losses.tolist()

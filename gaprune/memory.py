@@ -5,8 +5,9 @@ while the domain side's backward runs), embeddings not counted (their gradients 
 the batch's tokens); float32 sums (fisher.py: one array per selected weight; gradient.py: two per
 parameter, plus two per selected weight with --fisher_output_dir); and the activations autograd keeps
 for one batch, which grow with the batch's padded tokens. The sums can live in host memory instead
-(``--accumulate_on cpu``); ``auto`` puts them there when the device would otherwise be more than
-``DEVICE_SHARE`` full.
+(``--accumulate_on cpu``) or be sharded across the torchrun ranks (``sharded``: each tensor's sums on one
+rank); ``auto`` keeps them beside the model while the device stays under ``DEVICE_SHARE`` full, else shards
+them when there are several ranks and that fits, else moves them to the host.
 
 On a CPU the plan counts resident memory, and a checkpoint converted while loading (a bfloat16 file
 computed in float32) is read whole: its mapped file and the converted copy peak together while loading,
@@ -31,7 +32,7 @@ from gaprune.modeling import Embedder
 log = logging.getLogger(__name__)
 GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
-SUM_PLACES = ("device", "cpu")  # beside the model, or in (pinned) host memory
+SUM_PLACES = ("device", "sharded", "cpu")  # beside the model, one rank each, in (pinned) host memory: least GPU last
 ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
 WORKING_PARTS = ("gradients", "sums", "activations")  # allocated after loading, while scoring
 SCORE_CACHE_SHARE = 0.25  # of the available host memory, that masking may keep scores in
@@ -88,6 +89,24 @@ def pinned_total(tensors: Sequence[torch.Tensor]) -> int:
     return sum(pinned_bytes(size) for _, used, _ in pinned_layouts(tensors) for size in used)
 
 
+def sharded_sums(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], arrays_all: int, arrays_selected: int,
+                 ranks: int, sparse: Sequence[torch.Tensor] = ()) -> tuple[list[int | None], list[int]]:
+    """Sums sharded across ``ranks``, ``arrays_all`` per parameter and ``arrays_selected`` more per selected one:
+    the rank holding each of ``params``' sums, and the float32 elements each rank then holds. Tensors are dealt
+    largest first to the rank holding the least so far (ties to the lowest rank: every rank computes the same
+    owners). ``sparse`` tensors (embeddings: their gradients are the batch's rows) and tensors without sums get
+    None: every rank keeps its own sums of those, added across ranks at the end."""
+    chosen, sparse_ids = {id(p) for p in selected}, {id(p) for p in sparse}
+    sizes = [p.numel() * (arrays_all + arrays_selected * (id(p) in chosen)) for p in params]
+    owners: list[int | None] = [None] * len(params)
+    held = [sum(size for p, size in zip(params, sizes) if id(p) in sparse_ids)] * ranks
+    for index in sorted(range(len(params)), key=lambda i: -sizes[i]):
+        if sizes[index] and id(params[index]) not in sparse_ids:
+            owners[index] = rank = min(range(ranks), key=held.__getitem__)
+            held[rank] += sizes[index]
+    return owners, held
+
+
 def activation_bytes_per_token(config, dtype_bytes: int) -> int:
     """What autograd keeps per token for the backward pass: per layer the inputs and outputs of the norms,
     projections, attention and MLP activation in the model's dtype (norms also as float32)."""
@@ -124,6 +143,7 @@ class MemoryPlan:
     host: dict[str, int] = field(default_factory=dict)
     capacity: int | None = None  # the GPU's memory; None on the CPU
     accumulate_on: str = "device"
+    ranks: int = 1  # torchrun processes, among which sharded sums are split
     loading: int = 0  # host: a checkpoint converted while loading, its file mapped until the copy is made
 
     @property
@@ -139,7 +159,8 @@ class MemoryPlan:
     def line(self) -> str:
         def parts(items: dict[str, int]) -> str:
             return " + ".join(f"{name} {value / GB:.2f}" for name, value in items.items() if value)
-        text = f"memory plan ({self.stage}, sums on {self.accumulate_on}): {self.device_name} " \
+        place = f"sharded across {self.ranks} ranks" if self.accumulate_on == "sharded" else f"on {self.accumulate_on}"
+        text = f"memory plan ({self.stage}, sums {place}): {self.device_name} " \
                f"{parts(self.device)} = {self.device_total / GB:.2f} GB"
         if self.capacity:
             text += f" of {self.capacity / GB:.0f} GB"
@@ -172,10 +193,12 @@ def _available_host_memory() -> int | None:
 
 def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
                  sum_arrays_all: int, sum_arrays_selected: int, gradient_copies: int,
-                 accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
+                 accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
+                 ranks: int = 1) -> MemoryPlan:
     """The plan of a scoring stage: ``sum_arrays_all`` float32 arrays the size of every parameter and
     ``sum_arrays_selected`` the size of the selected ones; ``gradient_copies`` sets of gradients alive at
-    once. ``accumulate_on`` auto becomes cpu where the device would be over ``DEVICE_SHARE`` full.
+    once. Where the device would be over ``DEVICE_SHARE`` full, ``accumulate_on`` auto becomes sharded when
+    ``ranks`` > 1 and that fits, else cpu.
     ``runtime_rss``: the process's resident memory before the model was loaded (Python, torch, the data),
     counted on a CPU run. ``capacity``: plan for a GPU of that many bytes (default: the model's GPU, if any)."""
     model = embedder.model
@@ -190,23 +213,35 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
     capacity = capacity or _capacity(device)
     on_gpu = capacity is not None
-    plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=capacity)
+    plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=capacity, ranks=ranks)
     plan.device = {
         "model": sum(p.numel() * p.element_size() for p in model.parameters()),
         "gradients": gradient_copies * numel_dense_gradients * dtype_bytes,
         "sums": sum_bytes,
         "activations": batch_tokens(embedder, batches) * activation_bytes_per_token(model.config, dtype_bytes),
     }
+    beside = plan.device["sums"]
+    owners, held = sharded_sums(trainable, list(selected.values()), sum_arrays_all, sum_arrays_selected, ranks,
+                                embedding_weights(model))
+    reduce_buffer = max((p.numel() for p, owner in zip(trainable, owners) if owner is not None), default=0)
+    sharded = 4 * (max(held) + reduce_buffer) if ranks > 1 else beside  # one rank: sharding is summing beside
     if not on_gpu:
         plan.device = {"runtime": runtime_rss, **plan.device}
         source = embedder.source_dtype
         if isinstance(source, torch.dtype) and source != model.dtype:  # converted: the whole file is read once
             plan.loading = sum(p.numel() for p in model.parameters()) * source.itemsize
-        plan.accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
-        return plan
-    if accumulate_on == "auto":
-        accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "cpu"
+        accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
+    elif accumulate_on == "auto":
+        plan.device["sums"] = sharded
+        shard_fits = ranks > 1 and plan.device_total <= DEVICE_SHARE * plan.capacity
+        plan.device["sums"] = beside
+        accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else \
+            "sharded" if shard_fits else "cpu"
     plan.accumulate_on = accumulate_on
+    if accumulate_on == "sharded":
+        plan.device["sums"] = sharded
+    if not on_gpu:
+        return plan
     if accumulate_on == "cpu":
         chosen = {id(p) for p in selected.values()}  # fisher.py stages the selected gradients only
         staged = dense if sum_arrays_all else [p for p in dense if id(p) in chosen]
@@ -234,20 +269,22 @@ def warn_if_too_large(plan: MemoryPlan) -> None:
 
 
 def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: Sequence[dict], batch_size: int,
-                accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
+                accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
+                ranks: int = 1) -> MemoryPlan:
     return plan_scoring("fisher", embedder, selected, batched(triples, min(batch_size, len(triples))), 0, 1, 1,
-                        accumulate_on, runtime_rss, capacity)
+                        accumulate_on, runtime_rss, capacity, ranks)
 
 
 def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], general: Sequence[dict],
                    domain: Sequence[dict], batch_size: int, with_fisher: bool,
-                   accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None) -> MemoryPlan:
+                   accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
+                   ranks: int = 1) -> MemoryPlan:
     """gradient.py's plan: its longest half-batches are taken from the longest triples of each side."""
     def longest(records: Sequence[dict], size: int) -> list[dict]:
         return sorted(records, key=lambda r: -sum(len(r[k]) for k in TRIPLE_KEYS))[:size]
     halves = [longest(general, batch_size // 2), longest(domain, batch_size - batch_size // 2)]
     return plan_scoring("gradient" + (" + fisher" if with_fisher else ""), embedder, selected, halves, 2,
-                        2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity)
+                        2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity, ranks)
 
 
 def measured_line(plan: MemoryPlan, device: torch.device) -> str:

@@ -20,14 +20,16 @@ def arrays(json_path: str) -> dict[str, np.ndarray]:
     return load_file(os.path.join(os.path.dirname(json_path), data["metadata"]["tensor_file"]))
 
 
-def torchrun(module: str, args: list[str], nproc: int = 2) -> str:
-    """Run ``python -m module args`` under torchrun on the CPU; the path rank 0 printed last."""
+def torchrun(module: str, args: list[str], nproc: int = 2, logged: str = "") -> str:
+    """Run ``python -m module args`` under torchrun on the CPU; the path rank 0 printed last. ``logged``: a line
+    rank 0 must have logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), "-m", module, *args, "--device", "cpu", "--dtype", "float32"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rank {nproc - 1} of {nproc} (gloo)" in done.stderr  # really shared out
+    assert logged in done.stderr, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
 
@@ -73,6 +75,45 @@ def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_pa
         [b] = [f for f in os.listdir(tmp_path / "two-fisher") if f.startswith(side) and "complete" in f
                and f.endswith(".json")]
         assert_close(arrays(str(tmp_path / "two-fisher" / b)), arrays(str(tmp_path / "one-fisher" / a)))
+
+
+def test_torchrun_sharded_sums_equal_one_process(capsys, tmp_path, qwen3_dir, data_files):
+    """--accumulate_on sharded: each tensor's sums on one rank, every step's gradients reduced onto it. Fisher:
+    5 triples in batches of 2 give the ranks 2 and 1 batches (rank 1 reduces zeros for the missing one); the
+    alignment's 5 steps likewise, with the one-pass Fisher files too."""
+    fisher_args = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "5",
+                   "--batch_size", "2", "--sparsify_layers", "mlp"]
+    single = fisher.main([*fisher_args, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype", "float32"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.features.fisher", [*fisher_args, "--output_dir", str(tmp_path / "two"),
+                                                  "--accumulate_on", "sharded"],
+                      logged="sums sharded across 2 ranks: rank 0 holds 3 of 6 tensors' sums")
+    assert_close(arrays(shared), arrays(single))
+    one, two = json.load(open(single)), json.load(open(shared))
+    for name, value in one["summary_statistics"].items():
+        assert two["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
+    assert two["metadata"]["mean_loss"] == pytest.approx(one["metadata"]["mean_loss"], rel=1e-5)
+
+    common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
+              data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--no-use_distributed"]
+    single = gradient.main([*common, "--output_dir", str(tmp_path / "one-a"), "--fisher_output_dir",
+                            str(tmp_path / "one-f"), "--device", "cpu", "--dtype", "float32"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two-a"),
+                                                    "--fisher_output_dir", str(tmp_path / "two-f"),
+                                                    "--accumulate_on", "sharded"],
+                      logged="memory plan (gradient + fisher, sums sharded across 2 ranks)")
+    assert_close(arrays(shared), arrays(single))
+    one, two = json.load(open(single)), json.load(open(shared))
+    for key in ("alignment_scores", "conflict_rates"):
+        for name, value in one[key].items():
+            assert two[key][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, name)
+    for side in ("general", "chem"):
+        [a] = [f for f in os.listdir(tmp_path / "one-f") if f.startswith(side) and "complete" in f
+               and f.endswith(".json")]
+        [b] = [f for f in os.listdir(tmp_path / "two-f") if f.startswith(side) and "complete" in f
+               and f.endswith(".json")]
+        assert_close(arrays(str(tmp_path / "two-f" / b)), arrays(str(tmp_path / "one-f" / a)))
 
 
 def test_torchrun_gathering_makes_one_loss_of_both_ranks(tmp_path, qwen3_dir, data_files):

@@ -9,7 +9,7 @@ from gaprune.data import load_triples
 from gaprune.importance import fisher_information
 from gaprune.layers import select_parameters
 from gaprune.memory import (DEVICE_SHARE, MemoryPlan, activation_bytes_per_token, alignment_plan, fisher_plan,
-                            pinned_bytes, pinned_layout, pinned_total)
+                            pinned_bytes, pinned_layout, pinned_total, sharded_sums)
 from gaprune.modeling import load_embedder
 
 
@@ -67,6 +67,37 @@ def test_auto_moves_the_sums_to_the_host_only_when_the_gpu_would_be_too_full(tin
     assert forced.accumulate_on == "device"  # an explicit choice is kept
     on_host = fisher_plan(embedder, selected, chem, 1, "cpu", capacity=10 ** 12)  # fisher.py stages the selected
     assert on_host.host["pinned gradients"] == pinned_total(list(selected.values())) < tight.host["pinned gradients"]
+
+
+def test_sharded_sums_deal_the_largest_first_to_the_least_held_rank():
+    params = [torch.zeros(n) for n in (10, 40, 30, 20, 5)]
+    embedding = torch.zeros(7)
+    # one array per parameter and two more per selected one: 30, 120, 30, 20, 5 elements; the embedding's 7 stay
+    # on every rank
+    owners, held = sharded_sums([*params, embedding], params[:2], 1, 2, 2, [embedding])
+    assert owners == [1, 0, 1, 1, 1, None]
+    assert held == [7 + 120, 7 + 30 + 30 + 20 + 5]
+    assert sharded_sums([*params, embedding], params[:2], 1, 2, 1, [embedding])[1] == [7 + 205]
+    assert sharded_sums(params, params[:2], 0, 1, 2)[0] == [1, 0, None, None, None]  # fisher.py: the selected only
+
+
+def test_auto_shards_the_sums_across_ranks_before_moving_them_to_the_host(tiny):
+    embedder, selected, chem, general = tiny
+    roomy = alignment_plan(embedder, selected, general, chem, 2, True, capacity=10 ** 12, ranks=2)
+    assert roomy.accumulate_on == "device"
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    owners, held = sharded_sums(params, list(selected.values()), 2, 2, 2, [embedder.model.embed_tokens.weight])
+    largest = max(p.numel() for p, owner in zip(params, owners) if owner is not None)
+    shard = 4 * (max(held) + largest)  # the sums of the rank holding the most, and one tensor being reduced
+    assert shard < roomy.device["sums"] / 1.5
+    capacity = int((roomy.device_total - roomy.device["sums"] + shard) / DEVICE_SHARE) + 1
+    tight = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity, ranks=2)
+    assert tight.accumulate_on == "sharded" and tight.device["sums"] == shard and tight.host == {}
+    assert "sums sharded across 2 ranks" in tight.line()
+    alone = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity, ranks=1)
+    assert alone.accumulate_on == "cpu"  # one process cannot shard
+    tighter = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity - 2 ** 20, ranks=2)
+    assert tighter.accumulate_on == "cpu"
 
 
 def test_unknown_accumulation_place_is_refused(tiny):
