@@ -40,22 +40,30 @@ def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_files):
-    common = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "7", "--batch_size", "2"]
+PLACES = {"device": "sums on device", "sharded": "sums sharded across 2 ranks: rank 0 holds"}  # and what is logged
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_files, place):
+    """5 triples in batches of 2: the ranks take 2 and 1 batches (sharded, rank 1 reduces zeros for the third)."""
+    common = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "5", "--batch_size", "2"]
     single = fisher.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype", "float32"])
     capsys.readouterr()
-    shared = torchrun("gaprune.features.fisher", [*common, "--output_dir", str(tmp_path / "two")])
+    shared = torchrun("gaprune.features.fisher", [*common, "--output_dir", str(tmp_path / "two"),
+                                                  "--accumulate_on", place], logged=PLACES[place])
     assert os.path.dirname(shared) == str(tmp_path / "two") and len(os.listdir(tmp_path / "two")) == 3  # rank 0 only
     assert_close(arrays(shared), arrays(single))
     one, two = json.load(open(single)), json.load(open(shared))
     for name, value in one["summary_statistics"].items():
         assert two["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
-    assert two["metadata"]["num_samples"] == 7
+    assert two["metadata"]["num_samples"] == 5
     assert two["metadata"]["first_batch_loss"] == pytest.approx(one["metadata"]["first_batch_loss"], rel=1e-6)
     assert two["metadata"]["mean_loss"] == pytest.approx(one["metadata"]["mean_loss"], rel=1e-5)
 
 
-def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files):
+@pytest.mark.parametrize("place", PLACES)
+def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files, place):
+    """5 steps: the ranks take 3 and 2."""
     common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
               data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", "local_cosine",
               "--no-use_distributed"]
@@ -63,7 +71,8 @@ def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_pa
                             str(tmp_path / "one-fisher"), "--device", "cpu", "--dtype", "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two"),
-                                                    "--fisher_output_dir", str(tmp_path / "two-fisher")])
+                                                    "--fisher_output_dir", str(tmp_path / "two-fisher"),
+                                                    "--accumulate_on", place], logged=PLACES[place])
     assert_close(arrays(shared), arrays(single))
     one, two = json.load(open(single)), json.load(open(shared))
     for key in ("alignment_scores", "conflict_rates"):
@@ -75,45 +84,6 @@ def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_pa
         [b] = [f for f in os.listdir(tmp_path / "two-fisher") if f.startswith(side) and "complete" in f
                and f.endswith(".json")]
         assert_close(arrays(str(tmp_path / "two-fisher" / b)), arrays(str(tmp_path / "one-fisher" / a)))
-
-
-def test_torchrun_sharded_sums_equal_one_process(capsys, tmp_path, qwen3_dir, data_files):
-    """--accumulate_on sharded: each tensor's sums on one rank, every step's gradients reduced onto it. Fisher:
-    5 triples in batches of 2 give the ranks 2 and 1 batches (rank 1 reduces zeros for the missing one); the
-    alignment's 5 steps likewise, with the one-pass Fisher files too."""
-    fisher_args = ["--model_name", qwen3_dir, "--data_path", data_files["chem"], "--max_samples", "5",
-                   "--batch_size", "2", "--sparsify_layers", "mlp"]
-    single = fisher.main([*fisher_args, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype", "float32"])
-    capsys.readouterr()
-    shared = torchrun("gaprune.features.fisher", [*fisher_args, "--output_dir", str(tmp_path / "two"),
-                                                  "--accumulate_on", "sharded"],
-                      logged="sums sharded across 2 ranks: rank 0 holds 3 of 6 tensors' sums")
-    assert_close(arrays(shared), arrays(single))
-    one, two = json.load(open(single)), json.load(open(shared))
-    for name, value in one["summary_statistics"].items():
-        assert two["summary_statistics"][name]["mean_score"] == pytest.approx(value["mean_score"], rel=1e-5)
-    assert two["metadata"]["mean_loss"] == pytest.approx(one["metadata"]["mean_loss"], rel=1e-5)
-
-    common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
-              data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--no-use_distributed"]
-    single = gradient.main([*common, "--output_dir", str(tmp_path / "one-a"), "--fisher_output_dir",
-                            str(tmp_path / "one-f"), "--device", "cpu", "--dtype", "float32"])
-    capsys.readouterr()
-    shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two-a"),
-                                                    "--fisher_output_dir", str(tmp_path / "two-f"),
-                                                    "--accumulate_on", "sharded"],
-                      logged="memory plan (gradient + fisher, sums sharded across 2 ranks)")
-    assert_close(arrays(shared), arrays(single))
-    one, two = json.load(open(single)), json.load(open(shared))
-    for key in ("alignment_scores", "conflict_rates"):
-        for name, value in one[key].items():
-            assert two[key][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, name)
-    for side in ("general", "chem"):
-        [a] = [f for f in os.listdir(tmp_path / "one-f") if f.startswith(side) and "complete" in f
-               and f.endswith(".json")]
-        [b] = [f for f in os.listdir(tmp_path / "two-f") if f.startswith(side) and "complete" in f
-               and f.endswith(".json")]
-        assert_close(arrays(str(tmp_path / "two-f" / b)), arrays(str(tmp_path / "one-f" / a)))
 
 
 def test_torchrun_gathering_makes_one_loss_of_both_ranks(tmp_path, qwen3_dir, data_files):
