@@ -62,10 +62,11 @@ def _scoring(embedder: Embedder, layer_types: Sequence[str], gradients: str, acc
         if frozen:
             log.info("--gradients selected: %d weights outside --sparsify_layers take no gradient", frozen)
         selected = select_parameters(embedder.model.named_parameters(), layer_types)
-        plan = plan_for(selected, accumulate_on, world.size)
-        agreed = SUM_PLACES[world.most(SUM_PLACES.index(plan.accumulate_on))]
+        ranks = world.size if world.can_shard(embedder.device) else 1  # the ranks that sharded sums can use
+        plan = plan_for(selected, accumulate_on, ranks)
+        agreed = SUM_PLACES[world.most(SUM_PLACES.index(plan.accumulate_on), embedder.device)]
         if agreed != plan.accumulate_on:
-            plan = plan_for(selected, agreed, world.size)
+            plan = plan_for(selected, agreed, ranks)
         log.info("%s", plan.line())
         warn_if_too_large(plan)
         yield plan
@@ -114,7 +115,8 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     general, domain = load_triples(general_data_path), load_triples(domain_data_path)
     with_fisher = with_fisher or fisher_output_dir is not None
     with _scoring(embedder, layer_types, gradients, accumulate_on, lambda selected, place, ranks: alignment_plan(
-            embedder, selected, general, domain, batch_size, with_fisher, place, runtime_rss, ranks=ranks)) as plan:
+            embedder, selected, general, domain, batch_size, with_fisher, place, runtime_rss, ranks=ranks,
+            cosine=alignment_mode != "product")) as plan:
         result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
                                     use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
     if fisher_output_dir is not None:

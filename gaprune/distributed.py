@@ -3,8 +3,10 @@
 Under ``torchrun --nproc_per_node N script.py ...`` the scripts call ``init_from_env``; every rank then
 takes batches rank, rank + N, rank + 2N, ... (``World.shard``), accumulates its own sums, and the sums
 are added across ranks once at the end, tensor by tensor (``World.sum_``), so memory stays one tensor
-above a single process. Rank 0 alone writes files and prints results. Without torchrun nothing changes:
-``World()`` is one rank of one.
+above a single process. Sums sharded across the ranks instead (``--accumulate_on sharded``) are reduced
+onto their owner every step (``World.reduce_to``) and sent to rank 0 at the end (``World.to_main``).
+Rank 0 alone writes files and prints results. Without torchrun nothing changes: ``World()`` is one rank
+of one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gaprune.errors import InputError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_DIMS = 8  # of a tensor that World.to_main sends
 
 
 @dataclass(frozen=True)
@@ -56,30 +59,46 @@ class World:
             else:
                 dist.all_reduce(tensor)
 
+    def rounds(self, count: int) -> int:
+        """Items of the busiest rank when ``count`` items are shared out by ``shard``."""
+        return -(-count // self.size)
+
+    def can_shard(self, device: torch.device) -> bool:
+        """Whether sums on ``device`` can be reduced onto one rank: several ranks, on a backend for that device
+        (nccl for CUDA tensors, gloo for CPU ones)."""
+        return self.is_distributed and (dist.get_backend() == "nccl") == (device.type == "cuda")
+
     def reduce_to(self, contribution: torch.Tensor, owner: int) -> None:
         """Add ``contribution`` across ranks into rank ``owner``'s copy (the other ranks' copies become scratch)."""
-        dist.reduce(contribution, dst=owner)
+        if self.is_distributed:
+            dist.reduce(contribution, dst=owner)
 
-    def to_main(self, tensor: torch.Tensor | None, owner: int, shape: Sequence[int],
-                dtype: torch.dtype) -> torch.Tensor | None:
-        """Rank 0 gets the ``shape`` tensor that rank ``owner`` holds, received into host memory (its own as it
-        is); the other ranks get None. Every rank must call it, in the same order."""
+    def to_main(self, tensor: torch.Tensor | None, owner: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor | None:
+        """Rank 0 gets the ``dtype`` tensor that rank ``owner`` holds (one it holds itself as it is; another rank's
+        through ``device``, then into host memory); the other ranks get None. The owner sends the shape first."""
         if owner == 0:
             return tensor if self.is_main else None
-        on_gpu = dist.get_backend() == "nccl"
         if self.rank == owner:
-            dist.send(tensor.cuda() if on_gpu else tensor.cpu(), dst=0)
+            header = torch.zeros(MAX_DIMS + 1, dtype=torch.int64, device=device)
+            header[0] = tensor.dim()
+            header[1:1 + tensor.dim()] = torch.tensor(tensor.shape)
+            dist.send(header, dst=0)
+            dist.send(tensor.to(device).contiguous(), dst=0)
         elif self.is_main:
-            received = torch.empty(tuple(shape), dtype=dtype, device="cuda" if on_gpu else "cpu")
+            header = torch.empty(MAX_DIMS + 1, dtype=torch.int64, device=device)
+            dist.recv(header, src=owner)
+            dims = header.tolist()
+            received = torch.empty(dims[1:1 + dims[0]], dtype=dtype, device=device)
             dist.recv(received, src=owner)
             return received.cpu()
         return None
 
-    def most(self, value: int) -> int:
-        """The largest of every rank's ``value``."""
+    def most(self, value: int, device: torch.device) -> int:
+        """The largest of every rank's ``value`` (sent through ``device``: a GPU with nccl)."""
         if not self.is_distributed:
             return value
-        tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        tensor = torch.tensor([value], device=device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
@@ -88,7 +107,7 @@ class World:
         order on every rank (shares padded to one length for all_gather, the padding dropped)."""
         if not self.is_distributed:
             return compute(0, count)
-        share = -(-count // self.size)
+        share = self.rounds(count)
         start, end = min(count, self.rank * share), min(count, (self.rank + 1) * share)
         local = compute(start, end)
         padded = local.new_zeros((share, *local.shape[1:]))

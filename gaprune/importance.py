@@ -70,8 +70,8 @@ class _PinnedStaging:
     """Where the sums live, and for sums in host memory a pinned copy of the gradients to add from: a few
     pinned blocks per dtype (memory.pinned_layouts: not one allocation per parameter, and not one block that
     the allocator would round up to a power of two), filled by asynchronous copies and one wait on the
-    gradients' GPU. A no-op when the sums live beside the model (or sharded). The ``sparse`` parameters (embeddings) have
-    small sparse gradients, copied as they come."""
+    gradients' GPU. A no-op when the sums live beside the model (or sharded). The ``sparse`` parameters
+    (embeddings) have small sparse gradients, copied as they come."""
 
     def __init__(self, params: Sequence[torch.Tensor], accumulate_on: str, sparse: Sequence[torch.Tensor] = ()):
         if accumulate_on not in SUM_PLACES:
@@ -151,9 +151,13 @@ class _Sums:
         for total, grad, owner in zip(self.arrays, grads, self.owners):
             if owner is None:
                 _add_into(total, grad, self.square)
-                continue
-            contribution = grad.to(self.dtype, copy=True)  # a copy: the reduce overwrites it
-            self._reduce_into(total, contribution.square_() if self.square else contribution, owner)
+            else:  # the contribution is an argument only: freed before the next one is made
+                self._reduce_into(total, self._contribution(grad), owner)
+
+    def _contribution(self, grad: torch.Tensor) -> torch.Tensor:
+        # a contiguous copy: the collectives need one, and the reduce overwrites it
+        contribution = grad.to(self.dtype, memory_format=torch.contiguous_format, copy=True)
+        return contribution.square_() if self.square else contribution
 
     def add_nothing(self) -> None:
         """This rank's part of a step it has no batch for (its share of the steps is one shorter)."""
@@ -170,17 +174,19 @@ class _Sums:
         """Add the unsharded sums (and ``others``) across ranks."""
         self.world.sum_([*(a for a, owner in zip(self.arrays, self.owners) if owner is None), *others])
 
-    def reports(self, index: int) -> bool:
-        """Whether this rank speaks for tensor ``index``: its owner, or rank 0 for an unsharded one."""
+    def speaker(self, index: int) -> int:
+        """The rank that finishes tensor ``index`` and sends it to rank 0: its owner (rank 0 when unsharded)."""
         owner = self.owners[index]
-        return owner == self.world.rank if owner is not None else self.world.is_main
+        return 0 if owner is None else owner
 
-    def to_main(self, index: int) -> torch.Tensor | None:
-        """Tensor ``index``'s whole sum on rank 0 (received into host memory from its owner); None elsewhere."""
-        owner = self.owners[index]
-        if owner is None:
-            return self.arrays[index] if self.world.is_main else None
-        return self.world.to_main(self.arrays[index], owner, self.shapes[index], self.dtype)
+    def take(self, index: int) -> torch.Tensor | None:
+        """Tensor ``index``'s sum where this rank speaks for it, else None; the sums let go of it."""
+        array, self.arrays[index] = self.arrays[index], None
+        return array if self.speaker(index) == self.world.rank else None
+
+    def to_main(self, finished: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        """What the speaker for tensor ``index`` made of it (``finished``), on rank 0; None elsewhere."""
+        return self.world.to_main(finished, self.speaker(index), self.dtype, self.device)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -214,8 +220,8 @@ def _norms(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class FisherResult:
-    per_weight: dict[str, torch.Tensor]  # float32 arrays for the selected parameters
-    mean_scores: dict[str, float]  # every parameter
+    per_weight: dict[str, torch.Tensor]  # float32 arrays for the selected parameters (under torchrun: rank 0's)
+    mean_scores: dict[str, float]  # every parameter (on every rank)
     shapes: dict[str, list[int]]
     num_samples: int
     first_loss: float
@@ -254,19 +260,23 @@ class _FisherSums:
     def result(self, num_samples: int, first_loss: float, mean_loss: float, batch_size: int,
                layer_types: Sequence[str], compute_dtype: str) -> FisherResult:
         """F = sum / num_samples + 1e-8, and every parameter's mean F, after ``finish`` (call it on every rank:
-        under torchrun the arrays come to rank 0, and only its result has them)."""
-        arrays = {}
+        each array is finished by the rank holding it, and under torchrun only rank 0's result has them)."""
+        full, arrays = self.full, {}
+        means = torch.zeros(len(self.selected), dtype=full.dtype, device=self.other_sums.device)
         for index, name in enumerate(self.selected):
-            array = self.full.to_main(index)
+            array = full.take(index)
             if array is not None:
-                arrays[name] = array.div_(num_samples).add_(FISHER_EPS)
+                means[index] = array.div_(num_samples).add_(FISHER_EPS).mean()
+            array = full.to_main(array, index)
+            if array is not None:
+                arrays[name] = array
+        full.world.sum_([means])
         numels = torch.tensor([p.numel() for _, p in self.others], dtype=self.other_sums.dtype,
                               device=self.other_sums.device)
-        other_means = dict(zip((name for name, _ in self.others),
+        mean_scores = dict(zip(self.selected, means.tolist()))
+        mean_scores.update(zip((name for name, _ in self.others),
                                (self.other_sums / num_samples / numels + FISHER_EPS).tolist()))
-        mean_scores = {name: arrays[name].mean().item() if name in arrays else other_means[name]
-                       for name, _ in self.named if name in arrays or name in other_means}
-        return FisherResult(per_weight=arrays, mean_scores=mean_scores,
+        return FisherResult(per_weight=arrays, mean_scores={name: mean_scores[name] for name, _ in self.named},
                             shapes={n: list(p.shape) for n, p in self.named}, num_samples=num_samples,
                             first_loss=first_loss, mean_loss=mean_loss, batch_size=batch_size,
                             layer_types=list(layer_types), compute_dtype=compute_dtype)
@@ -277,6 +287,10 @@ def _owners(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], ar
     """Which rank holds each of ``params``' sums under ``accumulate_on="sharded"`` (None: not sharded)."""
     if accumulate_on != "sharded" or not world.is_distributed:
         return None
+    if not world.can_shard(embedder.device):
+        raise InputError(f"--accumulate_on sharded needs nccl for a model on CUDA and gloo for one on the CPU; "
+                         f"this process group uses {torch.distributed.get_backend()} with the model on "
+                         f"{embedder.device}")
     sparse = embedding_weights(embedder.model)
     owners, held = sharded_sums(params, selected, arrays_all, arrays_selected, world.size, sparse)
     [whole] = sharded_sums(params, selected, arrays_all, arrays_selected, 1, sparse)[1]
@@ -285,11 +299,6 @@ def _owners(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], ar
              "process holds", world.size, world.rank, owners.count(world.rank), sum(o is not None for o in owners),
              held[world.rank] * mb, whole * mb)
     return owners
-
-
-def _rounds(items: int, world: World) -> int:
-    """Steps of the busiest rank when ``items`` are shared out by World.shard."""
-    return -(-items // world.size)
 
 
 def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: int, layer_types: Sequence[str],
@@ -326,7 +335,7 @@ def fisher_information(embedder: Embedder, triples: Sequence[dict], batch_size: 
             loss_sum += loss.detach()
             norms = _norms(_grads(other_params, dtype), dtype).square() if other_params else None
             sums.add(host(_grads(list(selected.values()), dtype)), norms)
-    for _ in range(_rounds(len(batches), world) - len(mine)):
+    for _ in range(world.rounds(len(batches)) - len(mine)):
         sums.add_nothing()
     embedder.model.zero_grad(set_to_none=True)
     sums.finish(loss_sum)
@@ -384,7 +393,7 @@ ALIGNMENT_MODES = {"product": None, "local_cosine": local_cosine, "row_cosine": 
 class AlignmentResult:
     alignment_scores: dict[str, float]
     conflict_rates: dict[str, float]
-    elementwise: dict[str, torch.Tensor]
+    elementwise: dict[str, torch.Tensor]  # under torchrun, on rank 0 only (as ``cosine``)
     cosine: dict[str, torch.Tensor]  # the --alignment_mode array (local_cosine / row_cosine); empty for product
     losses: dict[str, float | None]
     processed_batches: int
@@ -499,7 +508,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
             if step == 0:
                 first_losses.copy_(losses)
             del general_grads, domain_grads
-    for _ in range(_rounds(steps, world) - len(mine)):
+    for _ in range(world.rounds(steps) - len(mine)):
         no_gradients("general")
         no_gradients("domain")
     embedder.model.zero_grad(set_to_none=True)
@@ -508,29 +517,31 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     for sums in fisher.values():
         sums.finish()
 
-    # each parameter's alignment on the rank that speaks for it; the selected ones' arrays on rank 0
-    alignment = torch.zeros(len(named), dtype=dtype, device=device)
+    # each parameter finished by the rank that speaks for it (its owner, else rank 0); the arrays sent to rank 0
+    scores = torch.zeros(len(named), dtype=dtype, device=device)
     elementwise, cosine = {}, {}
     for index, (name, _) in enumerate(named):
+        avg_g, avg_d = sum_general.take(index), sum_domain.take(index)
+        products = cosines = None
+        if avg_g is not None:
+            avg_g, avg_d = avg_g.div_(steps), avg_d.div_(steps)
+            norm_g, norm_d = avg_g.norm(), avg_d.norm()
+            if norm_g > NORM_EPS and norm_d > NORM_EPS:
+                scores[index] = torch.dot(avg_g.flatten(), avg_d.flatten()) / (norm_g * norm_d)
+            if name in selected:
+                products = elementwise_alignment(avg_g, avg_d)
+                cosines = cosine_fn(avg_g, avg_d) if cosine_fn is not None else None
+        del avg_g, avg_d
         if name in selected:
-            avg_g, avg_d = sum_general.to_main(index), sum_domain.to_main(index)
-        elif sum_general.reports(index):
-            avg_g, avg_d = sum_general.arrays[index], sum_domain.arrays[index]
-        else:
-            continue
-        sum_general.arrays[index] = sum_domain.arrays[index] = None  # free as we go
-        if avg_g is None:
-            continue
-        avg_g, avg_d = avg_g.div_(steps), avg_d.div_(steps)
-        norm_g, norm_d = avg_g.norm(), avg_d.norm()
-        if norm_g > NORM_EPS and norm_d > NORM_EPS:
-            alignment[index] = torch.dot(avg_g.flatten(), avg_d.flatten()).to(device) / (norm_g * norm_d).to(device)
-        if name in selected:
-            elementwise[name] = elementwise_alignment(avg_g, avg_d)
+            products = sum_general.to_main(products, index)
             if cosine_fn is not None:
-                cosine[name] = cosine_fn(avg_g, avg_d)
-    world.sum_([alignment])
-    alignment = dict(zip((name for name, _ in named), alignment.tolist()))
+                cosines = sum_general.to_main(cosines, index)
+            if products is not None:
+                elementwise[name] = products
+            if cosines is not None:
+                cosine[name] = cosines
+    world.sum_([scores])
+    alignment = dict(zip((name for name, _ in named), scores.tolist()))
     rates = torch.where(seen > 0, conflicts / seen.clamp(min=1), torch.zeros_like(seen)).tolist()
     losses = (loss_sums / steps).tolist()
     firsts = first_losses.tolist()

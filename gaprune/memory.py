@@ -89,8 +89,8 @@ def pinned_total(tensors: Sequence[torch.Tensor]) -> int:
     return sum(pinned_bytes(size) for _, used, _ in pinned_layouts(tensors) for size in used)
 
 
-def sharded_sums(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], arrays_all: int, arrays_selected: int,
-                 ranks: int, sparse: Sequence[torch.Tensor] = ()) -> tuple[list[int | None], list[int]]:
+def sharded_sums(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], arrays_all: int,
+                 arrays_selected: int, ranks: int, sparse: Sequence[torch.Tensor] = ()) -> tuple[list[int | None], list[int]]:
     """Sums sharded across ``ranks``, ``arrays_all`` per parameter and ``arrays_selected`` more per selected one:
     the rank holding each of ``params``' sums, and the float32 elements each rank then holds. Tensors are dealt
     largest first to the rank holding the least so far (ties to the lowest rank: every rank computes the same
@@ -194,11 +194,12 @@ def _available_host_memory() -> int | None:
 def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
                  sum_arrays_all: int, sum_arrays_selected: int, gradient_copies: int,
                  accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
-                 ranks: int = 1) -> MemoryPlan:
+                 ranks: int = 1, result_arrays: int = 1) -> MemoryPlan:
     """The plan of a scoring stage: ``sum_arrays_all`` float32 arrays the size of every parameter and
     ``sum_arrays_selected`` the size of the selected ones; ``gradient_copies`` sets of gradients alive at
     once. Where the device would be over ``DEVICE_SHARE`` full, ``accumulate_on`` auto becomes sharded when
-    ``ranks`` > 1 and that fits, else cpu.
+    ``ranks`` > 1 and that fits, else cpu. Sharded, rank 0 receives the ``result_arrays`` per selected weight
+    that the other ranks finished into host memory.
     ``runtime_rss``: the process's resident memory before the model was loaded (Python, torch, the data),
     counted on a CPU run. ``capacity``: plan for a GPU of that many bytes (default: the model's GPU, if any)."""
     model = embedder.model
@@ -237,9 +238,20 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
         plan.device["sums"] = beside
         accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else \
             "sharded" if shard_fits else "cpu"
+    if accumulate_on == "sharded" and ranks == 1:
+        log.info("--accumulate_on sharded needs several torchrun processes on a backend for the model's device "
+                 "(nccl for CUDA, gloo for the CPU): the sums stay beside the model")
+        accumulate_on = "device"
     plan.accumulate_on = accumulate_on
     if accumulate_on == "sharded":
         plan.device["sums"] = sharded
+        chosen = {id(p) for p in selected.values()}
+        received = sum(p.numel() for p, owner in zip(trainable, owners) if id(p) in chosen and owner not in (None, 0))
+        received = {"arrays received by rank 0": 4 * result_arrays * received}
+        if on_gpu:
+            plan.host = received
+        else:
+            plan.device.update(received)
     if not on_gpu:
         return plan
     if accumulate_on == "cpu":
@@ -257,15 +269,17 @@ def score_cache_bytes() -> int:
 
 def warn_if_too_large(plan: MemoryPlan) -> None:
     """Warn when the plan exceeds the GPU, or when the host parts of every process on this node exceed the
-    host memory available now (torchrun's processes on one machine share it)."""
+    host memory available now (torchrun's processes on one machine share it; with sharded sums only rank 0
+    has host parts)."""
     if plan.capacity and plan.device_total > plan.capacity:
         log.warning("the plan needs %.1f GB on the GPU, which has %.1f GB for this process: expect out-of-memory; "
-                    "try --accumulate_on cpu or a smaller --batch_size", plan.device_total / GB, plan.capacity / GB)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                    "try --accumulate_on cpu (or sharded under torchrun) or a smaller --batch_size",
+                    plan.device_total / GB, plan.capacity / GB)
+    processes = 1 if plan.accumulate_on == "sharded" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     available = _available_host_memory()
     if plan.host and available is not None and processes * plan.host_total > available:
-        log.warning("the sums in host memory need %.1f GB for %d process(es) on this machine, and %.1f GB are "
-                    "available", processes * plan.host_total / GB, processes, available / GB)
+        log.warning("the plan's host memory (%s) needs %.1f GB for %d process(es) on this machine, and %.1f GB are "
+                    "available", ", ".join(plan.host), processes * plan.host_total / GB, processes, available / GB)
 
 
 def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: Sequence[dict], batch_size: int,
@@ -278,13 +292,15 @@ def fisher_plan(embedder: Embedder, selected: dict[str, torch.Tensor], triples: 
 def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], general: Sequence[dict],
                    domain: Sequence[dict], batch_size: int, with_fisher: bool,
                    accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
-                   ranks: int = 1) -> MemoryPlan:
-    """gradient.py's plan: its longest half-batches are taken from the longest triples of each side."""
+                   ranks: int = 1, cosine: bool = False) -> MemoryPlan:
+    """gradient.py's plan: its longest half-batches are taken from the longest triples of each side.
+    ``cosine``: an --alignment_mode that adds a cosine array to the element-wise one."""
     def longest(records: Sequence[dict], size: int) -> list[dict]:
         return sorted(records, key=lambda r: -sum(len(r[k]) for k in TRIPLE_KEYS))[:size]
     halves = [longest(general, batch_size // 2), longest(domain, batch_size - batch_size // 2)]
     return plan_scoring("gradient" + (" + fisher" if with_fisher else ""), embedder, selected, halves, 2,
-                        2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity, ranks)
+                        2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity, ranks,
+                        1 + cosine + 2 * with_fisher)
 
 
 def measured_line(plan: MemoryPlan, device: torch.device) -> str:

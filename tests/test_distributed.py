@@ -63,9 +63,10 @@ def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_fi
 
 @pytest.mark.parametrize("place", PLACES)
 def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files, place):
-    """5 steps: the ranks take 3 and 2."""
+    """5 steps: the ranks take 3 and 2. Sharded, with per-row cosines: arrays of another shape sent to rank 0."""
+    mode = "row_cosine" if place == "sharded" else "local_cosine"
     common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
-              data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", "local_cosine",
+              data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", mode,
               "--no-use_distributed"]
     single = gradient.main([*common, "--output_dir", str(tmp_path / "one"), "--fisher_output_dir",
                             str(tmp_path / "one-fisher"), "--device", "cpu", "--dtype", "float32"])

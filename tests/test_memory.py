@@ -92,10 +92,17 @@ def test_auto_shards_the_sums_across_ranks_before_moving_them_to_the_host(tiny):
     assert shard < roomy.device["sums"] / 1.5
     capacity = int((roomy.device_total - roomy.device["sums"] + shard) / DEVICE_SHARE) + 1
     tight = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity, ranks=2)
-    assert tight.accumulate_on == "sharded" and tight.device["sums"] == shard and tight.host == {}
+    assert tight.accumulate_on == "sharded" and tight.device["sums"] == shard
+    chosen = {id(p) for p in selected.values()}
+    sent = sum(p.numel() for p, owner in zip(params, owners) if id(p) in chosen and owner == 1)
+    assert 0 < sent < sum(p.numel() for p in selected.values())
+    # rank 0 receives what rank 1 finished: the element-wise array and the two one-pass Fisher arrays
+    assert tight.host == {"arrays received by rank 0": 4 * 3 * sent}
     assert "sums sharded across 2 ranks" in tight.line()
     alone = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity, ranks=1)
     assert alone.accumulate_on == "cpu"  # one process cannot shard
+    asked = alignment_plan(embedder, selected, general, chem, 2, True, "sharded", capacity=capacity, ranks=1)
+    assert asked.accumulate_on == "device" and asked.device["sums"] == roomy.device["sums"]
     tighter = alignment_plan(embedder, selected, general, chem, 2, True, capacity=capacity - 2 ** 20, ranks=2)
     assert tighter.accumulate_on == "cpu"
 
