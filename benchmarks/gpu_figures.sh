@@ -4,6 +4,8 @@
 #   0. tests/test_cuda.py: the CUDA paths against the CPU's (seconds; a failure is reported, the run goes on);
 #   1. gpu_check.py on the Qwen3-Embedding-0.6B and -4B shapes, all layers, bfloat16: every stage, with the
 #      one calibration pass and the sums in pinned host memory as extra rows (16 synthetic triples per side);
+#   1b. on a machine with N >= 2 GPUs, the same on the 4B shape under torchrun --nproc_per_node N, with a row
+#      for the sums sharded across the GPUs (the time against 1.'s: the scaling with N);
 #   2. bench_inference.py on a random Qwen3-Embedding-0.6B-shaped model: dense against channel-pruned
 #      against 2:4 semi-structured MLP weights, on CUDA only.
 #
@@ -35,6 +37,14 @@ if ! "$PYTHON" benchmarks/gpu_check.py --shapes $SHAPES --triples "$TRIPLES" --o
         --work_dir "$WORK" 2> "$OUT/gpu_check.log" | tee "$OUT/gpu_check.md"; then
     tail -n 30 "$OUT/gpu_check.log" >&2
     echo "gpu_check.py failed (the rows above are what finished); going on" >&2
+fi
+
+GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
+if [ "$GPUS" -ge 2 ] && ! "$PYTHON" benchmarks/gpu_check.py --shapes 4B --triples "$TRIPLES" --one_pass \
+        --sharded_sums --nproc "$GPUS" --work_dir "$WORK" 2> "$OUT/gpu_check_nproc.log" \
+        | tee "$OUT/gpu_check_nproc.md"; then
+    tail -n 30 "$OUT/gpu_check_nproc.log" >&2
+    echo "gpu_check.py --nproc $GPUS failed (the rows above are what finished); going on" >&2
 fi
 
 "$PYTHON" - "$WORK/qwen3-0.6B" <<'BUILD'

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from gaprune.features import fisher, gradient, sample
@@ -20,15 +21,16 @@ def arrays(json_path: str) -> dict[str, np.ndarray]:
     return load_file(os.path.join(os.path.dirname(json_path), data["metadata"]["tensor_file"]))
 
 
-def torchrun(module: str, args: list[str], nproc: int = 2, logged: str = "") -> str:
-    """Run ``python -m module args`` under torchrun on the CPU; the path rank 0 printed last. ``logged``: a line
-    rank 0 must have logged."""
+def torchrun(module: str, args: list[str], nproc: int = 2, logged: str = "", device: str = "cpu") -> str:
+    """Run ``python -m module args`` under torchrun on the CPU (gloo) or one GPU per process (nccl); the path
+    rank 0 printed last. ``logged``: a line rank 0 must have logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), "-m", module, *args, "--device", "cpu", "--dtype", "float32"],
+                           str(nproc), "-m", module, *args, "--device", device, "--dtype", "float32"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"rank {nproc - 1} of {nproc} (gloo)" in done.stderr  # really shared out
+    backend = "nccl" if device == "cuda" else "gloo"
+    assert f"rank {nproc - 1} of {nproc} ({backend})" in done.stderr  # really shared out
     assert logged in done.stderr, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
@@ -38,6 +40,14 @@ def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float
     for name in a:
         scale = np.abs(b[name]).max()
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def assert_fisher_files_close(folder: str, reference: str, rtol: float = 1e-5) -> None:
+    """The one-pass Fisher arrays of each side in ``folder`` against ``reference``'s."""
+    for side in ("general", "chem"):
+        [path, expected] = [next(os.path.join(f, name) for name in os.listdir(f) if name.startswith(side)
+                                 and "complete" in name and name.endswith(".json")) for f in (folder, reference)]
+        assert_close(arrays(path), arrays(expected), rtol)
 
 
 PLACES = {"device": "sums on device", "sharded": "sums sharded across 2 ranks: rank 0 holds"}  # and what is logged
@@ -61,30 +71,30 @@ def test_torchrun_fisher_equals_one_process(capsys, tmp_path, qwen3_dir, data_fi
     assert two["metadata"]["mean_loss"] == pytest.approx(one["metadata"]["mean_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("place", PLACES)
-def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files, place):
-    """5 steps: the ranks take 3 and 2. Sharded, with per-row cosines: arrays of another shape sent to rank 0."""
+@pytest.mark.parametrize("place, device", [
+    ("device", "cpu"), ("sharded", "cpu"),
+    pytest.param("sharded", "cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_path, qwen3_dir, data_files, place,
+                                                                   device):
+    """5 steps: the ranks take 3 and 2. Sharded, with per-row cosines: arrays of another shape sent to rank 0
+    (on GPUs through nccl, whose kernels add in their own order: 1e-4)."""
     mode = "row_cosine" if place == "sharded" else "local_cosine"
+    rtol = 1e-4 if device == "cuda" else 1e-5
     common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
               data_files["chem"], "--max_samples", "10", "--batch_size", "2", "--alignment_mode", mode,
               "--no-use_distributed"]
     single = gradient.main([*common, "--output_dir", str(tmp_path / "one"), "--fisher_output_dir",
-                            str(tmp_path / "one-fisher"), "--device", "cpu", "--dtype", "float32"])
+                            str(tmp_path / "one-fisher"), "--device", device, "--dtype", "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "two"),
                                                     "--fisher_output_dir", str(tmp_path / "two-fisher"),
-                                                    "--accumulate_on", place], logged=PLACES[place])
-    assert_close(arrays(shared), arrays(single))
+                                                    "--accumulate_on", place], logged=PLACES[place], device=device)
+    assert_close(arrays(shared), arrays(single), rtol)
     one, two = json.load(open(single)), json.load(open(shared))
     for key in ("alignment_scores", "conflict_rates"):
         for name, value in one[key].items():
-            assert two[key][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, name)
-    for side in ("general", "chem"):
-        [a] = [f for f in os.listdir(tmp_path / "one-fisher") if f.startswith(side) and "complete" in f
-               and f.endswith(".json")]
-        [b] = [f for f in os.listdir(tmp_path / "two-fisher") if f.startswith(side) and "complete" in f
-               and f.endswith(".json")]
-        assert_close(arrays(str(tmp_path / "two-fisher" / b)), arrays(str(tmp_path / "one-fisher" / a)))
+            assert two[key][name] == pytest.approx(value, rel=rtol, abs=1e-6), (key, name)
+    assert_fisher_files_close(tmp_path / "two-fisher", tmp_path / "one-fisher", rtol)
 
 
 def test_torchrun_gathering_makes_one_loss_of_both_ranks(tmp_path, qwen3_dir, data_files):
