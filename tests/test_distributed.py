@@ -100,15 +100,22 @@ def test_torchrun_alignment_and_one_pass_fisher_equal_one_process(capsys, tmp_pa
 def test_torchrun_gathering_makes_one_loss_of_both_ranks(tmp_path, qwen3_dir, data_files):
     """With --use_distributed (the published default) each step's loss spans both ranks' half-batches:
     5 steps do not split evenly, so the last is dropped, and the in-batch negatives double the loss's
-    candidates, so the mean loss differs from the one-process run over the same steps."""
+    candidates, so the mean loss differs from the one-process run over the same steps. Sharded sums (their
+    reductions after the gathers of every step) give the same files."""
     common = ["--model_name", qwen3_dir, "--general_data_path", data_files["general"], "--domain_data_path",
               data_files["chem"], "--max_samples", "10", "--batch_size", "2"]
-    gathered = json.load(open(torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "g")])))
+    gathered_path = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "g")])
+    gathered = json.load(open(gathered_path))
     alone = json.load(open(torchrun("gaprune.features.gradient",
                                     [*common, "--output_dir", str(tmp_path / "a"), "--no-use_distributed"])))
     assert alone["metadata"]["processed_batches"] == 5
     assert gathered["metadata"]["processed_batches"] == 4
     assert gathered["losses"]["general"] != pytest.approx(alone["losses"]["general"], rel=1e-3)
+    sharded = torchrun("gaprune.features.gradient", [*common, "--output_dir", str(tmp_path / "s"),
+                                                     "--accumulate_on", "sharded"], logged=PLACES["sharded"])
+    assert_close(arrays(sharded), arrays(gathered_path))
+    assert json.load(open(sharded))["alignment_scores"] == pytest.approx(gathered["alignment_scores"], rel=1e-5,
+                                                                         abs=1e-6)
 
 
 def test_one_pass_equals_fisher_runs_at_the_published_batch_sizes(capsys, tmp_path, qwen3_dir, data_files):
