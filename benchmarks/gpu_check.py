@@ -134,41 +134,26 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
             "--model_name", model, "--data_path", paths["chem"], "--max_samples", str(args.triples),
             "--output_dir", out, "--score_dtype", "bfloat16", *scored, *runtime]),
     ]
-    if args.one_pass:
-        stages.append(("gradient + fisher, one pass", "gaprune.features.gradient", nproc,
-                       tokens["general"] + tokens["chem"], [
-                           "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
-                           paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
-                           os.path.join(out, "one-pass"), "--fisher_output_dir", os.path.join(out, "one-pass"),
-                           "--score_dtype", "bfloat16", "--no-use_distributed", *scored,
-                           *runtime]))
-    if args.sharded_sums:
-        stages.append(("gradient, sums sharded across ranks", "gaprune.features.gradient", nproc,
-                       tokens["general"] + tokens["chem"], [
-                           "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
-                           paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
-                           os.path.join(out, "sharded-sums"), "--accumulate_on", "sharded", "--no-use_distributed",
-                           *scored, *runtime]))
-    if args.host_sums:
-        stages.append(("gradient, sums in host memory", "gaprune.features.gradient", nproc,
-                       tokens["general"] + tokens["chem"], [
-                           "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path",
-                           paths["chem"], "--max_samples", str(2 * args.triples), "--output_dir",
-                           os.path.join(out, "host-sums"), "--accumulate_on", "cpu", "--no-use_distributed", *scored,
-                           *runtime]))
-    stages.append(  # after the extra rows, whose files are deleted first: less disk at the peak
-        ("gradient", "gaprune.features.gradient", nproc, tokens["general"] + tokens["chem"], [
+    def gradient_row(label: str, folder: str | None, *flags: str) -> tuple:
+        """gradient.py over both files; an extra row writes into ``folder`` (deleted after it)."""
+        return (label, "gaprune.features.gradient", nproc, tokens["general"] + tokens["chem"], [
             "--model_name", model, "--general_data_path", paths["general"], "--domain_data_path", paths["chem"],
-            "--max_samples", str(2 * args.triples), "--output_dir", out, "--no-use_distributed", *scored, *runtime]))
+            "--max_samples", str(2 * args.triples), "--output_dir", os.path.join(out, folder) if folder else out,
+            "--no-use_distributed", *flags, *scored, *runtime])
+
+    extra = {"one-pass": ("gradient + fisher, one pass", args.one_pass,
+                          ["--fisher_output_dir", os.path.join(out, "one-pass"), "--score_dtype", "bfloat16"]),
+             "sharded-sums": ("gradient, sums sharded across ranks", args.sharded_sums, ["--accumulate_on", "sharded"]),
+             "host-sums": ("gradient, sums in host memory", args.host_sums, ["--accumulate_on", "cpu"])}
+    stages += [gradient_row(label, folder, *flags) for folder, (label, wanted, flags) in extra.items() if wanted]
+    stages.append(gradient_row("gradient", None))  # after the extra rows, whose files are deleted first: less disk
     rows = []
     results = {}
     for label, module, processes, stage_tokens, stage_args in stages:
         result = run_stage(module, stage_args, processes, required=label in REQUIRED_STAGES)
         results[label] = result.get("output")
-        if label != "gradient" and module.endswith("gradient"):  # the extra rows' files: only their timing counts
-            shutil.rmtree(os.path.join(out, "one-pass"), ignore_errors=True)
-            shutil.rmtree(os.path.join(out, "host-sums"), ignore_errors=True)
-            shutil.rmtree(os.path.join(out, "sharded-sums"), ignore_errors=True)
+        for folder in extra:  # the extra rows' files: only their timing counts
+            shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
         rows.append({"shape": name, "layers": layers, "stage": label, "tokens": stage_tokens, **result})
         print(format_row(rows[-1]), flush=True)
     pruned_dir = os.path.join(out, "model")
