@@ -266,7 +266,7 @@ class _FisherSums:
         for index, name in enumerate(self.selected):
             array = full.take(index)
             if array is not None:
-                means[index] = array.div_(num_samples).add_(FISHER_EPS).mean()
+                means[index] = array.div_(num_samples).add_(FISHER_EPS).mean().to(means.device)  # host sums: cpu
             array = full.to_main(array, index)
             if array is not None:
                 arrays[name] = array
@@ -527,7 +527,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
             avg_g, avg_d = avg_g.div_(steps), avg_d.div_(steps)
             norm_g, norm_d = avg_g.norm(), avg_d.norm()
             if norm_g > NORM_EPS and norm_d > NORM_EPS:
-                scores[index] = torch.dot(avg_g.flatten(), avg_d.flatten()) / (norm_g * norm_d)
+                scores[index] = (torch.dot(avg_g.flatten(), avg_d.flatten()) / (norm_g * norm_d)).to(device)
             if name in selected:
                 products = elementwise_alignment(avg_g, avg_d)
                 cosines = cosine_fn(avg_g, avg_d) if cosine_fn is not None else None
