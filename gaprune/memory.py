@@ -90,7 +90,8 @@ def pinned_total(tensors: Sequence[torch.Tensor]) -> int:
 
 
 def sharded_sums(params: Sequence[torch.Tensor], selected: Sequence[torch.Tensor], arrays_all: int,
-                 arrays_selected: int, ranks: int, sparse: Sequence[torch.Tensor] = ()) -> tuple[list[int | None], list[int]]:
+                 arrays_selected: int, ranks: int,
+                 sparse: Sequence[torch.Tensor] = ()) -> tuple[list[int | None], list[int]]:
     """Sums sharded across ``ranks``, ``arrays_all`` per parameter and ``arrays_selected`` more per selected one:
     the rank holding each of ``params``' sums, and the float32 elements each rank then holds. Tensors are dealt
     largest first to the rank holding the least so far (ties to the lowest rank: every rank computes the same
