@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.modeling import Embedder
 
@@ -193,7 +194,8 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                                              torch.zeros(width, width, device=device) if hessian else None)
                             for side in texts}, general_share)
 
-    for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block"):
+    for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
+                             disable=not current_world().is_main):
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
             shared = new_inputs(stage[0])  # the layers of a stage read one input: one set of statistics
             inputs = {name: shared for name in stage}

@@ -59,6 +59,19 @@ class World:
             else:
                 dist.all_reduce(tensor)
 
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Give every rank rank 0's values of each tensor, in place, one at a time (through the GPU with nccl)."""
+        if not self.is_distributed:
+            return
+        on_gpu = dist.get_backend() == "nccl"
+        for tensor in tensors:
+            if on_gpu and tensor.device.type == "cpu":
+                staged = tensor.cuda()
+                dist.broadcast(staged, src=0)
+                tensor.copy_(staged)
+            else:
+                dist.broadcast(tensor, src=0)
+
     def rounds(self, count: int) -> int:
         """Items of the busiest rank when ``count`` items are shared out by ``shard``."""
         return -(-count // self.size)

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 from gaprune.features import fisher, gradient, sample
-from gaprune.model import evaluate
+from gaprune.model import compare, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,6 +155,28 @@ def test_torchrun_sample_and_evaluate_equal_one_process(capsys, tmp_path, qwen3_
     assert one.keys() == two.keys()
     for metric, value in one.items():
         assert two[metric] == pytest.approx(value, abs=1e-6), metric
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channels"])
+def test_torchrun_compare_equals_one_process(capsys, tmp_path, qwen3_dir, data_files, structure):
+    """Every rank prunes (rank 0's weights given to all) and encodes its share of the held-out texts: the same
+    rows as one process, calibrated SparseGPT and a seeded random mask included."""
+    unstructured = structure == "unstructured"
+    scorers = ["magnitude", "random", "sparsegpt"] if unstructured else ["magnitude"]
+    calibration = ["--calibration_data", data_files["chem"], "--calibration_samples", "4"] if unstructured else []
+    common = ["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+              data_files["general"], "--max_samples", "7", "--batch_size", "2", "--structure", structure,
+              "--sparsity", "0.5", "--scorers", *scorers, *calibration]
+    single = compare.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype", "float32"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.model.compare", [*common, "--output_dir", str(tmp_path / "two")])
+    assert len(os.listdir(tmp_path / "two")) == 2  # rank 0 alone wrote
+    one, two = (json.load(open(path))["rows"] for path in (single, shared))
+    assert [row["method"] for row in two] == [row["method"] for row in one] and len(one) == len(scorers) + 1
+    for a, b in zip(one, two):
+        for side in ("domain", "general"):
+            for metric, value in a[side].items():
+                assert b[side][metric] == pytest.approx(value, abs=1e-6), (a["method"], side, metric)
 
 
 def test_one_pass_fisher_refuses_gathered_embeddings(qwen3_dir, chem_triples, web_triples):

@@ -1,4 +1,7 @@
-"""Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table."""
+"""Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table.
+
+Under torchrun every rank prunes (rank 0's weights are then given to all, so they cannot drift apart) and
+encodes its share of the evaluation texts; rank 0 writes and prints."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from gaprune import distributed
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
                         calibration_from_args, check_pruner_options, check_pruning_request, check_scorer_inputs,
                         effective_share, finish, finite_float, positive_int, run, score_file_paths, scoring_config)
@@ -104,8 +108,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
+    world = distributed.init_from_env(args.device)
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
@@ -159,10 +164,12 @@ def main(argv: Sequence[str] | None = None) -> str:
             else:
                 result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
                                           seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
+            world.broadcast_(p.data for p in candidates.values())
             return embedder, {"masked_params": result.masked, **result.diagnostics}
         fresh = load_embedder(args.model_path, args.device, args.dtype)
         result = prune_structure(fresh.model, unit_plan(fresh.model, args.structure), array, scoring, config, pct,
                                  args.seed)
+        world.broadcast_(p.data for p in fresh.model.parameters())  # the same units removed: the same shapes
         return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
     dense_domain, dense_general = evaluate(embedder)
@@ -189,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                 row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
             rows.append(row)
 
+    if not world.is_main:
+        return None
     table = markdown_table(rows)
     base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
     write_json(base + ".json", {"model_path": args.model_path, "timestamp": datetime.now().isoformat(),
