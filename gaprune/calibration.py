@@ -13,15 +13,18 @@ Texts come in sides ("domain", "general"); statistics are kept per side and blen
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from gaprune.distributed import current_world
+from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.modeling import Embedder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,23 +111,35 @@ class _Batch:
 
 
 @torch.no_grad()
-def _first_block_inputs(embedder: Embedder, texts: Mapping[str, Sequence[str]], batch_size: int) -> list[_Batch]:
+def _first_block_inputs(embedder: Embedder, texts: Mapping[str, Sequence[str]], batch_size: int,
+                        world: World) -> tuple[list[_Batch], bool]:
+    """Each batch's inputs to the first block, and whether the batches were shared out among the torchrun
+    ranks (each rank holding its share; only when every rank gets one)."""
+    jobs = [(side, start) for side, side_texts in texts.items() for start in range(0, len(side_texts), batch_size)]
+    shared = world.is_distributed and len(jobs) >= world.size
     blocks = transformer_blocks(embedder.model)
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
     batches = []
     try:
-        for side, side_texts in texts.items():
-            for start in range(0, len(side_texts), batch_size):
-                tokens = embedder.tokenize(side_texts[start:start + batch_size])
-                try:
-                    embedder.model(**tokens, use_cache=False)  # a decoder's cache would grow with every replay
-                except _Stop:
-                    args, kwargs = catcher.calls.pop()
-                    batches.append(_Batch(side, tokens["attention_mask"].bool(), args, kwargs))
+        for side, start in world.shard(jobs) if shared else jobs:
+            tokens = embedder.tokenize(texts[side][start:start + batch_size])
+            try:
+                embedder.model(**tokens, use_cache=False)  # a decoder's cache would grow with every replay
+            except _Stop:
+                args, kwargs = catcher.calls.pop()
+                batches.append(_Batch(side, tokens["attention_mask"].bool(), args, kwargs))
     finally:
         blocks[0] = catcher.block
-    return batches
+    return batches, shared
+
+
+def _add_across_ranks(inputs: LayerInputs, world: World) -> None:
+    """Each side's statistics summed over every rank's share of the batches."""
+    for stats in inputs.sides.values():
+        tokens = torch.tensor([float(stats.tokens)], device=stats.input_sq.device)
+        world.sum_([t for t in (stats.input_sq, stats.hessian, tokens) if t is not None])
+        stats.tokens = int(tokens.item())
 
 
 def _run_block(block: torch.nn.Module, batch: _Batch) -> torch.Tensor:
@@ -168,6 +183,8 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     ``prune_layers`` gets LayerInputs for the next candidate layers in running order (layers that read the
     same input come together) and changes their weights in place; the layers after them are calibrated
     on the pruned ones' outputs, and each block runs again on its pruned weights for the next block's inputs.
+    Under torchrun the ranks share the batches: the statistics are summed across them before each prune,
+    and every rank then takes rank 0's pruned weights.
     """
     model = embedder.model
     if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
@@ -183,9 +200,12 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     if outside:
         raise InputError(f"{sorted(outside)[0]} lies outside the transformer blocks; activation-aware pruning "
                          f"calibrates block by block")
-    batches = _first_block_inputs(embedder, texts, batch_size)
+    world = current_world()
+    batches, shared_out = _first_block_inputs(embedder, texts, batch_size, world)
     if not batches:
         raise InputError("no calibration texts")
+    if shared_out:
+        log.info("calibration shared among %d ranks: this rank runs %d batches", world.size, len(batches))
     current: list[_Batch] = []
 
     def new_inputs(name: str) -> LayerInputs:
@@ -208,6 +228,10 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             finally:
                 for handle in handles:
                     handle.remove()
+            if shared_out:
+                _add_across_ranks(shared, world)
             prune_layers(inputs)
+            if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
+                world.broadcast_(candidates[name].data for name in stage)
         for batch in batches:
             batch.with_hidden(_run_block(block, batch))

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 from gaprune.features import fisher, gradient, sample
-from gaprune.model import compare, evaluate
+from gaprune.model import SparseModel, compare, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +177,25 @@ def test_torchrun_compare_equals_one_process(capsys, tmp_path, qwen3_dir, data_f
         for side in ("domain", "general"):
             for metric, value in a[side].items():
                 assert b[side][metric] == pytest.approx(value, abs=1e-6), (a["method"], side, metric)
+
+
+def test_torchrun_sparsegpt_shares_its_calibration_and_equals_one_process(capsys, tmp_path, qwen3_dir, data_files):
+    """SparseModel.py under torchrun: the ranks share the calibration batches (24 texts in batches of 4: 3 each),
+    sum their statistics before each layer is pruned, and rank 0 alone saves the same checkpoint."""
+    common = ["--model_path", qwen3_dir, "--unstructured_pct", "0.5", "--unstructured_scoring", "sparsegpt",
+              "--calibration_data", data_files["chem"], "--general_calibration_data", data_files["general"],
+              "--calibration_samples", "4", "--calibration_batch_size", "4"]
+    single = SparseModel.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype",
+                               "float32"])
+    capsys.readouterr()
+    shared = torchrun("gaprune.model.SparseModel", [*common, "--output_dir", str(tmp_path / "two")],
+                      logged="calibration shared among 2 ranks: this rank runs 3 batches")
+    assert len(os.listdir(tmp_path / "two")) == 1  # rank 0 alone saved
+    one, two = (load_file(os.path.join(folder, "model.safetensors")) for folder in (single, shared))
+    assert sorted(one) == sorted(two)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        assert np.array_equal(two[name] == 0, one[name] == 0), name  # the same mask
 
 
 def test_one_pass_fisher_refuses_gathered_embeddings(qwen3_dir, chem_triples, web_triples):

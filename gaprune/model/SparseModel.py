@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from gaprune import api
+from gaprune import api, distributed
 from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
                                 save_model)
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
@@ -116,16 +116,19 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         return None
     calibration = calibration_from_args(args, get_scorer(args.unstructured_scoring).needs_activations
                                         or args.reconstruct)
+    world = distributed.init_from_env(args.device)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
     if args.structure == "unstructured":
-        folder = mask_weights(args, embedder, calibration)
+        folder = mask_weights(args, embedder, calibration, world.is_main)
     else:
-        folder = shrink_model(args, embedder)
-    return finish(folder)
+        folder = shrink_model(args, embedder, world.is_main)
+    return finish(folder) if world.is_main else None
 
 
-def mask_weights(args, embedder, calibration) -> str:
+def mask_weights(args, embedder, calibration, writes: bool = True) -> str | None:
+    """Under torchrun every rank prunes (the calibration texts shared out among them) and only rank 0
+    (``writes``) saves."""
     config = scoring_config(args)
     share = effective_share(args.unstructured_pct, args.sparsity_pattern)
     strategy = (args.sparsity_pattern if args.sparsity_pattern != "unstructured"  # where the share is taken
@@ -144,6 +147,8 @@ def mask_weights(args, embedder, calibration) -> str:
     log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
              " ".join(args.sparsify_layers))
     embedding = probe_embedding(embedder)
+    if not writes:
+        return None
 
     folder = pruned_folder(args)
     with atomic_dir(folder) as tmp:
@@ -177,7 +182,7 @@ def calibration_record(args, calibration) -> dict:
     return record
 
 
-def shrink_model(args, embedder) -> str:
+def shrink_model(args, embedder, writes: bool = True) -> str | None:
     config = scoring_config(args)
     log.info("removing %.1f%% of every layer's %s by %s", 100 * args.structured_pct, args.structure,
              args.unstructured_scoring)
@@ -185,6 +190,8 @@ def shrink_model(args, embedder) -> str:
     result = api.prune_units(embedder, args.structured_pct, args.structure, args.unstructured_scoring,
                              files["general_fisher"], files["domain_fisher"], files["alignment"], config, args.seed)
     embedding = probe_embedding(embedder)
+    if not writes:
+        return None
 
     folder = pruned_folder(args)
     with atomic_dir(folder) as tmp:
