@@ -48,29 +48,23 @@ class World:
     def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Add each tensor across ranks in place, one at a time (tensors on the CPU are sent as they are
         with gloo; with nccl they travel through the GPU one at a time)."""
-        if not self.is_distributed:
-            return
-        on_gpu = dist.get_backend() == "nccl"
-        for tensor in tensors:
-            if on_gpu and tensor.device.type == "cpu":
-                staged = tensor.cuda()
-                dist.all_reduce(staged)
-                tensor.copy_(staged)
-            else:
-                dist.all_reduce(tensor)
+        self._each(tensors, dist.all_reduce)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Give every rank rank 0's values of each tensor, in place, one at a time (through the GPU with nccl)."""
+        """Give every rank rank 0's values of each tensor, in place, one at a time (as ``sum_`` sends them)."""
+        self._each(tensors, lambda tensor: dist.broadcast(tensor, src=0))
+
+    def _each(self, tensors: Iterable[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
         if not self.is_distributed:
             return
         on_gpu = dist.get_backend() == "nccl"
         for tensor in tensors:
             if on_gpu and tensor.device.type == "cpu":
                 staged = tensor.cuda()
-                dist.broadcast(staged, src=0)
+                collective(staged)
                 tensor.copy_(staged)
             else:
-                dist.broadcast(tensor, src=0)
+                collective(tensor)
 
     def rounds(self, count: int) -> int:
         """Items of the busiest rank when ``count`` items are shared out by ``shard``."""
