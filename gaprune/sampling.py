@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gaprune.distributed import current_world
 from gaprune.modeling import Embedder
 
 # Distances are computed in blocks of at most this many entries, so n x k never sits in memory at once.
@@ -28,7 +29,8 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int, strea
         return embedder.encode(texts, batch_size)
     chunk = batch_size * chunk_batches
     files = []
-    for start in tqdm(range(0, len(texts), chunk), desc="embedding", unit="chunk"):
+    for start in tqdm(range(0, len(texts), chunk), desc="embedding", unit="chunk",
+                      disable=not current_world().is_main):
         files.append(os.path.join(stream_dir, f"chunk_{len(files):06d}.npy"))
         np.save(files[-1], embedder.encode(texts[start:start + chunk], batch_size, progress=False).cpu().numpy())
     return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in files]).to(embedder.device)
@@ -54,14 +56,15 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 20, seed: int = 42) -
     first = torch.randint(n, (1,), generator=generator, device=points.device)
     centers[0] = points[first]
     closest = ((points - centers[0]) ** 2).sum(dim=1)
-    for i in tqdm(range(1, k), desc="k-means++ seeding", unit="center", leave=False, disable=k < 1000):
+    quiet = not current_world().is_main  # under torchrun every rank runs the same k-means: one bar
+    for i in tqdm(range(1, k), desc="k-means++ seeding", unit="center", leave=False, disable=k < 1000 or quiet):
         weights = closest.clamp(min=0)
         if float(weights.sum()) <= 0:  # fewer distinct points than k: any point will do
             weights = torch.ones_like(weights)
         pick = torch.multinomial(weights, 1, generator=generator)
         centers[i] = points[pick]
         closest = torch.minimum(closest, ((points - centers[i]) ** 2).sum(dim=1))
-    for _ in tqdm(range(iterations), desc="k-means", unit="iter"):
+    for _ in tqdm(range(iterations), desc="k-means", unit="iter", disable=quiet):
         assignment = _nearest(points, centers)
         sums = torch.zeros_like(centers).index_add_(0, assignment, points)
         counts = torch.bincount(assignment, minlength=k).unsqueeze(1).to(points.dtype)
