@@ -137,7 +137,7 @@ def _first_block_inputs(embedder: Embedder, texts: Mapping[str, Sequence[str]], 
 def _add_across_ranks(inputs: LayerInputs, world: World) -> None:
     """Each side's statistics summed over every rank's share of the batches."""
     for stats in inputs.sides.values():
-        tokens = torch.tensor([float(stats.tokens)], device=stats.input_sq.device)
+        tokens = torch.tensor([stats.tokens], dtype=torch.int64, device=stats.input_sq.device)
         world.sum_([t for t in (stats.input_sq, stats.hessian, tokens) if t is not None])
         stats.tokens = int(tokens.item())
 
@@ -183,8 +183,9 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     ``prune_layers`` gets LayerInputs for the next candidate layers in running order (layers that read the
     same input come together) and changes their weights in place; the layers after them are calibrated
     on the pruned ones' outputs, and each block runs again on its pruned weights for the next block's inputs.
-    Under torchrun the ranks share the batches: the statistics are summed across them before each prune,
-    and every rank then takes rank 0's pruned weights.
+    Under torchrun, where there are at least as many batches as ranks, the ranks share the batches: the
+    statistics are summed across them before each prune, and every rank then takes rank 0's pruned weights
+    (with fewer batches every rank runs them all).
     """
     model = embedder.model
     if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
@@ -215,12 +216,12 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                             for side in texts}, general_share)
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
-                             disable=not current_world().is_main):
+                             disable=not world.is_main):
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
-            shared = new_inputs(stage[0])  # the layers of a stage read one input: one set of statistics
-            inputs = {name: shared for name in stage}
+            stage_inputs = new_inputs(stage[0])  # the layers of a stage read one input: one set of statistics
+            inputs = {name: stage_inputs for name in stage}
             handles = [modules[stage[0]].register_forward_pre_hook(
-                lambda module, args: shared.sides[current[0].side].add(args[0][current[0].real]))]
+                lambda module, args: stage_inputs.sides[current[0].side].add(args[0][current[0].real]))]
             try:
                 for batch in batches:
                     current[:] = [batch]
@@ -229,7 +230,7 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                 for handle in handles:
                     handle.remove()
             if shared_out:
-                _add_across_ranks(shared, world)
+                _add_across_ranks(stage_inputs, world)
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)

@@ -5,7 +5,9 @@ takes batches rank, rank + N, rank + 2N, ... (``World.shard``), accumulates its 
 are added across ranks once at the end, tensor by tensor (``World.sum_``), so memory stays one tensor
 above a single process. Sums sharded across the ranks instead (``--accumulate_on sharded``) are reduced
 onto their owner every step (``World.reduce_to``) and sent to rank 0 at the end (``World.to_main``).
-Rank 0 alone writes files and prints results. Without torchrun nothing changes: ``World()`` is one rank
+Calibrated pruning shares its batches the same way, sums each layer's statistics across the ranks and
+gives every rank rank 0's pruned weights (``World.broadcast_``). Rank 0 alone writes files and prints
+results. Without torchrun nothing changes: ``World()`` is one rank
 of one.
 """
 

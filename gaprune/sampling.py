@@ -56,15 +56,14 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 20, seed: int = 42) -
     first = torch.randint(n, (1,), generator=generator, device=points.device)
     centers[0] = points[first]
     closest = ((points - centers[0]) ** 2).sum(dim=1)
-    quiet = not current_world().is_main  # under torchrun every rank runs the same k-means: one bar
-    for i in tqdm(range(1, k), desc="k-means++ seeding", unit="center", leave=False, disable=k < 1000 or quiet):
+    for i in tqdm(range(1, k), desc="k-means++ seeding", unit="center", leave=False, disable=k < 1000):
         weights = closest.clamp(min=0)
         if float(weights.sum()) <= 0:  # fewer distinct points than k: any point will do
             weights = torch.ones_like(weights)
         pick = torch.multinomial(weights, 1, generator=generator)
         centers[i] = points[pick]
         closest = torch.minimum(closest, ((points - centers[i]) ** 2).sum(dim=1))
-    for _ in tqdm(range(iterations), desc="k-means", unit="iter", disable=quiet):
+    for _ in tqdm(range(iterations), desc="k-means", unit="iter"):
         assignment = _nearest(points, centers)
         sums = torch.zeros_like(centers).index_add_(0, assignment, points)
         counts = torch.bincount(assignment, minlength=k).unsqueeze(1).to(points.dtype)

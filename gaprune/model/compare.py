@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         fresh = load_embedder(args.model_path, args.device, args.dtype)
         result = prune_structure(fresh.model, unit_plan(fresh.model, args.structure), array, scoring, config, pct,
                                  args.seed)
-        world.broadcast_(p.data for p in fresh.model.parameters())  # the same units removed: the same shapes
+        world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
         return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
     dense_domain, dense_general = evaluate(embedder)
