@@ -244,19 +244,15 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
                  "(nccl for CUDA, gloo for the CPU): the sums stay beside the model")
         accumulate_on = "device"
     plan.accumulate_on = accumulate_on
+    chosen = {id(p) for p in selected.values()}
     if accumulate_on == "sharded":
         plan.device["sums"] = sharded
-        chosen = {id(p) for p in selected.values()}
-        received = sum(p.numel() for p, owner in zip(trainable, owners) if id(p) in chosen and owner not in (None, 0))
-        received = {"arrays received by rank 0": 4 * result_arrays * received}
-        if on_gpu:
-            plan.host = received
-        else:
-            plan.device.update(received)
+        sent = sum(p.numel() for p, owner in zip(trainable, owners) if id(p) in chosen and owner not in (None, 0))
+        (plan.host if on_gpu else plan.device)["arrays received by rank 0"] = 4 * result_arrays * sent
     if not on_gpu:
         return plan
     if accumulate_on == "cpu":
-        chosen = {id(p) for p in selected.values()}  # fisher.py stages the selected gradients only
+        # fisher.py stages the selected gradients only
         staged = dense if sum_arrays_all else [p for p in dense if id(p) in chosen]
         plan.host = {"sums": plan.device.pop("sums"), "pinned gradients": pinned_total(staged)}
     return plan
