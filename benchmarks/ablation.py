@@ -3,8 +3,9 @@ With --structure channels: which one keeps it when 25% / 50% of every layer's ML
 before and after 100 steps of retraining (retrain.py's defaults, on the seed's calibration triples)?
 With --structure field: do they beat Wanda and SparseGPT at 50%, 60% and 2:4, with and without the OBS
 reconstruction of the kept weights (all calibrated on the same texts), with the layer shares set by a
-scorer's global ranking (--layer_shares aligned_saliency, magnitude), and SparseGPT's 2:4 groups in Hessian
-order (--group_order hessian)?
+scorer's global ranking (--layer_shares aligned_saliency, magnitude), SparseGPT's 2:4 groups in Hessian
+order (--group_order hessian), and calibration tokens weighted by the loss's gradients (--calibration_weighting
+loss_gradient)?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -105,8 +106,9 @@ def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], spa
 def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calibration: dict[str, str],
                out: str, seed: int) -> list[dict]:
     """The field's pruners against gaprune's scorers, with and without reconstruction, at 50%, 60% and 2:4,
-    (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency or magnitude, and SparseGPT
-    2:4 in Hessian group order;
+    (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency or magnitude, SparseGPT
+    2:4 in Hessian group order, and SparseGPT (alone, with aligned_saliency shares, at 2:4 in both orders)
+    and Wanda with aligned_saliency shares on statistics weighted by the loss's gradients;
     Wanda, SparseGPT and reconstruction use the first 128 of the seed's calibration triples of each side
     (cross-calibrated 50/50), the Fisher files all of them."""
     texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"]]
@@ -118,6 +120,11 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
     runs += [("unstructured", [0.5, 0.6], pruners, ["--layer_shares", shares], "")  # compare.py labels them
              for shares, pruners in LAYER_SHARES.items()]
     runs.append(("2:4", [0.5], ["sparsegpt"], ["--group_order", "hessian"], ""))
+    weighted = ["--calibration_weighting", "loss_gradient"]  # compare.py labels these too
+    runs += [("unstructured", [0.5, 0.6], ["sparsegpt"], weighted, ""),
+             ("unstructured", [0.5, 0.6], ["wanda", "sparsegpt"], ["--layer_shares", "aligned_saliency", *weighted], ""),
+             ("2:4", [0.5], ["sparsegpt"], weighted, ""),
+             ("2:4", [0.5], ["sparsegpt"], ["--group_order", "hessian", *weighted], "")]
     for pattern, sparsity, scorers, flags, label in runs:
         flags = [*texts, "--sparsity_pattern", pattern, *flags]
         for row in compare_rows(model, files, heldout, sparsity, out, "local_cosine", scorers, seed, flags):

@@ -3,13 +3,15 @@
     python benchmarks/bench_pruners.py                      # MiniLM MLP, 1,200 texts of at most 128 tokens
 
 The calibration texts are the queries, positives and negatives of data/*-example.json, repeated to
---texts. Each method prunes a fresh copy of the model at 50% (and SparseGPT at 2:4) and the seconds of
+--texts. Each method prunes a fresh copy of the model at 50% (and SparseGPT at 2:4, and with tokens
+weighted by the loss's gradients, the texts taken as triples) and the seconds of
 the whole call (calibration pass included, model loading excluded) are printed with the peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import resource
@@ -23,8 +25,9 @@ from gaprune.modeling import DEFAULT_MODEL
 from gaprune.pruning import Calibration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = [("wanda", "unstructured", False), ("sparsegpt", "unstructured", False), ("sparsegpt", "2:4", False),
-        ("magnitude", "unstructured", True)]
+RUNS = [("wanda", "unstructured", False, "uniform"), ("sparsegpt", "unstructured", False, "uniform"),
+        ("sparsegpt", "2:4", False, "uniform"), ("magnitude", "unstructured", True, "uniform"),
+        ("sparsegpt", "unstructured", False, "loss_gradient")]
 
 
 def main() -> None:
@@ -45,15 +48,17 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads")
     print("| method | pattern | seconds | peak RSS (GiB) |")
     print("|---|---|---|---|")
-    for scorer, pattern, reconstruct in RUNS:
+    for scorer, pattern, reconstruct, weighting in RUNS:
         embedder = gaprune.load_embedder(args.model, args.device)
         start = time.perf_counter()
-        gaprune.prune(embedder, 0.5, scorer, pattern=pattern, calibration=calibration, reconstruct=reconstruct)
+        gaprune.prune(embedder, 0.5, scorer, pattern=pattern, reconstruct=reconstruct,
+                      calibration=dataclasses.replace(calibration, token_weighting=weighting))
         if embedder.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        label = scorer + (" + reconstruction" if reconstruct else "")
+        label = scorer + (" + reconstruction" if reconstruct else "") + (f", {weighting} weighting"
+                                                                         if weighting != "uniform" else "")
         print(f"| {label} | {pattern} | {seconds:.1f} | {peak:.2f} |", flush=True)
 
 

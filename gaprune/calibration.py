@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
+from gaprune.loss import info_nce
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class InputStats:
     hessian: torch.Tensor | None = None
     tokens: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         x = x.float()
+        if weight is not None:  # each token's x x^T counted weight times
+            x = x * weight.to(x.device).sqrt().unsqueeze(1)
         self.input_sq += x.square().sum(dim=0)
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
@@ -65,6 +68,78 @@ class LayerInputs:
     @property
     def hessian(self) -> torch.Tensor:
         return self._blend(lambda stats: stats.hessian)
+
+
+UNIFORM_WEIGHTING = "uniform"  # every calibration token counts once (Wanda's and SparseGPT's statistics)
+TOKEN_WEIGHTINGS = (UNIFORM_WEIGHTING, "loss_gradient")  # or by the loss's gradient at the layer's output
+TokenWeights = dict[str, dict[str, list[torch.Tensor]]]  # side -> layer -> per text, its real tokens' weights
+
+
+def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]], names: Sequence[str],
+                          batch_size: int = 8) -> TokenWeights:
+    """How much each real token's output matters to the contrastive loss, per candidate layer: the mean
+    square over the layer's outputs y_t of dL/dy_t, on the unpruned model, over the triples the texts come
+    from (query, positive, negative in turn; in-batch InfoNCE over ``batch_size`` triples at a time).
+
+    The Fisher of a linear layer's weights is E[(g g^T) (x) (x x^T)], g = dL/dy; keeping one scalar of the
+    output factor per token, |g_t|^2 / out, weighting each token's x x^T by it turns SparseGPT's X^T X (and
+    Wanda's ||X_j||^2) into that Fisher's input side: tokens the embedding does not depend on (e.g. all
+    but the last under last-token pooling, in the last block) stop counting. Normalised to mean 1 over
+    each side's tokens, so cross-calibration blends the sides as before."""
+    model = embedder.model
+    modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in names}
+    outputs: list[tuple[str, torch.Tensor]] = []
+    handles = [module.register_forward_hook(lambda module, args, out, name=name: outputs.append((name, out)))
+               for name, module in modules.items()]
+    # gradients of the activations only: no weight takes one (nor do its inputs get saved for it)
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    weights: TokenWeights = {}
+    world = current_world()
+    try:
+        for side, side_texts in texts.items():
+            if len(side_texts) % 3:
+                raise InputError(f"loss-gradient weights need whole triples; the {side} side has {len(side_texts)} texts")
+            per_text: dict[str, list[torch.Tensor | None]] = {name: [None] * len(side_texts) for name in names}
+            for start in tqdm(range(0, len(side_texts), 3 * batch_size), desc=f"loss gradients ({side})",
+                              unit="batch", disable=not world.is_main):
+                end = min(start + 3 * batch_size, len(side_texts))
+                fields = []
+                with torch.enable_grad():
+                    for key in range(3):  # queries, positives, negatives
+                        rows = list(range(start + key, end, 3))
+                        tokens = embedder.tokenize([side_texts[i] for i in rows])
+                        begin = len(outputs)
+                        embedding = embedder.embed_tokens(tokens)
+                        fields.append((rows, tokens["attention_mask"].bool(), outputs[begin:], embedding))
+                    loss = info_nce(*(embedding for *_, embedding in fields))
+                    captured = [out for _, _, outs, _ in fields for _, out in outs]
+                    grads = iter(torch.autograd.grad(loss, captured, allow_unused=True))
+                for rows, real, outs, _ in fields:
+                    for name, out in outs:
+                        grad = next(grads)
+                        square = (torch.zeros(out.shape[:-1], device=out.device) if grad is None
+                                  else grad.float().square().mean(-1))
+                        for row, index in enumerate(rows):
+                            per_text[name][index] = square[row][real[row]]
+                outputs.clear()
+            weights[side] = {}
+            effective = []  # Kish's effective sample size over the token count: how few tokens carry the weight
+            for name, values in per_text.items():
+                flat = torch.cat(values)
+                mean = flat.mean().clamp(min=1e-30)
+                weights[side][name] = [value / mean for value in values]
+                effective.append((flat.sum() ** 2 / flat.square().sum().clamp(min=1e-30) / flat.numel()).item())
+            log.info("loss-gradient weights (%s): %d tokens, effective share %.1f%% to %.1f%% across the layers",
+                     side, sum(len(value) for value in values), 100 * min(effective), 100 * max(effective))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return weights
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -99,6 +174,7 @@ class _Catcher(torch.nn.Module):
 @dataclass
 class _Batch:
     side: str
+    first: int  # the index of its first text among the side's texts
     real: torch.Tensor  # (B, T) True at real tokens
     args: tuple
     kwargs: dict
@@ -128,7 +204,7 @@ def _first_block_inputs(embedder: Embedder, texts: Mapping[str, Sequence[str]], 
                 embedder.model(**tokens, use_cache=False)  # a decoder's cache would grow with every replay
             except _Stop:
                 args, kwargs = catcher.calls.pop()
-                batches.append(_Batch(side, tokens["attention_mask"].bool(), args, kwargs))
+                batches.append(_Batch(side, start, tokens["attention_mask"].bool(), args, kwargs))
     finally:
         blocks[0] = catcher.block
     return batches, shared
@@ -177,7 +253,8 @@ def _stages(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module], name
 @torch.no_grad()
 def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                          texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
-                         general_share: float = 0.0, hessian: bool = False, batch_size: int = 8) -> None:
+                         general_share: float = 0.0, hessian: bool = False, batch_size: int = 8,
+                         token_weights: TokenWeights | None = None) -> None:
     """Calibrate and prune ``candidates`` (weights of linear layers inside the blocks) one layer after another.
 
     ``prune_layers`` gets LayerInputs for the next candidate layers in running order (layers that read the
@@ -218,10 +295,24 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
                              disable=not world.is_main):
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
-            stage_inputs = new_inputs(stage[0])  # the layers of a stage read one input: one set of statistics
-            inputs = {name: stage_inputs for name in stage}
-            handles = [modules[stage[0]].register_forward_pre_hook(
-                lambda module, args: stage_inputs.sides[current[0].side].add(args[0][current[0].real]))]
+            if token_weights is None:  # the layers of a stage read one input: one set of statistics
+                stage_inputs = new_inputs(stage[0])
+                inputs = {name: stage_inputs for name in stage}
+            else:  # each layer weighs the tokens by its own output's gradients
+                inputs = {name: new_inputs(name) for name in stage}
+
+            def add(module, args):
+                batch = current[0]
+                x = args[0][batch.real]
+                if token_weights is None:
+                    inputs[stage[0]].sides[batch.side].add(x)
+                    return
+                for name in stage:
+                    weight = torch.cat(token_weights[batch.side][name][batch.first:batch.first + len(batch.real)])
+                    if weight.shape[0] != x.shape[0]:
+                        raise RuntimeError(f"{len(weight)} token weights for {len(x)} calibration tokens")
+                    inputs[name].sides[batch.side].add(x, weight)
+            handles = [modules[stage[0]].register_forward_pre_hook(add)]
             try:
                 for batch in batches:
                     current[:] = [batch]
@@ -230,7 +321,8 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                 for handle in handles:
                     handle.remove()
             if shared_out:
-                _add_across_ranks(stage_inputs, world)
+                for layer_inputs in {id(i): i for i in inputs.values()}.values():  # each set once
+                    _add_across_ranks(layer_inputs, world)
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)

@@ -10,6 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from gaprune import distributed
+from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
 from gaprune.layers import GRADIENTS, LAYER_TYPES
@@ -138,6 +139,10 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration_max_length", type=positive_int, help="tokens per calibration text "
                                                                            "(default: the model's limit)")
     group.add_argument("--calibration_batch_size", type=positive_int, default=8)
+    group.add_argument("--calibration_weighting", default=UNIFORM_WEIGHTING, choices=TOKEN_WEIGHTINGS,
+                       help="every calibration token counts once in a layer's statistics (uniform, default), or "
+                            "as much as the contrastive loss's squared gradient at the layer's output for it "
+                            "(loss_gradient: one extra backward pass over the calibration triples)")
 
 
 def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration | None:
@@ -145,6 +150,9 @@ def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration
     files = {side: path for side, path in (("domain", args.calibration_data),
                                            ("general", args.general_calibration_data)) if path}
     if not needed:
+        if args.calibration_weighting != UNIFORM_WEIGHTING:
+            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
+                             "--reconstruct; this run has none")
         if files or args.calibration_mix is not None:
             log.warning("calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored")
         return None
@@ -161,7 +169,8 @@ def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration
     weights = {"domain": 1.0 - mix, "general": mix}
     texts = {side: triple_texts(load_triples(path, args.calibration_samples)) for side, path in files.items()
              if weights[side] > 0}  # a side blended at 0 is not run at all
-    return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length)
+    return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length,
+                       args.calibration_weighting)
 
 
 def check_pruning_request(scorers: Sequence[str], structure: str, shares: Sequence[float], pattern: str,

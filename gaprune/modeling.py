@@ -162,9 +162,11 @@ class Embedder:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenize(texts)
-        hidden = self.model(**batch).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling)
+        return self.embed_tokens(self.tokenize(texts))
+
+    def embed_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**tokens).last_hidden_state
+        return pool(hidden, tokens["attention_mask"], self.pooling)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 32, desc: str = "embedding",

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import LayerInputs, prune_block_by_block
+from gaprune.calibration import UNIFORM_WEIGHTING, LayerInputs, loss_gradient_weights, prune_block_by_block
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
@@ -55,6 +55,7 @@ class Calibration:
     general_share: float  # of the blended statistics (cross-calibration)
     batch_size: int = 8
     max_length: int | None = None  # tokens per text while calibrating (None: the model's)
+    token_weighting: str = UNIFORM_WEIGHTING  # or "loss_gradient" (calibration.loss_gradient_weights)
 
 
 def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
@@ -108,23 +109,31 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     if calibration.max_length:
         embedder.max_length = min(maximum, calibration.max_length)
     try:
+        token_weights = None
+        if calibration.token_weighting != UNIFORM_WEIGHTING:
+            token_weights = loss_gradient_weights(embedder, calibration.texts, list(candidates),
+                                                  calibration.batch_size)
         prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
                              hessian=reconstruct or chosen.layer_pruner is not None,
-                             batch_size=calibration.batch_size)
+                             batch_size=calibration.batch_size, token_weights=token_weights)
     finally:
         embedder.max_length = maximum
+    options = pruner_options(layer_shares, group_order, calibration.token_weighting)
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None
+        fixed.diagnostics.update(options)
         return fixed
     return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
-                      per_param=per_param, per_layer_allocations=layer_allocations(per_param),
-                      diagnostics=pruner_options(layer_shares, group_order))
+                      per_param=per_param, per_layer_allocations=layer_allocations(per_param), diagnostics=options)
 
 
-def pruner_options(layer_shares: str, group_order: str) -> dict[str, str]:
-    """The options of Wanda's and SparseGPT's masks that differ from their defaults, by name: what records,
-    folder names and report rows mention (nothing at the defaults, so published files stay as they were)."""
-    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER)}
+def pruner_options(layer_shares: str, group_order: str,
+                   calibration_weighting: str = UNIFORM_WEIGHTING) -> dict[str, str]:
+    """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
+    defaults, by name: what records, folder names and report rows mention (nothing at the defaults, so
+    published files stay as they were)."""
+    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER),
+               "calibration_weighting": (calibration_weighting, UNIFORM_WEIGHTING)}
     return {key: value for key, (value, default) in options.items() if value != default}
 
 

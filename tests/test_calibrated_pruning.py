@@ -14,7 +14,10 @@ from gaprune import api
 from gaprune.errors import InputError
 from gaprune.features import gradient
 from gaprune.model import SparseModel, compare
-from gaprune.modeling import load_embedder
+from gaprune.calibration import loss_gradient_weights, prune_block_by_block
+from gaprune.layers import select_parameters
+from gaprune.loss import info_nce
+from gaprune.modeling import load_embedder, pool
 from gaprune.pruners import BLOCK_SIZE
 
 
@@ -176,6 +179,103 @@ def test_reconstruction_keeps_the_mask_and_lowers_the_layer_error(tmp_path, qwen
             layer_output_error(masked, dense, dense_embedder, texts, name)
 
 
+def hand_loss_gradient_weights(embedder, texts, names, triples_per_batch) -> dict[str, list[torch.Tensor]]:
+    """Each layer's mean squared dL/dy at every real token, by an ordinary backward pass with the outputs'
+    gradients retained, normalised to mean 1 over all tokens."""
+    modules = {name: embedder.model.get_submodule(name.rpartition(".")[0]) for name in names}
+    squares = {name: [None] * len(texts) for name in names}
+    for start in range(0, len(texts), 3 * triples_per_batch):
+        outputs, embeddings = [], []
+        for key in range(3):
+            rows = list(range(start + key, min(start + 3 * triples_per_batch, len(texts)), 3))
+            captured = {}
+
+            def retain(name, out):
+                out.retain_grad()
+                captured[name] = out
+            handles = [module.register_forward_hook(lambda m, a, out, name=name: retain(name, out))
+                       for name, module in modules.items()]
+            tokens = embedder.tokenize([texts[i] for i in rows])
+            embeddings.append(pool(embedder.model(**tokens).last_hidden_state, tokens["attention_mask"],
+                                   embedder.pooling))
+            for handle in handles:
+                handle.remove()
+            outputs.append((rows, tokens["attention_mask"].bool(), captured))
+        embedder.model.zero_grad()
+        info_nce(*embeddings).backward()
+        for rows, real, captured in outputs:
+            for name, out in captured.items():
+                for row, index in enumerate(rows):
+                    squares[name][index] = out.grad[row][real[row]].square().mean(-1)
+    return {name: [v / torch.cat(values).mean() for v in values] for name, values in squares.items()}
+
+
+@pytest.mark.parametrize("pooled", ["qwen3", "bert"])
+def test_loss_gradient_weights_are_each_tokens_squared_output_gradient(qwen3_dir, bert_dir, data_files, pooled):
+    embedder = load_embedder({"qwen3": qwen3_dir, "bert": bert_dir}[pooled], "cpu")
+    texts = triple_texts(load_triples(data_files["chem"], 5))
+    mlp = list(select_parameters(embedder.model.named_parameters(), ["mlp"]))
+    names = mlp[:2] + mlp[-1:]  # two of the first block, the last block's down projection
+    weights = loss_gradient_weights(embedder, {"domain": texts}, names, batch_size=2)["domain"]
+    assert all(p.requires_grad and p.grad is None for p in embedder.model.parameters())  # flags restored, no grads
+    expected = hand_loss_gradient_weights(embedder, texts, names, 2)
+    for name in names:
+        lengths = embedder.tokenize(texts)["attention_mask"].sum(1).tolist()
+        assert [len(w) for w in weights[name]] == lengths
+        torch.testing.assert_close(torch.cat(weights[name]), torch.cat(expected[name]), rtol=1e-4, atol=1e-6)
+        assert torch.cat(weights[name]).mean().item() == pytest.approx(1.0)
+    if pooled == "qwen3":  # last-token pooling: in the last block only each text's last token reaches the loss
+        last = f"layers.{embedder.model.config.num_hidden_layers - 1}.mlp.down_proj.weight"
+        assert names[-1] == last
+        for w in weights[last]:
+            assert w[-1] > 0 and torch.count_nonzero(w[:-1]) == 0
+
+
+def test_weighted_statistics_count_each_token_by_its_weight(qwen3_dir, data_files):
+    """The first block's gate and up projections read one input but get their own weighted X^T X and ||X_j||^2."""
+    embedder = load_embedder(qwen3_dir, "cpu")
+    texts = triple_texts(load_triples(data_files["chem"], 4))
+    names = ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"]
+    candidates = {name: dict(embedder.model.named_parameters())[name] for name in names}
+    lengths = embedder.tokenize(texts)["attention_mask"].sum(1).tolist()
+    generator = torch.Generator().manual_seed(0)
+    weights = {"domain": {name: [torch.rand(n, generator=generator) + 0.1 for n in lengths] for name in names}}
+    seen = {}
+
+    def keep(inputs):
+        seen.update({name: (layer.hessian.clone(), layer.input_sq.clone()) for name, layer in inputs.items()})
+    prune_block_by_block(embedder, candidates, {"domain": texts}, keep, hessian=True, batch_size=5,
+                         token_weights=weights)
+    x = []
+    module = embedder.model.get_submodule("layers.0.mlp.gate_proj")
+    handle = module.register_forward_pre_hook(lambda m, args: x.append(args[0]))
+    with torch.no_grad():
+        for text in texts:
+            embedder.model(**embedder.tokenize([text]))
+    handle.remove()
+    inputs = torch.cat([t[0] for t in x]).double()
+    for name in names:
+        w = torch.cat(weights["domain"][name]).double()
+        expected = (inputs * w.unsqueeze(1)).T @ inputs / len(w)
+        torch.testing.assert_close(seen[name][0].double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seen[name][1].double(), torch.diag(expected), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen[names[0]][0], seen[names[1]][0])
+
+
+def test_sparsegpt_with_loss_gradient_weighting(tmp_path, qwen3_dir, data_files):
+    folder, weights, stats = prune(tmp_path, qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                                   "--sparsity_pattern", "2:4", "--calibration_weighting", "loss_gradient")
+    assert os.path.basename(folder) == "tiny-qwen3_sparsegpt_prune_2of4_loss_gradient_weighting"
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["calibration_weighting"] == "loss_gradient"
+    assert stats["diagnostics"] == {"calibration_weighting": "loss_gradient"}
+    _, uniform, _ = prune(tmp_path / "uniform", qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                          "--sparsity_pattern", "2:4")
+    for name in stats["per_param"]:
+        assert ((weights[name] == 0).view(weights[name].shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert any(not torch.equal(weights[name] == 0, uniform[name] == 0) for name in stats["per_param"])
+
+
 def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_files):
     path = compare.main(["--model_path", bert_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
                          data_files["general"], "--scorers", "magnitude", "wanda", "sparsegpt", "--sparsity_pattern",
@@ -222,6 +322,8 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
       "--group_order", "hessian"], "--group_order sets the order of sparsegpt's N:M groups, not of wanda"),
     (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--layer_shares", "magnitude"],
      "--layer_shares sets the layer shares of wanda and sparsegpt, not of magnitude"),
+    (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--calibration_weighting", "loss_gradient"],
+     "--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and --reconstruct"),
 ])
 def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
     extra = [data_files["chem"] if item == "CHEM" else item for item in extra]

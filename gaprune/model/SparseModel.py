@@ -93,7 +93,8 @@ def pruned_folder(args) -> str:
               else f"{round(args.unstructured_pct * 100, 2):g}%")
     suffix = "_reconstructed" if args.reconstruct else ""
     suffix += "".join(f"_{value}_{key.split('_')[-1]}"  # _aligned_saliency_shares, _hessian_order
-                      for key, value in pruner_options(args.layer_shares, args.group_order).items())
+                      for key, value in pruner_options(args.layer_shares, args.group_order,
+                                                       args.calibration_weighting).items())
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
@@ -174,7 +175,7 @@ def calibration_record(args, calibration) -> dict:
         record["sparsity_pattern"] = args.sparsity_pattern
     if args.reconstruct:
         record["reconstruct"] = True
-    record.update(pruner_options(args.layer_shares, args.group_order))
+    record.update(pruner_options(args.layer_shares, args.group_order, args.calibration_weighting))
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
                                  "texts": {side: len(texts) for side, texts in calibration.texts.items()},

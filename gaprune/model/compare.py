@@ -186,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            label = "".join(f", {entries[key]} {word}" for key, word in (("layer_shares", "shares"),
-                                                                         ("group_order", "order")) if key in entries)
+            label = "".join(f", {entries[key]} {word}" for key, word in (
+                ("layer_shares", "shares"), ("group_order", "order"), ("calibration_weighting", "weighting"))
+                if key in entries)
             row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
                    "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
