@@ -14,14 +14,16 @@ Texts come in sides ("domain", "general"); statistics are kept per side and blen
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
+from gaprune.layers import parameter_owner
 from gaprune.loss import info_nce
 from gaprune.modeling import Embedder
 
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T."""
+    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T, each token
+    counted once or by its weight."""
 
     input_sq: torch.Tensor
     hessian: torch.Tensor | None = None
@@ -75,6 +78,46 @@ TOKEN_WEIGHTINGS = (UNIFORM_WEIGHTING, "loss_gradient")  # or by the loss's grad
 TokenWeights = dict[str, dict[str, list[torch.Tensor]]]  # side -> layer -> per text, its real tokens' weights
 
 
+@contextmanager
+def _activation_gradients_only(model: torch.nn.Module) -> Iterator[None]:
+    """Every weight frozen and the input embeddings' output made to require gradients: backward then gives
+    the activations' gradients and no weight's (nor are a layer's inputs saved for one)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]], modules: Mapping[str, torch.nn.Module],
+                             outputs: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """For one batch of (query, positive, negative) triples: each layer's mean over its outputs of (dL/dy_t)^2
+    at every real token, per text (the triples' texts in order), L the batch's InfoNCE loss."""
+    fields = []
+    for key in range(3):  # queries, positives, negatives
+        tokens = embedder.tokenize([triple[key] for triple in triples])
+        begin = len(outputs)
+        embedding = embedder.embed_tokens(tokens)
+        fields.append((tokens["attention_mask"].bool(), outputs[begin:], embedding))
+    loss = info_nce(*(embedding for *_, embedding in fields))
+    grads = iter(torch.autograd.grad(loss, [out for _, outs, _ in fields for _, out in outs], allow_unused=True))
+    squares: dict[str, list[torch.Tensor | None]] = {name: [None] * (3 * len(triples)) for name in modules}
+    for key, (real, outs, _) in enumerate(fields):
+        for name, out in outs:
+            grad = next(grads)
+            square = (torch.zeros(out.shape[:-1], device=out.device) if grad is None
+                      else grad.float().square().mean(-1))
+            for row in range(len(triples)):
+                squares[name][3 * row + key] = square[row][real[row]]
+    return squares
+
+
 def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]], names: Sequence[str],
                           batch_size: int = 8) -> TokenWeights:
     """How much each real token's output matters to the contrastive loss, per candidate layer: the mean
@@ -85,61 +128,52 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     output factor per token, |g_t|^2 / out, weighting each token's x x^T by it turns SparseGPT's X^T X (and
     Wanda's ||X_j||^2) into that Fisher's input side: tokens the embedding does not depend on (e.g. all
     but the last under last-token pooling, in the last block) stop counting. Normalised to mean 1 over
-    each side's tokens, so cross-calibration blends the sides as before."""
+    each side's tokens, so cross-calibration blends the sides as before; a layer that no gradient reaches
+    on a side keeps uniform weights there (with a warning)."""
+    for side, side_texts in texts.items():
+        if not side_texts or len(side_texts) % 3:
+            raise InputError(f"loss-gradient weights need whole triples; the {side} side has {len(side_texts)} texts")
     model = embedder.model
-    modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in names}
+    modules = {name: parameter_owner(model, name)[0] for name in names}
     outputs: list[tuple[str, torch.Tensor]] = []
     handles = [module.register_forward_hook(lambda module, args, out, name=name: outputs.append((name, out)))
                for name, module in modules.items()]
-    # gradients of the activations only: no weight takes one (nor do its inputs get saved for it)
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
     weights: TokenWeights = {}
     world = current_world()
     try:
-        for side, side_texts in texts.items():
-            if len(side_texts) % 3:
-                raise InputError(f"loss-gradient weights need whole triples; the {side} side has {len(side_texts)} texts")
-            per_text: dict[str, list[torch.Tensor | None]] = {name: [None] * len(side_texts) for name in names}
-            for start in tqdm(range(0, len(side_texts), 3 * batch_size), desc=f"loss gradients ({side})",
-                              unit="batch", disable=not world.is_main):
-                end = min(start + 3 * batch_size, len(side_texts))
-                fields = []
-                with torch.enable_grad():
-                    for key in range(3):  # queries, positives, negatives
-                        rows = list(range(start + key, end, 3))
-                        tokens = embedder.tokenize([side_texts[i] for i in rows])
-                        begin = len(outputs)
-                        embedding = embedder.embed_tokens(tokens)
-                        fields.append((rows, tokens["attention_mask"].bool(), outputs[begin:], embedding))
-                    loss = info_nce(*(embedding for *_, embedding in fields))
-                    captured = [out for _, _, outs, _ in fields for _, out in outs]
-                    grads = iter(torch.autograd.grad(loss, captured, allow_unused=True))
-                for rows, real, outs, _ in fields:
-                    for name, out in outs:
-                        grad = next(grads)
-                        square = (torch.zeros(out.shape[:-1], device=out.device) if grad is None
-                                  else grad.float().square().mean(-1))
-                        for row, index in enumerate(rows):
-                            per_text[name][index] = square[row][real[row]]
-                outputs.clear()
-            weights[side] = {}
-            effective = []  # Kish's effective sample size over the token count: how few tokens carry the weight
-            for name, values in per_text.items():
-                flat = torch.cat(values)
-                mean = flat.mean().clamp(min=1e-30)
-                weights[side][name] = [value / mean for value in values]
-                effective.append((flat.sum() ** 2 / flat.square().sum().clamp(min=1e-30) / flat.numel()).item())
-            log.info("loss-gradient weights (%s): %d tokens, effective share %.1f%% to %.1f%% across the layers",
-                     side, sum(len(value) for value in values), 100 * min(effective), 100 * max(effective))
+        with _activation_gradients_only(model):
+            for side, side_texts in texts.items():
+                triples = [side_texts[i:i + 3] for i in range(0, len(side_texts), 3)]
+                per_text: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+                for start in tqdm(range(0, len(triples), batch_size), desc=f"loss gradients ({side})", unit="batch",
+                                  disable=not world.is_main):
+                    squares = _output_gradient_squares(embedder, triples[start:start + batch_size], modules, outputs)
+                    outputs.clear()
+                    for name, values in squares.items():
+                        per_text[name] += values
+                weights[side] = {name: _normalised(values, name, side) for name, values in per_text.items()}
     finally:
         for handle in handles:
             handle.remove()
-        for p in trainable:
-            p.requires_grad_(True)
+    effective = [_effective_share(torch.cat(values)) for side_weights in weights.values()
+                 for values in side_weights.values()]
+    log.info("loss-gradient weights: the effective share of the tokens is %.1f%% to %.1f%% across the layers",
+             100 * min(effective), 100 * max(effective))
     return weights
+
+
+def _normalised(values: list[torch.Tensor], name: str, side: str) -> list[torch.Tensor]:
+    total = sum(float(value.sum()) for value in values)
+    count = sum(len(value) for value in values)
+    if not total > 0:
+        log.warning("no loss gradient reaches %s on the %s texts: its tokens keep uniform weights", name, side)
+        return [torch.ones_like(value) for value in values]
+    return [value * (count / total) for value in values]
+
+
+def _effective_share(weights: torch.Tensor) -> float:
+    """Kish's effective sample size over the count: the share of the tokens that in effect carries the weight."""
+    return (weights.sum() ** 2 / weights.square().sum() / weights.numel()).item()
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -268,7 +302,7 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
         raise InputError("activation-aware pruning replays one attention mask in every block; this model mixes "
                          f"attention types {sorted(set(model.config.layer_types))}")
-    modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in candidates}
+    modules = {name: parameter_owner(model, name)[0] for name in candidates}
     if any(not isinstance(module, torch.nn.Linear) for module in modules.values()):
         raise InputError("activation-aware pruning works on linear layers only (select mlp or attention weights)")
     blocks = transformer_blocks(model)
@@ -308,10 +342,10 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                     inputs[stage[0]].sides[batch.side].add(x)
                     return
                 for name in stage:
-                    weight = torch.cat(token_weights[batch.side][name][batch.first:batch.first + len(batch.real)])
-                    if weight.shape[0] != x.shape[0]:
-                        raise RuntimeError(f"{len(weight)} token weights for {len(x)} calibration tokens")
-                    inputs[name].sides[batch.side].add(x, weight)
+                    per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
+                    if [len(w) for w in per_text] != batch.real.sum(1).tolist():
+                        raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
+                    inputs[name].sides[batch.side].add(x, torch.cat(per_text))
             handles = [modules[stage[0]].register_forward_pre_hook(add)]
             try:
                 for batch in batches:

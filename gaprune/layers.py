@@ -169,3 +169,9 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, sparse in zip(embeddings, before):
             module.sparse = sparse
+
+
+def parameter_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The module holding a named parameter, and the parameter's attribute name on it."""
+    path, _, attribute = name.rpartition(".")
+    return model.get_submodule(path), attribute

@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import UNIFORM_WEIGHTING, LayerInputs, loss_gradient_weights, prune_block_by_block
+from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, loss_gradient_weights,
+                                 prune_block_by_block)
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
@@ -73,6 +74,8 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     chosen = get_scorer(scorer)
     check_layer_shares([scorer], layer_shares, pattern)
     check_group_order([scorer], group_order, pattern)
+    if calibration.token_weighting not in TOKEN_WEIGHTINGS:
+        raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,

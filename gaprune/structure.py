@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from gaprune.errors import InputError
-from gaprune.layers import detect_family, layer_key, name_matches
+from gaprune.layers import detect_family, layer_key, name_matches, parameter_owner
 from gaprune.masking import ScoreFn
 
 STRUCTURES = ("channels", "heads")
@@ -126,11 +126,6 @@ def lowest_units(scores: torch.Tensor, count: int, groups: int = 1) -> torch.Ten
     return (order + offsets).flatten().sort().values
 
 
-def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    path, _, attribute = name.rpartition(".")
-    return model.get_submodule(path), attribute
-
-
 @torch.no_grad()
 def remove_units(model: torch.nn.Module, plan: UnitPlan, removed: Mapping[str, torch.Tensor]) -> None:
     """Slice every layer's units in ``removed`` (layer -> indices, the same count everywhere) out of the
@@ -145,7 +140,7 @@ def remove_units(model: torch.nn.Module, plan: UnitPlan, removed: Mapping[str, t
         units = torch.nonzero(keep).flatten()
         index = (units.unsqueeze(1) * plan.width + torch.arange(plan.width)).flatten()
         for name, axis in layer.slices.items():
-            module, attribute = _owner(model, name)
+            module, attribute = parameter_owner(model, name)
             old = getattr(module, attribute)
             setattr(module, attribute, torch.nn.Parameter(old.index_select(axis, index.to(old.device)).contiguous(),
                                                           requires_grad=old.requires_grad))

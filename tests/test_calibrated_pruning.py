@@ -8,15 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import listing
+from gaprune import api
+from gaprune.calibration import loss_gradient_weights, prune_block_by_block
 from gaprune.cli import run
 from gaprune.data import load_triples, triple_texts
-from gaprune import api
 from gaprune.errors import InputError
 from gaprune.features import gradient
-from gaprune.model import SparseModel, compare
-from gaprune.calibration import loss_gradient_weights, prune_block_by_block
 from gaprune.layers import select_parameters
 from gaprune.loss import info_nce
+from gaprune.model import SparseModel, compare
 from gaprune.modeling import load_embedder, pool
 from gaprune.pruners import BLOCK_SIZE
 
@@ -213,29 +213,48 @@ def hand_loss_gradient_weights(embedder, texts, names, triples_per_batch) -> dic
 @pytest.mark.parametrize("pooled", ["qwen3", "bert"])
 def test_loss_gradient_weights_are_each_tokens_squared_output_gradient(qwen3_dir, bert_dir, data_files, pooled):
     embedder = load_embedder({"qwen3": qwen3_dir, "bert": bert_dir}[pooled], "cpu")
-    texts = triple_texts(load_triples(data_files["chem"], 5))
+    texts = {"domain": triple_texts(load_triples(data_files["chem"], 5)),
+             "general": triple_texts(load_triples(data_files["general"], 4))}
     mlp = list(select_parameters(embedder.model.named_parameters(), ["mlp"]))
     names = mlp[:2] + mlp[-1:]  # two of the first block, the last block's down projection
-    weights = loss_gradient_weights(embedder, {"domain": texts}, names, batch_size=2)["domain"]
+    weights = loss_gradient_weights(embedder, texts, names, batch_size=2)
     assert all(p.requires_grad and p.grad is None for p in embedder.model.parameters())  # flags restored, no grads
-    expected = hand_loss_gradient_weights(embedder, texts, names, 2)
-    for name in names:
-        lengths = embedder.tokenize(texts)["attention_mask"].sum(1).tolist()
-        assert [len(w) for w in weights[name]] == lengths
-        torch.testing.assert_close(torch.cat(weights[name]), torch.cat(expected[name]), rtol=1e-4, atol=1e-6)
-        assert torch.cat(weights[name]).mean().item() == pytest.approx(1.0)
+    for side, side_texts in texts.items():  # each side normalised on its own
+        expected = hand_loss_gradient_weights(embedder, side_texts, names, 2)
+        lengths = embedder.tokenize(side_texts)["attention_mask"].sum(1).tolist()
+        for name in names:
+            assert [len(w) for w in weights[side][name]] == lengths
+            torch.testing.assert_close(torch.cat(weights[side][name]), torch.cat(expected[name]), rtol=1e-4, atol=1e-6)
+            assert torch.cat(weights[side][name]).mean().item() == pytest.approx(1.0)
     if pooled == "qwen3":  # last-token pooling: in the last block only each text's last token reaches the loss
         last = f"layers.{embedder.model.config.num_hidden_layers - 1}.mlp.down_proj.weight"
         assert names[-1] == last
-        for w in weights[last]:
+        for w in weights["domain"][last]:
             assert w[-1] > 0 and torch.count_nonzero(w[:-1]) == 0
 
 
-def test_weighted_statistics_count_each_token_by_its_weight(qwen3_dir, data_files):
-    """The first block's gate and up projections read one input but get their own weighted X^T X and ||X_j||^2."""
+def test_a_layer_no_loss_gradient_reaches_keeps_uniform_weights(caplog, monkeypatch, qwen3_dir, data_files):
+    import gaprune.calibration
+
     embedder = load_embedder(qwen3_dir, "cpu")
+    texts = triple_texts(load_triples(data_files["chem"], 3))
+    name = "layers.0.mlp.up_proj.weight"
+    with pytest.raises(InputError, match="need whole triples; the domain side has 8 texts"):
+        loss_gradient_weights(embedder, {"domain": texts[:8]}, [name])
+    monkeypatch.setattr(gaprune.calibration, "info_nce", lambda *embeddings: 0 * info_nce(*embeddings))
+    weights = loss_gradient_weights(embedder, {"domain": texts}, [name])["domain"]  # every gradient is zero
+    assert all(torch.equal(w, torch.ones_like(w)) for w in weights[name])
+    assert f"no loss gradient reaches {name} on the domain texts" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["qwen3", "bert"])
+def test_weighted_statistics_count_each_token_by_its_weight(qwen3_dir, bert_dir, data_files, family):
+    """The first block's layers that read one input (Qwen3 gate and up, left padding; BERT query and key,
+    right padding) each get their own weighted X^T X and ||X_j||^2."""
+    embedder = load_embedder({"qwen3": qwen3_dir, "bert": bert_dir}[family], "cpu")
     texts = triple_texts(load_triples(data_files["chem"], 4))
-    names = ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"]
+    names = {"qwen3": ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"],
+             "bert": ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight"]}[family]
     candidates = {name: dict(embedder.model.named_parameters())[name] for name in names}
     lengths = embedder.tokenize(texts)["attention_mask"].sum(1).tolist()
     generator = torch.Generator().manual_seed(0)
@@ -247,10 +266,10 @@ def test_weighted_statistics_count_each_token_by_its_weight(qwen3_dir, data_file
     prune_block_by_block(embedder, candidates, {"domain": texts}, keep, hessian=True, batch_size=5,
                          token_weights=weights)
     x = []
-    module = embedder.model.get_submodule("layers.0.mlp.gate_proj")
+    module = embedder.model.get_submodule(names[0].rpartition(".")[0])
     handle = module.register_forward_pre_hook(lambda m, args: x.append(args[0]))
     with torch.no_grad():
-        for text in texts:
+        for text in texts:  # one text at a time: no padding at all
             embedder.model(**embedder.tokenize([text]))
     handle.remove()
     inputs = torch.cat([t[0] for t in x]).double()
