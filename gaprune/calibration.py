@@ -163,12 +163,11 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
 
 
 def _normalised(values: list[torch.Tensor], name: str, side: str) -> list[torch.Tensor]:
-    total = sum(float(value.sum()) for value in values)
-    count = sum(len(value) for value in values)
-    if not total > 0:
+    mean = torch.cat(values).mean()
+    if not mean > 0:
         log.warning("no loss gradient reaches %s on the %s texts: its tokens keep uniform weights", name, side)
         return [torch.ones_like(value) for value in values]
-    return [value * (count / total) for value in values]
+    return [value / mean for value in values]
 
 
 def _effective_share(weights: torch.Tensor) -> float:
