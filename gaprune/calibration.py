@@ -95,10 +95,11 @@ def _activation_gradients_only(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]], modules: Mapping[str, torch.nn.Module],
+def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]], names: Sequence[str],
                              outputs: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """For one batch of (query, positive, negative) triples: each layer's mean over its outputs of (dL/dy_t)^2
-    at every real token, per text (the triples' texts in order), L the batch's InfoNCE loss."""
+    """For one batch of (query, positive, negative) triples: each named layer's mean over its outputs of
+    (dL/dy_t)^2 at every real token, per text (the triples' texts in order), L the batch's InfoNCE loss;
+    ``outputs`` is where the layers' forward hooks put (name, output)."""
     fields = []
     for key in range(3):  # queries, positives, negatives
         tokens = embedder.tokenize([triple[key] for triple in triples])
@@ -107,7 +108,7 @@ def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]
         fields.append((tokens["attention_mask"].bool(), outputs[begin:], embedding))
     loss = info_nce(*(embedding for *_, embedding in fields))
     grads = iter(torch.autograd.grad(loss, [out for _, outs, _ in fields for _, out in outs], allow_unused=True))
-    squares: dict[str, list[torch.Tensor | None]] = {name: [None] * (3 * len(triples)) for name in modules}
+    squares: dict[str, list[torch.Tensor | None]] = {name: [None] * (3 * len(triples)) for name in names}
     for key, (real, outs, _) in enumerate(fields):
         for name, out in outs:
             grad = next(grads)
@@ -147,7 +148,7 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
                 per_text: dict[str, list[torch.Tensor]] = {name: [] for name in names}
                 for start in tqdm(range(0, len(triples), batch_size), desc=f"loss gradients ({side})", unit="batch",
                                   disable=not world.is_main):
-                    squares = _output_gradient_squares(embedder, triples[start:start + batch_size], modules, outputs)
+                    squares = _output_gradient_squares(embedder, triples[start:start + batch_size], names, outputs)
                     outputs.clear()
                     for name, values in squares.items():
                         per_text[name] += values

@@ -254,7 +254,8 @@ def test_weighted_statistics_count_each_token_by_its_weight(qwen3_dir, bert_dir,
     embedder = load_embedder({"qwen3": qwen3_dir, "bert": bert_dir}[family], "cpu")
     texts = triple_texts(load_triples(data_files["chem"], 4))
     names = {"qwen3": ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"],
-             "bert": ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight"]}[family]
+             "bert": ["encoder.layer.0.attention.self.query.weight",
+                      "encoder.layer.0.attention.self.key.weight"]}[family]
     candidates = {name: dict(embedder.model.named_parameters())[name] for name in names}
     lengths = embedder.tokenize(texts)["attention_mask"].sum(1).tolist()
     generator = torch.Generator().manual_seed(0)
