@@ -99,23 +99,28 @@ def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]
                              outputs: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     """For one batch of (query, positive, negative) triples: each named layer's mean over its outputs of
     (dL/dy_t)^2 at every real token, per text (the triples' texts in order), L the batch's InfoNCE loss;
-    ``outputs`` is where the layers' forward hooks put (name, output)."""
-    fields = []
-    for key in range(3):  # queries, positives, negatives
-        tokens = embedder.tokenize([triple[key] for triple in triples])
-        begin = len(outputs)
-        embedding = embedder.embed_tokens(tokens)
-        fields.append((tokens["attention_mask"].bool(), outputs[begin:], embedding))
-    loss = info_nce(*(embedding for *_, embedding in fields))
-    grads = iter(torch.autograd.grad(loss, [out for _, outs, _ in fields for _, out in outs], allow_unused=True))
+    ``outputs`` is where the layers' forward hooks put (name, output).
+
+    The loss couples the whole batch, but only one of its three fields is held for backward at a time (as
+    gradient caching does): dL/d(embedding) first, from embeddings computed without a graph; then each
+    field again with its graph, back-propagating that cached gradient to its layers' outputs."""
+    fields = [embedder.tokenize([triple[key] for triple in triples]) for key in range(3)]
+    with torch.no_grad():
+        embeddings = [embedder.embed_tokens(tokens).requires_grad_() for tokens in fields]
+    outputs.clear()
+    cached = torch.autograd.grad(info_nce(*embeddings), embeddings)
     squares: dict[str, list[torch.Tensor | None]] = {name: [None] * (3 * len(triples)) for name in names}
-    for key, (real, outs, _) in enumerate(fields):
-        for name, out in outs:
-            grad = next(grads)
+    for key, tokens in enumerate(fields):  # queries, positives, negatives
+        embedding = embedder.embed_tokens(tokens)
+        grads = torch.autograd.grad(embedding, [out for _, out in outputs], grad_outputs=cached[key],
+                                    allow_unused=True)
+        real = tokens["attention_mask"].bool()
+        for (name, out), grad in zip(outputs, grads):
             square = (torch.zeros(out.shape[:-1], device=out.device) if grad is None
                       else grad.float().square().mean(-1))
             for row in range(len(triples)):
                 squares[name][3 * row + key] = square[row][real[row]]
+        outputs.clear()
     return squares
 
 
@@ -149,7 +154,6 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
                 for start in tqdm(range(0, len(triples), batch_size), desc=f"loss gradients ({side})", unit="batch",
                                   disable=not world.is_main):
                     squares = _output_gradient_squares(embedder, triples[start:start + batch_size], names, outputs)
-                    outputs.clear()
                     for name, values in squares.items():
                         per_text[name] += values
                 weights[side] = {name: _normalised(values, name, side) for name, values in per_text.items()}
