@@ -34,6 +34,7 @@ import logging
 import os
 import statistics
 import sys
+import textwrap
 
 import torch
 
@@ -221,7 +222,7 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
     sparsities = sorted({e["sparsity"] for e in summary if e["method"] != "dense"})
     # random pruning loses 30-50%, which would squash every other bar; the table has it
     methods = [m for m in dict.fromkeys(e["method"] for e in summary) if m not in ("dense", "random")]
-    fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.45 * len(methods) + 2),
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.6 * len(methods) + 2),
                              sharey=False, squeeze=False)
     for ax, pct in zip(axes[0], sparsities):
         entries = {e["method"]: e for e in summary if e["sparsity"] == pct}
@@ -231,7 +232,7 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
             ax.barh([i + offset for i in y], [entries[m][f"{side}_change_mean"] for m in shown], height=0.4,
                     xerr=[entries[m][f"{side}_change_std"] for m in shown], color=color, label=side)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(list(y), shown)
+        ax.set_yticks(list(y), [textwrap.fill(m, 28) for m in shown])  # long method names on two lines
         ax.invert_yaxis()
         ax.set_title(f"{pct:.0%} of MLP weights pruned")
         ax.set_xlabel("nDCG@10 change vs dense (%)")
