@@ -334,20 +334,22 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                              disable=not world.is_main):
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
             if token_weights is None:  # the layers of a stage read one input: one set of statistics
-                stage_inputs = new_inputs(stage[0])
-                inputs = {name: stage_inputs for name in stage}
+                statistics = [new_inputs(stage[0])]
+                inputs = {name: statistics[0] for name in stage}
             else:  # each layer weighs the tokens by its own output's gradients
                 inputs = {name: new_inputs(name) for name in stage}
+                statistics = list(inputs.values())
 
             def add(module, args):
                 batch = current[0]
                 x = args[0][batch.real]
                 if token_weights is None:
-                    inputs[stage[0]].sides[batch.side].add(x)
+                    statistics[0].sides[batch.side].add(x)
                     return
+                lengths = batch.real.sum(1).tolist()
                 for name in stage:
                     per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
-                    if [len(w) for w in per_text] != batch.real.sum(1).tolist():
+                    if [len(w) for w in per_text] != lengths:
                         raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
                     inputs[name].sides[batch.side].add(x, torch.cat(per_text))
             handles = [modules[stage[0]].register_forward_pre_hook(add)]
@@ -359,7 +361,7 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                 for handle in handles:
                     handle.remove()
             if shared_out:
-                for layer_inputs in {id(i): i for i in inputs.values()}.values():  # each set once
+                for layer_inputs in statistics:
                     _add_across_ranks(layer_inputs, world)
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model

@@ -21,6 +21,7 @@ from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_
 
 
 UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
+PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting")  # pruner_options' keys, in order
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
@@ -135,9 +136,15 @@ def pruner_options(layer_shares: str, group_order: str,
     """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
     defaults, by name: what records, folder names and report rows mention (nothing at the defaults, so
     published files stay as they were)."""
-    options = {"layer_shares": (layer_shares, UNIFORM_SHARES), "group_order": (group_order, NATURAL_ORDER),
-               "calibration_weighting": (calibration_weighting, UNIFORM_WEIGHTING)}
+    options = dict(zip(PRUNER_OPTIONS, ((layer_shares, UNIFORM_SHARES), (group_order, NATURAL_ORDER),
+                                        (calibration_weighting, UNIFORM_WEIGHTING))))
     return {key: value for key, (value, default) in options.items() if value != default}
+
+
+def option_words(entries: Mapping[str, object]) -> list[str]:
+    """The pruner options among ``entries``, each as its value and the option's last word ("aligned_saliency
+    shares", "hessian order", "loss_gradient weighting"): how folder names and report rows name them."""
+    return [f"{entries[key]} {key.rpartition('_')[2]}" for key in PRUNER_OPTIONS if key in entries]
 
 
 def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Pattern = Pattern()) -> None:

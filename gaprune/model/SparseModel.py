@@ -22,8 +22,8 @@ from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder, resolve_model_dir
-from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, prune_stats, pruner_options,
-                             structure_evaluation_config, structure_stats)
+from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, option_words, prune_stats,
+                             pruner_options, structure_evaluation_config, structure_stats)
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.structure import CONFIG_FIELDS, STRUCTURES
 
@@ -92,9 +92,9 @@ def pruned_folder(args) -> str:
     amount = (args.sparsity_pattern.replace(":", "of") if args.sparsity_pattern != "unstructured"
               else f"{round(args.unstructured_pct * 100, 2):g}%")
     suffix = "_reconstructed" if args.reconstruct else ""
-    suffix += "".join(f"_{value}_{key.split('_')[-1]}"  # _aligned_saliency_shares, _hessian_order
-                      for key, value in pruner_options(args.layer_shares, args.group_order,
-                                                       args.calibration_weighting).items())
+    suffix += "".join("_" + words.replace(" ", "_")  # _aligned_saliency_shares, _hessian_order
+                      for words in option_words(pruner_options(args.layer_shares, args.group_order,
+                                                               args.calibration_weighting)))
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 

@@ -26,8 +26,8 @@ from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (UNIFORM_SHARES, prune_calibrated, prune_candidates, prune_structure, scorers_used,
-                             structure_candidates)
+from gaprune.pruning import (UNIFORM_SHARES, option_words, prune_calibrated, prune_candidates, prune_structure,
+                             scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
@@ -186,9 +186,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            label = "".join(f", {entries[key]} {word}" for key, word in (
-                ("layer_shares", "shares"), ("group_order", "order"), ("calibration_weighting", "weighting"))
-                if key in entries)
+            label = "".join(f", {words}" for words in option_words(entries))
             row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
                    "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
                    "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
