@@ -135,31 +135,45 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     Wanda's ||X_j||^2) into that Fisher's input side: tokens the embedding does not depend on (e.g. all
     but the last under last-token pooling, in the last block) stop counting. Normalised to mean 1 over
     each side's tokens, so cross-calibration blends the sides as before; a layer that no gradient reaches
-    on a side keeps uniform weights there (with a warning)."""
+    on a side keeps uniform weights there (with a warning).
+
+    Under torchrun the ranks share the batches of triples (each rank a contiguous block of them, so every
+    batch is the one a single process runs) and then every rank holds every weight."""
     for side, side_texts in texts.items():
         if not side_texts or len(side_texts) % 3:
             raise InputError(f"loss-gradient weights need whole triples; the {side} side has {len(side_texts)} texts")
+    triples = {side: [side_texts[i:i + 3] for i in range(0, len(side_texts), 3)] for side, side_texts in texts.items()}
+    jobs = [(side, start) for side, side_triples in triples.items() for start in range(0, len(side_triples), batch_size)]
+    world = current_world()
+    mine = [jobs[index] for index in world.contiguous_share(len(jobs))]
+    if world.is_distributed:
+        log.info("loss gradients shared among %d ranks: this rank runs %d of %d batches", world.size, len(mine),
+                 len(jobs))
     model = embedder.model
     modules = {name: parameter_owner(model, name)[0] for name in names}
     outputs: list[tuple[str, torch.Tensor]] = []
     handles = [module.register_forward_hook(lambda module, args, out, name=name: outputs.append((name, out)))
                for name, module in modules.items()]
-    weights: TokenWeights = {}
-    world = current_world()
+    rows, lengths = [], []  # per real token, its weight in each layer; per text, its real tokens
     try:
         with _activation_gradients_only(model):
-            for side, side_texts in texts.items():
-                triples = [side_texts[i:i + 3] for i in range(0, len(side_texts), 3)]
-                per_text: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-                for start in tqdm(range(0, len(triples), batch_size), desc=f"loss gradients ({side})", unit="batch",
-                                  disable=not world.is_main):
-                    squares = _output_gradient_squares(embedder, triples[start:start + batch_size], names, outputs)
-                    for name, values in squares.items():
-                        per_text[name] += values
-                weights[side] = {name: _normalised(values, name, side) for name, values in per_text.items()}
+            for side, start in tqdm(mine, desc="loss gradients", unit="batch", disable=not world.is_main):
+                squares = _output_gradient_squares(embedder, triples[side][start:start + batch_size], names, outputs)
+                for per_layer in zip(*(squares[name] for name in names)):  # one text
+                    rows.append(torch.stack(per_layer, dim=1))
+                    lengths.append(len(per_layer[0]))
     finally:
         for handle in handles:
             handle.remove()
+    local = torch.cat(rows) if rows else torch.zeros(0, len(names), device=embedder.device)
+    rows.clear()  # held once, not twice, from here on
+    per_text = world.gather_ragged(local).split(world.gather_ragged(torch.tensor(lengths, dtype=torch.int64)).tolist())
+    del local
+    weights: TokenWeights = {}
+    for side, side_texts in texts.items():  # the jobs, hence the texts, come side after side
+        side_rows, per_text = per_text[:len(side_texts)], per_text[len(side_texts):]
+        weights[side] = {name: _normalised([row[:, column] for row in side_rows], name, side)
+                         for column, name in enumerate(names)}
     effective = [_effective_share(torch.cat(values)) for side_weights in weights.values()
                  for values in side_weights.values()]
     log.info("loss-gradient weights: the effective share of the tokens is %.1f%% to %.1f%% across the layers",

@@ -111,21 +111,32 @@ class World:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
+    def contiguous_share(self, count: int) -> range:
+        """This rank's block of ``count`` items shared out in order: the ranks' blocks are disjoint, cover the
+        items, and each holds at most ``rounds(count)`` of them."""
+        share = self.rounds(count)
+        return range(min(count, self.rank * share), min(count, (self.rank + 1) * share))
+
     def gather_rows(self, compute: Callable[[int, int], torch.Tensor], count: int) -> torch.Tensor:
         """``compute(start, end)`` on this rank's contiguous share of ``count`` rows, then every rank's rows in
-        order on every rank (shares padded to one length for all_gather, the padding dropped)."""
+        order on every rank."""
+        mine = self.contiguous_share(count)
+        return self.gather_ragged(compute(mine.start, mine.stop))
+
+    def gather_ragged(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` rows (their counts may differ), concatenated in rank order, on every rank (each
+        rank's rows padded to the longest for all_gather, the padding dropped)."""
         if not self.is_distributed:
-            return compute(0, count)
-        share = self.rounds(count)
-        start, end = min(count, self.rank * share), min(count, (self.rank + 1) * share)
-        local = compute(start, end)
-        padded = local.new_zeros((share, *local.shape[1:]))
-        padded[:end - start] = local
-        if dist.get_backend() == "nccl" and padded.device.type == "cpu":
-            padded = padded.cuda()
+            return local
+        staged = local.cuda() if dist.get_backend() == "nccl" and local.device.type == "cpu" else local
+        counts = [torch.zeros(1, dtype=torch.int64, device=staged.device) for _ in range(self.size)]
+        dist.all_gather(counts, torch.tensor([len(local)], device=staged.device))
+        counts = [int(count.item()) for count in counts]
+        padded = staged.new_zeros((max(counts), *local.shape[1:]))
+        padded[:len(local)] = staged
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        return torch.cat(parts)[:count].to(local.device)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(local.device)
 
 
 def launched_by_torchrun() -> bool:

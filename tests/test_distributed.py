@@ -21,9 +21,9 @@ def arrays(json_path: str) -> dict[str, np.ndarray]:
     return load_file(os.path.join(os.path.dirname(json_path), data["metadata"]["tensor_file"]))
 
 
-def torchrun(module: str, args: list[str], nproc: int = 2, logged: str = "", device: str = "cpu") -> str:
+def torchrun(module: str, args: list[str], nproc: int = 2, logged: str | list[str] = "", device: str = "cpu") -> str:
     """Run ``python -m module args`` under torchrun on the CPU (gloo) or one GPU per process (nccl); the path
-    rank 0 printed last. ``logged``: a line rank 0 must have logged."""
+    rank 0 printed last. ``logged``: a line (or lines) rank 0 must have logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), "-m", module, *args, "--device", device, "--dtype", "float32"],
@@ -31,7 +31,8 @@ def torchrun(module: str, args: list[str], nproc: int = 2, logged: str = "", dev
     assert done.returncode == 0, done.stderr[-3000:]
     backend = "nccl" if device == "cuda" else "gloo"
     assert f"rank {nproc - 1} of {nproc} ({backend})" in done.stderr  # really shared out
-    assert logged in done.stderr, done.stderr[-3000:]
+    for line in [logged] if isinstance(logged, str) else logged:
+        assert line in done.stderr, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
 
@@ -187,7 +188,8 @@ def test_torchrun_sparsegpt_shares_its_calibration_and_equals_one_process(capsys
     """SparseModel.py under torchrun: the ranks share the calibration batches, sum their statistics before each
     layer is pruned, and rank 0 alone saves the same checkpoint. 24 texts in batches of 4: 3 batches each,
     unequal between the sides (rank 0: 2 domain, 1 general), also with each token weighted by the loss's
-    gradients; 18 texts in batches of 9: rank 0 holds the domain batch only, rank 1 the general one."""
+    gradients (the ranks then share the loss's batches of triples too: rank 0 the domain one, rank 1 the
+    general one); 18 texts in batches of 9: rank 0 holds the domain batch only, rank 1 the general one."""
     common = ["--model_path", qwen3_dir, "--unstructured_pct", "0.5", "--unstructured_scoring", "sparsegpt",
               "--calibration_data", data_files["chem"], "--general_calibration_data", data_files["general"],
               "--calibration_samples", str(samples), "--calibration_batch_size", str(batch),
@@ -196,13 +198,60 @@ def test_torchrun_sparsegpt_shares_its_calibration_and_equals_one_process(capsys
                                "float32"])
     capsys.readouterr()
     shared = torchrun("gaprune.model.SparseModel", [*common, "--output_dir", str(tmp_path / "two")],
-                      logged=f"calibration shared among 2 ranks: this rank runs {share} batches")
+                      logged=[f"calibration shared among 2 ranks: this rank runs {share} batches"]
+                      + (["loss gradients shared among 2 ranks: this rank runs 1 of 2 batches"]
+                         if weighting == "loss_gradient" else []))
     assert len(os.listdir(tmp_path / "two")) == 1  # rank 0 alone saved
     one, two = (load_file(os.path.join(folder, "model.safetensors")) for folder in (single, shared))
     assert sorted(one) == sorted(two)
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
         assert np.array_equal(two[name] == 0, one[name] == 0), name  # the same mask
+
+
+LOSS_GRADIENT_WEIGHTS = """
+import logging, sys, torch
+from gaprune import distributed
+from gaprune.calibration import loss_gradient_weights
+from gaprune.data import load_triples, triple_texts
+from gaprune.layers import select_parameters
+from gaprune.modeling import load_embedder
+
+model_dir, chem, general, out = sys.argv[1:]
+logging.basicConfig(level=logging.INFO)
+world = distributed.init_from_env("cpu")
+embedder = load_embedder(model_dir, "cpu", "float32")
+texts = {"domain": triple_texts(load_triples(chem, 4)), "general": triple_texts(load_triples(general, 5))}
+weights = loss_gradient_weights(embedder, texts, list(select_parameters(embedder.model.named_parameters(), ["mlp"])),
+                                batch_size=2)
+if world.is_main:
+    torch.save(weights, out)
+distributed.shutdown()
+"""
+
+
+def test_torchrun_loss_gradient_weights_equal_one_process(tmp_path, qwen3_dir, data_files):
+    """The ranks share the loss's batches of triples in contiguous blocks (2 domain and 3 general batches:
+    rank 0 runs both domain ones and the first general one, rank 1 the other two) and every rank then holds
+    every weight: rank 0's equal one process's exactly, text by text."""
+    script = tmp_path / "weights.py"
+    script.write_text(LOSS_GRADIENT_WEIGHTS)
+    args = [qwen3_dir, data_files["chem"], data_files["general"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    for nproc, out in ((1, "one.pt"), (2, "two.pt")):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(nproc), str(script), *args, str(tmp_path / out)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss gradients shared among 2 ranks: this rank runs 3 of 5 batches" in done.stderr, done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / out) for out in ("one.pt", "two.pt"))
+    assert list(one) == list(two) == ["domain", "general"]
+    for side in one:
+        assert list(one[side]) == list(two[side])
+        for name, per_text in one[side].items():
+            assert len(per_text) == 3 * (4 if side == "domain" else 5)
+            for expected, got in zip(per_text, two[side][name]):
+                assert torch.equal(got, expected), (side, name)
 
 
 def test_one_pass_fisher_refuses_gathered_embeddings(qwen3_dir, chem_triples, web_triples):
