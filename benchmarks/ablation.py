@@ -58,7 +58,8 @@ FIELD_SCORERS = ["magnitude", "wanda", "sparsegpt", "aligned_saliency"]
 RECONSTRUCTED_SCORERS = ["magnitude", "aligned_saliency"]
 RECONSTRUCTED = " + reconstruction"
 # unstructured only (--layer_shares): each layer's share from a scorer's global ranking, the weights from the pruner
-LAYER_SHARES = {"aligned_saliency": ["wanda", "sparsegpt"], "magnitude": ["sparsegpt"]}
+LAYER_SHARES = {"aligned_saliency": ["wanda", "sparsegpt"], "magnitude": ["sparsegpt"],
+                "domain_fisher": ["sparsegpt"], "general_fisher": ["sparsegpt"]}
 CHANNEL_SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "aligned_saliency"]
 RETRAINED = " +{steps} steps"
 
@@ -107,9 +108,10 @@ def compare_rows(model: str, files: dict[str, str], heldout: dict[str, str], spa
 def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calibration: dict[str, str],
                out: str, seed: int) -> list[dict]:
     """The field's pruners against gaprune's scorers, with and without reconstruction, at 50%, 60% and 2:4,
-    (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency or magnitude, SparseGPT
-    2:4 in Hessian group order, and SparseGPT (alone, with aligned_saliency shares, at 2:4 in both orders)
-    and Wanda with aligned_saliency shares on statistics weighted by the loss's gradients;
+    (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency, magnitude or either side's
+    Fisher (domain_fisher, general_fisher), SparseGPT 2:4 in Hessian group order, and SparseGPT (alone, with
+    aligned_saliency shares, at 2:4 in both orders) and Wanda with aligned_saliency shares on statistics
+    weighted by the loss's gradients;
     Wanda, SparseGPT and reconstruction use the first 128 of the seed's calibration triples of each side
     (cross-calibrated 50/50), the Fisher files all of them."""
     texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"]]
