@@ -187,17 +187,23 @@ def format_row(row: dict) -> str:
 
 
 def print_plans(args: argparse.Namespace) -> None:
-    """The scoring stages' memory plans for the full shapes in bfloat16 on --nproc GPUs of --capacity_gb each,
-    from models on the meta device (nothing allocated) and the synthetic triples."""
+    """The memory plans for the full shapes in bfloat16 on --nproc GPUs of --capacity_gb each, from models on
+    the meta device (nothing allocated) and the synthetic triples: the scoring stages, and SparseGPT's
+    calibration on the MLP weights with SparseModel.py's defaults (128 triples per side, batches of 8),
+    uniform and with --calibration_weighting loss_gradient."""
     from transformers import Qwen3Config, Qwen3Model
+    from gaprune.calibration import layer_widths
+    from gaprune.data import triple_texts
     from gaprune.layers import select_parameters
-    from gaprune.memory import alignment_plan, fisher_plan
+    from gaprune.memory import alignment_plan, fisher_plan, plan_calibration
     from gaprune.modeling import Embedder
     from gaprune.toy_models import qwen3_tokenizer
 
     data = {side: synthetic_triples(args.triples, words, seed) for seed, (side, words) in enumerate(LENGTHS.items())}
     tokenizer = qwen3_tokenizer([t["positive"] for t in data["general"][:50]], vocab_size=2000)
     capacity = int(args.capacity_gb * GB)
+    calibration = {side: triple_texts(synthetic_triples(128, words, seed)) for seed, (side, words) in
+                   enumerate(LENGTHS.items())}
     for name in args.shapes:
         with torch.device("meta"):
             model = Qwen3Model(Qwen3Config(**QWEN3_EMBEDDING_SHAPES[f"Qwen3-Embedding-{name}"])).to(torch.bfloat16)
@@ -211,6 +217,9 @@ def print_plans(args: argparse.Namespace) -> None:
                      alignment_plan(embedder, selected, data["general"], data["chem"], 2, True, capacity=capacity,
                                     ranks=ranks)):
             print("  " + plan.line())
+        widths = layer_widths(model, list(select_parameters(model.named_parameters(), ["mlp"])))
+        for weighted in (False, True):
+            print("  " + plan_calibration(embedder, widths, calibration, 8, True, weighted, ranks, capacity).line())
 
 
 def main() -> None:

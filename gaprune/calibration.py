@@ -302,6 +302,31 @@ def _stages(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module], name
     return stages
 
 
+def layers_by_block(model: torch.nn.Module, names: Sequence[str]) -> list[set[str]]:
+    """The candidate layers in each transformer block, once checked to be calibrated block by block: linear
+    layers inside the blocks of a model with one attention type."""
+    if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
+        raise InputError("activation-aware pruning replays one attention mask in every block; this model mixes "
+                         f"attention types {sorted(set(model.config.layer_types))}")
+    modules = {name: parameter_owner(model, name)[0] for name in names}
+    if any(not isinstance(module, torch.nn.Linear) for module in modules.values()):
+        raise InputError("activation-aware pruning works on linear layers only (select mlp or attention weights)")
+    by_block = [{name for name, module in modules.items() if any(module is m for m in block.modules())}
+                for block in transformer_blocks(model)]
+    outside = set(names) - set().union(*by_block)
+    if outside:
+        raise InputError(f"{sorted(outside)[0]} lies outside the transformer blocks; activation-aware pruning "
+                         f"calibrates block by block")
+    return by_block
+
+
+def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(block, inputs, outputs) of each candidate layer, for the memory plan."""
+    return [(index, module.in_features, module.out_features)
+            for index, block_names in enumerate(layers_by_block(model, names))
+            for module in (parameter_owner(model, name)[0] for name in sorted(block_names))]
+
+
 @torch.no_grad()
 def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                          texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
@@ -317,19 +342,9 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
     (with fewer batches every rank runs them all).
     """
     model = embedder.model
-    if len(set(getattr(model.config, "layer_types", None) or [])) > 1:  # one captured mask serves every block
-        raise InputError("activation-aware pruning replays one attention mask in every block; this model mixes "
-                         f"attention types {sorted(set(model.config.layer_types))}")
+    by_block = layers_by_block(model, candidates)
     modules = {name: parameter_owner(model, name)[0] for name in candidates}
-    if any(not isinstance(module, torch.nn.Linear) for module in modules.values()):
-        raise InputError("activation-aware pruning works on linear layers only (select mlp or attention weights)")
     blocks = transformer_blocks(model)
-    by_block = [{name for name, module in modules.items() if any(module is m for m in block.modules())}
-                for block in blocks]
-    outside = set(candidates) - set().union(*by_block)
-    if outside:
-        raise InputError(f"{sorted(outside)[0]} lies outside the transformer blocks; activation-aware pruning "
-                         f"calibrates block by block")
     world = current_world()
     batches, shared_out = _first_block_inputs(embedder, texts, batch_size, world)
     if not batches:

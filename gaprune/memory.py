@@ -12,6 +12,8 @@ them when there are several ranks and that fits, else moves them to the host.
 On a CPU the plan counts resident memory, and a checkpoint converted while loading (a bfloat16 file
 computed in float32) is read whole: its mapped file and the converted copy peak together while loading,
 before any gradient, sum or activation exists, so the plan takes the larger of the two phases.
+
+Calibrated pruning (Wanda, SparseGPT, reconstruction) has a plan of its own, ``CalibrationPlan``.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class MemoryPlan:
         return text
 
 
-def _capacity(device: torch.device) -> int | None:
+def gpu_capacity(device: torch.device) -> int | None:
     """What this process can use of its GPU: what is free plus what it already holds (the model)."""
     if device.type != "cuda":
         return None
@@ -213,7 +215,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
     numel_dense_gradients = sum(p.numel() for p in dense)
     numel_selected = sum(p.numel() for p in selected.values())
     sum_bytes = 4 * (sum_arrays_all * numel_all + sum_arrays_selected * numel_selected)
-    capacity = capacity or _capacity(device)
+    capacity = capacity or gpu_capacity(device)
     on_gpu = capacity is not None
     plan = MemoryPlan(stage, "cuda" if on_gpu else "host", capacity=capacity, ranks=ranks)
     plan.device = {
@@ -298,6 +300,93 @@ def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], genera
     return plan_scoring("gradient" + (" + fisher" if with_fisher else ""), embedder, selected, halves, 2,
                         2 if with_fisher else 0, 2, accumulate_on, runtime_rss, capacity, ranks,
                         1 + cosine + 2 * with_fisher)
+
+
+@dataclass
+class CalibrationPlan:
+    """Calibrated pruning's peak (Wanda, SparseGPT, --reconstruct), in bytes on the compute device. The model
+    and the token weights stay throughout; the loss-gradient pass (its graph) is over before the block-by-block
+    pass (the hidden states at one block boundary, one stage's statistics, the pruner's working copies)
+    begins, so the larger of the two phases counts."""
+
+    device_name: str
+    model: int
+    hidden_states: int  # every batch's input to a block (with its attention mask), and one batch's output
+    statistics: int  # per side: X^T X (with a Hessian) and sum x^2, for the layers of the largest stage
+    pruner: int  # SparseGPT on the largest layer: H's blended and inverse copies, float32 weight copies
+    token_weights: int = 0  # --calibration_weighting loss_gradient: a weight per real token and layer
+    graph: int = 0  # ...and the autograd graph of one field of a batch of triples
+    capacity: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.model + self.token_weights + max(self.graph, self.hidden_states + self.statistics + self.pruner)
+
+    def line(self) -> str:
+        weighted = f" + token weights {_gb(self.token_weights)}" if self.token_weights else ""
+        calibrating = (f"hidden states {_gb(self.hidden_states)} + statistics {_gb(self.statistics)} + pruner "
+                       f"{_gb(self.pruner)}")
+        phases = f"max(loss-gradient graph {_gb(self.graph)}, {calibrating})" if self.graph else calibrating
+        text = f"memory plan (calibration): {self.device_name} model {_gb(self.model)}{weighted} + {phases} " \
+               f"= {_gb(self.total)} GB"
+        return text + (f" of {self.capacity / GB:.0f} GB" if self.capacity else "")
+
+
+    def warn_if_too_large(self) -> None:
+        if self.capacity and self.total > self.capacity:
+            log.warning("calibration needs %.1f GB on the GPU, which has %.1f GB for this process: expect "
+                        "out-of-memory; lower --calibration_samples, --calibration_max_length or "
+                        "--calibration_batch_size", self.total / GB, self.capacity / GB)
+
+    def measured_line(self, device: torch.device) -> str | None:
+        """The GPU's peak against the plan (None on the CPU, where resident memory also holds the runtime)."""
+        if device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(device)
+        return (f"memory used (calibration): peak GPU {peak / GB:.2f} GB against {self.total / GB:.2f} GB planned "
+                f"({(peak - self.total) / self.total:+.0%})")
+
+
+def _gb(value: int) -> str:
+    return f"{value / GB:.2f}"
+
+
+def plan_calibration(embedder: Embedder, widths: Sequence[tuple[int, int, int]], texts: dict[str, Sequence[str]],
+                     batch_size: int, hessian: bool, weighted: bool, world_size: int = 1,
+                     capacity: int | None = None) -> CalibrationPlan:
+    """The plan of calibrated pruning. ``widths``: (block, in, out) of each candidate layer; ``texts`` by side, in
+    batches of ``batch_size`` (texts for the block pass, triples for the loss-gradient pass). Under torchrun each
+    of ``world_size`` ranks holds the hidden states of its share of the batches (the busiest rank counts).
+    The largest stage is taken as every candidate of a block with inputs of the same width (q/k/v and gate/up
+    read one input; with token weights each layer keeps its own statistics, else they share one)."""
+    model = embedder.model
+    config = model.config
+    dtype_bytes = model.dtype.itemsize
+    lengths = {side: [len(ids) for ids in embedder.tokenizer(list(side_texts), truncation=True,
+                                                             max_length=embedder.max_length)["input_ids"]]
+               for side, side_texts in texts.items()}
+    batches = [side_lengths[start:start + batch_size] for side_lengths in lengths.values()
+               for start in range(0, len(side_lengths), batch_size)]
+    per_batch = [len(batch) * max(batch) * (config.hidden_size * dtype_bytes + max(batch)) for batch in batches]
+    ranks = world_size if len(batches) >= world_size else 1  # fewer batches than ranks: every rank runs them all
+    hidden = max(sum(per_batch[rank::ranks]) for rank in range(ranks)) + max(
+        len(batch) * max(batch) * config.hidden_size * dtype_bytes for batch in batches)
+    sides = len(texts)
+    stage: dict[tuple[int, int], int] = {}
+    for block, width, _ in widths:
+        stage[block, width] = stage.get((block, width), 0) + 1
+    statistics = max(4 * sides * ((width * width if hessian else 0) + width) * (count if weighted else 1)
+                     for (_, width), count in stage.items())
+    pruner = max(4 * (3 * width * width + 2 * width * out) for _, width, out in widths) if hessian else 0
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = CalibrationPlan("cuda" if capacity else "host", model_bytes, hidden, statistics, pruner, capacity=capacity)
+    if weighted:
+        plan.token_weights = 4 * len(widths) * sum(sum(side_lengths) for side_lengths in lengths.values())
+        fields = [side_lengths[start + key:start + 3 * batch_size:3]  # one field of a batch of triples
+                  for side_lengths in lengths.values() for start in range(0, len(side_lengths), 3 * batch_size)
+                  for key in range(3)]
+        plan.graph = max(len(field) * max(field) for field in fields) * activation_bytes_per_token(config, dtype_bytes)
+    return plan
 
 
 def measured_line(plan: MemoryPlan, device: torch.device) -> str:

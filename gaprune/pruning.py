@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, loss_gradient_weights,
-                                 prune_block_by_block)
+from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, layer_widths,
+                                 loss_gradient_weights, prune_block_by_block)
+from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
-from gaprune.memory import score_cache_bytes
+from gaprune.memory import gpu_capacity, plan_calibration, score_cache_bytes
 from gaprune.modeling import Embedder
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
@@ -20,6 +22,7 @@ from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
+log = logging.getLogger(__name__)
 UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting")  # pruner_options' keys, in order
 
@@ -112,14 +115,23 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     maximum = embedder.max_length
     if calibration.max_length:
         embedder.max_length = min(maximum, calibration.max_length)
+    hessian = reconstruct or chosen.layer_pruner is not None
+    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     try:
+        plan = plan_calibration(embedder, layer_widths(embedder.model, list(candidates)), calibration.texts,
+                                calibration.batch_size, hessian, weighted, current_world().size,
+                                gpu_capacity(embedder.device))
+        log.info("%s", plan.line())
+        plan.warn_if_too_large()
         token_weights = None
-        if calibration.token_weighting != UNIFORM_WEIGHTING:
+        if weighted:
             token_weights = loss_gradient_weights(embedder, calibration.texts, list(candidates),
                                                   calibration.batch_size)
         prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
-                             hessian=reconstruct or chosen.layer_pruner is not None,
-                             batch_size=calibration.batch_size, token_weights=token_weights)
+                             hessian=hessian, batch_size=calibration.batch_size, token_weights=token_weights)
+        measured = plan.measured_line(embedder.device)
+        if measured:
+            log.info("%s", measured)
     finally:
         embedder.max_length = maximum
     options = pruner_options(layer_shares, group_order, calibration.token_weighting)

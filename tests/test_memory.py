@@ -256,3 +256,70 @@ def test_pinned_staging_gives_each_gradient_its_own_slot(monkeypatch):
     for value, buffer in enumerate(buffers, start=1):
         buffer.fill_(value)
     assert [int(buffer.float().unique().item()) for buffer in buffers] == [1, 2, 3]
+
+
+def stored_block_inputs(batches) -> int:
+    """What the calibration really holds at a block boundary: each batch's hidden states and boolean attention
+    mask (B x T x T; where nothing in a batch is padded sdpa needs none, and the plan still counts one)."""
+    total = 0
+    for batch in batches:
+        hidden = batch.args[0] if batch.args else batch.kwargs["hidden_states"]
+        mask = batch.args[1] if len(batch.args) > 1 else batch.kwargs["attention_mask"]
+        total += hidden.nbytes + (batch.real.numel() * batch.real.shape[1] if mask is None else mask.nbytes)
+    return total
+
+
+@pytest.mark.parametrize("pooled", ["qwen3", "bert"])
+def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, data_files, pooled):
+    """The hidden states at a block boundary (each batch's input and sdpa's boolean mask, on the busiest rank, and
+    one batch's output), the token weights and the loss-gradient graph, against what the calibration code
+    really builds; the statistics and SparseGPT's working copies by hand."""
+    from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights
+    from gaprune.data import triple_texts
+    from gaprune.distributed import World
+    from gaprune.memory import plan_calibration
+
+    embedder = load_embedder({"qwen3": qwen3_dir, "bert": bert_dir}[pooled], "cpu", "float32")
+    texts = {"domain": triple_texts(load_triples(data_files["chem"], 5)),
+             "general": triple_texts(load_triples(data_files["general"], 3))}
+    names = list(select_parameters(embedder.model.named_parameters(), ["mlp"]))
+    widths = layer_widths(embedder.model, names)
+    config = embedder.model.config
+    for ranks in (1, 2):
+        plan = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=True, world_size=ranks)
+        held = [_first_block_inputs(embedder, texts, 4, World(rank, ranks))[0] for rank in range(ranks)]
+        output = max(batch.real.numel() * config.hidden_size * 4 for batch in held[0] + held[-1])
+        assert plan.hidden_states == max(stored_block_inputs(batches) for batches in held) + output
+    weights = loss_gradient_weights(embedder, texts, names, batch_size=4)
+    assert plan.token_weights == 4 * sum(w.numel() for side in weights.values() for per_text in side.values()
+                                         for w in per_text)
+    fields = [embedder.tokenize(side_texts[start + key:start + 12:3])["input_ids"].numel()
+              for side_texts in texts.values() for start in range(0, len(side_texts), 12) for key in range(3)]
+    assert plan.graph == max(fields) * activation_bytes_per_token(config, 4)
+    hidden, inner = config.hidden_size, config.intermediate_size
+    # each layer its own statistics on both sides; the largest stage: the two that read the block's input, or
+    # the down projection alone
+    assert plan.statistics == max(4 * 2 * 2 * (hidden * hidden + hidden), 4 * 2 * (inner * inner + inner))
+    assert plan.pruner == max(4 * (3 * width * width + 2 * width * out) for width, out in ((hidden, inner), (inner, hidden)))
+    uniform = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=False)
+    assert (uniform.token_weights, uniform.graph) == (0, 0)
+    assert uniform.statistics == max(4 * 2 * (width * width + width) for width in (hidden, inner))  # one per stage
+    assert uniform.total == uniform.model + uniform.hidden_states + uniform.statistics + uniform.pruner
+    assert plan.total == plan.model + plan.token_weights + max(plan.graph, plan.hidden_states + plan.statistics
+                                                                + plan.pruner)
+
+
+def test_calibrated_pruning_logs_its_plan_and_warns_when_it_cannot_fit(caplog, monkeypatch, tmp_path, qwen3_dir,
+                                                                      data_files):
+    from gaprune import pruning
+    from gaprune.model import SparseModel
+
+    monkeypatch.setattr(pruning, "gpu_capacity", lambda device: 1000)  # a GPU of 1000 bytes
+    with caplog.at_level("INFO"):
+        SparseModel.main(["--model_path", qwen3_dir, "--output_dir", str(tmp_path), "--unstructured_pct", "0.5",
+                          "--unstructured_scoring", "wanda", "--calibration_data", data_files["chem"],
+                          "--calibration_samples", "3", "--device", "cpu"])
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan (calibration)")]
+    assert " model " in line and "hidden states" in line and line.endswith("of 0 GB")
+    assert any("calibration needs" in r.getMessage() and "expect out-of-memory" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
