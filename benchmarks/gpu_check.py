@@ -163,6 +163,17 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
     result = run_stage("gaprune.model.SparseModel", prune, 1)
     rows.append({"shape": name, "layers": layers, "stage": "SparseModel (50% of MLP)", "tokens": 0, **result})
     print(format_row(rows[-1]), flush=True)
+    calibrated = ["--model_path", model, "--sparsify_layers", "mlp", "--unstructured_pct", "0.5",
+                  "--unstructured_scoring", "sparsegpt", "--calibration_data", paths["chem"],
+                  "--general_calibration_data", paths["general"], "--calibration_samples", str(args.triples), *runtime]
+    for label, weighting in (("SparseModel (sparsegpt 50%)", "uniform"),
+                             ("SparseModel (sparsegpt 50%, loss-gradient weights)", "loss_gradient")):
+        calibrated_dir = os.path.join(out, "calibrated")  # the plan line's total is the row's plan
+        stage = run_stage("gaprune.model.SparseModel", [*calibrated, "--output_dir", calibrated_dir,
+                                                        "--calibration_weighting", weighting], 1, required=False)
+        shutil.rmtree(calibrated_dir, ignore_errors=True)
+        rows.append({"shape": name, "layers": layers, "stage": label, "tokens": 0, **stage})
+        print(format_row(rows[-1]), flush=True)
     evaluate = ["--model_path", result["output"], "--data_paths", paths["chem"], "--output_file",
                 os.path.join(out, "eval.json"), *runtime]
     result = run_stage("gaprune.model.evaluate", evaluate, 1)
