@@ -105,9 +105,11 @@ def _output_gradient_squares(embedder: Embedder, triples: Sequence[Sequence[str]
     gradient caching does): dL/d(embedding) first, from embeddings computed without a graph; then each
     field again with its graph, back-propagating that cached gradient to its layers' outputs."""
     fields = [embedder.tokenize([triple[key] for triple in triples]) for key in range(3)]
+    embeddings = []
     with torch.no_grad():
-        embeddings = [embedder.embed_tokens(tokens).requires_grad_() for tokens in fields]
-    outputs.clear()
+        for tokens in fields:
+            embeddings.append(embedder.embed_tokens(tokens).requires_grad_())
+            outputs.clear()  # the hooks saw this pass too: hold none of its outputs
     cached = torch.autograd.grad(info_nce(*embeddings), embeddings)
     squares: dict[str, list[torch.Tensor | None]] = {name: [None] * (3 * len(triples)) for name in names}
     for key, tokens in enumerate(fields):  # queries, positives, negatives
@@ -142,8 +144,10 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     for side, side_texts in texts.items():
         if not side_texts or len(side_texts) % 3:
             raise InputError(f"loss-gradient weights need whole triples; the {side} side has {len(side_texts)} texts")
-    triples = {side: [side_texts[i:i + 3] for i in range(0, len(side_texts), 3)] for side, side_texts in texts.items()}
-    jobs = [(side, start) for side, side_triples in triples.items() for start in range(0, len(side_triples), batch_size)]
+    triples = {side: [side_texts[i:i + 3] for i in range(0, len(side_texts), 3)]
+               for side, side_texts in texts.items()}
+    jobs = [(side, start) for side, side_triples in triples.items()
+            for start in range(0, len(side_triples), batch_size)]
     world = current_world()
     mine = [jobs[index] for index in world.contiguous_share(len(jobs))]
     if world.is_distributed:
@@ -154,7 +158,8 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     outputs: list[tuple[str, torch.Tensor]] = []
     handles = [module.register_forward_hook(lambda module, args, out, name=name: outputs.append((name, out)))
                for name, module in modules.items()]
-    rows, lengths = [], []  # per real token, its weight in each layer; per text, its real tokens
+    rows: list[torch.Tensor] = []  # per real token, its weight in each layer
+    lengths: list[int] = []  # per text, its real tokens
     try:
         with _activation_gradients_only(model):
             for side, start in tqdm(mine, desc="loss gradients", unit="batch", disable=not world.is_main):
@@ -169,6 +174,9 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     rows.clear()  # held once, not twice, from here on
     per_text = world.gather_ragged(local).split(world.gather_ragged(torch.tensor(lengths, dtype=torch.int64)).tolist())
     del local
+    if len(per_text) != sum(map(len, texts.values())):
+        raise RuntimeError(f"the ranks' loss-gradient weights cover {len(per_text)} texts, not "
+                           f"{sum(map(len, texts.values()))}")
     weights: TokenWeights = {}
     for side, side_texts in texts.items():  # the jobs, hence the texts, come side after side
         side_rows, per_text = per_text[:len(side_texts)], per_text[len(side_texts):]
@@ -320,11 +328,14 @@ def layers_by_block(model: torch.nn.Module, names: Sequence[str]) -> list[set[st
     return by_block
 
 
-def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int, int, int]]:
-    """(block, inputs, outputs) of each candidate layer, for the memory plan."""
-    return [(index, module.in_features, module.out_features)
-            for index, block_names in enumerate(layers_by_block(model, names))
-            for module in (parameter_owner(model, name)[0] for name in sorted(block_names))]
+def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int, str, int, int]]:
+    """(block, parent module, inputs, outputs) of each candidate layer, for the memory plan."""
+    widths = []
+    for index, block_names in enumerate(layers_by_block(model, names)):
+        for name in sorted(block_names):
+            module = parameter_owner(model, name)[0]
+            widths.append((index, name.rsplit(".", 2)[0], module.in_features, module.out_features))
+    return widths
 
 
 @torch.no_grad()
@@ -395,5 +406,6 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)
+            del inputs, statistics, add  # freed before the next stage's are made
         for batch in batches:
             batch.with_hidden(_run_block(block, batch))

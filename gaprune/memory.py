@@ -29,7 +29,7 @@ import torch
 
 from gaprune.data import TRIPLE_KEYS, batched
 from gaprune.layers import embedding_weights
-from gaprune.modeling import Embedder
+from gaprune.modeling import Embedder, is_encoder
 
 log = logging.getLogger(__name__)
 GB = 1024 ** 3
@@ -122,6 +122,25 @@ def activation_bytes_per_token(config, dtype_bytes: int) -> int:
     return per_layer * config.num_hidden_layers + dtype_bytes * 2 * hidden
 
 
+def activation_gradient_bytes_per_token(config, dtype_bytes: int, length: int) -> int:
+    """What autograd keeps per token of texts padded to ``length`` when only the activations take gradients
+    (every weight frozen, so no linear layer keeps its input), per layer: the two norms' inputs and float32
+    statistics; sdpa's queries, keys and values (grouped keys and values expanded to every head), output,
+    float32 log-sum-exp and the padded batch's attention mask (Qwen3 also keeps q and k before its q/k norms);
+    the MLP's activation inputs (gated: gate, up and their activation; BERT: the GELU's input). Then the
+    final norm's input. (The rotary tables, one per position, are left out.)"""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    qk_norms = config.model_type == "qwen3"
+    attention = 4 * heads * head_dim + length + (heads + kv_heads) * head_dim * qk_norms
+    mlp = (1 if is_encoder(config) else 3) * config.intermediate_size
+    statistics = 4 * (2 + heads + (heads + kv_heads) * qk_norms)
+    per_layer = dtype_bytes * (2 * hidden + attention + mlp) + statistics
+    return per_layer * config.num_hidden_layers + dtype_bytes * hidden
+
+
 def batch_tokens(embedder: Embedder, batches: Sequence[Sequence[dict]]) -> int:
     """The most padded tokens one batch puts through the model (queries, positives and negatives each padded
     to their longest text, capped at the model's max length)."""
@@ -148,6 +167,7 @@ class MemoryPlan:
     accumulate_on: str = "device"
     ranks: int = 1  # torchrun processes, among which sharded sums are split
     loading: int = 0  # host: a checkpoint converted while loading, its file mapped until the copy is made
+    advice: str = "try --accumulate_on cpu (or sharded under torchrun) or a smaller --batch_size"  # when too large
 
     @property
     def device_total(self) -> int:
@@ -161,17 +181,17 @@ class MemoryPlan:
 
     def line(self) -> str:
         def parts(items: dict[str, int]) -> str:
-            return " + ".join(f"{name} {value / GB:.2f}" for name, value in items.items() if value)
+            return " + ".join(f"{name} {_gb(value)}" for name, value in items.items() if value)
         place = f"sharded across {self.ranks} ranks" if self.accumulate_on == "sharded" else f"on {self.accumulate_on}"
         text = f"memory plan ({self.stage}, sums {place}): {self.device_name} " \
-               f"{parts(self.device)} = {self.device_total / GB:.2f} GB"
+               f"{parts(self.device)} = {_gb(self.device_total)} GB"
         if self.capacity:
             text += f" of {self.capacity / GB:.0f} GB"
         if self.loading:
-            text += f" (while loading: the checkpoint mapped {self.loading / GB:.2f} in place of " \
+            text += f" (while loading: the checkpoint mapped {_gb(self.loading)} in place of " \
                     f"{' + '.join(WORKING_PARTS)})"
         if self.host and self.device_name != "host":
-            text += f"; host {parts(self.host)} = {self.host_total / GB:.2f} GB"
+            text += f"; host {parts(self.host)} = {_gb(self.host_total)} GB"
         return text
 
 
@@ -266,17 +286,18 @@ def score_cache_bytes() -> int:
     return int((_available_host_memory() or 0) * SCORE_CACHE_SHARE)
 
 
-def warn_if_too_large(plan: MemoryPlan) -> None:
+def warn_if_too_large(plan: MemoryPlan | CalibrationPlan) -> None:
     """Warn when the plan exceeds the GPU, or when the host parts of every process on this node exceed the
     host memory available now (torchrun's processes on one machine share it; with sharded sums only rank 0
     has host parts)."""
     if plan.capacity and plan.device_total > plan.capacity:
-        log.warning("the plan needs %.1f GB on the GPU, which has %.1f GB for this process: expect out-of-memory; "
-                    "try --accumulate_on cpu (or sharded under torchrun) or a smaller --batch_size",
-                    plan.device_total / GB, plan.capacity / GB)
+        log.warning("the %s plan needs %.1f GB on the GPU, which has %.1f GB for this process: expect "
+                    "out-of-memory; %s", plan.stage, plan.device_total / GB, plan.capacity / GB, plan.advice)
+    if not plan.host:
+        return
     processes = 1 if plan.accumulate_on == "sharded" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     available = _available_host_memory()
-    if plan.host and available is not None and processes * plan.host_total > available:
+    if available is not None and processes * plan.host_total > available:
         log.warning("the plan's host memory (%s) needs %.1f GB for %d process(es) on this machine, and %.1f GB are "
                     "available", ", ".join(plan.host), processes * plan.host_total / GB, processes, available / GB)
 
@@ -306,90 +327,87 @@ def alignment_plan(embedder: Embedder, selected: dict[str, torch.Tensor], genera
 class CalibrationPlan:
     """Calibrated pruning's peak (Wanda, SparseGPT, --reconstruct), in bytes on the compute device. The model
     and the token weights stay throughout; the loss-gradient pass (its graph) is over before the block-by-block
-    pass (the hidden states at one block boundary, one stage's statistics, the pruner's working copies)
-    begins, so the larger of the two phases counts."""
+    pass (the hidden states at one block boundary, one block running on one batch, one stage's statistics,
+    the pruner's working copies) begins, so the larger of the two phases counts."""
 
     device_name: str
     model: int
     hidden_states: int  # every batch's input to a block (with its attention mask), and one batch's output
+    block_run: int  # one batch through one block: what it allocates on the way, the layer input in float32
     statistics: int  # per side: X^T X (with a Hessian) and sum x^2, for the layers of the largest stage
-    pruner: int  # SparseGPT on the largest layer: H's blended and inverse copies, float32 weight copies
+    pruner: int  # SparseGPT on the largest layer: H's copies and factors, float32 weight copies
     token_weights: int = 0  # --calibration_weighting loss_gradient: a weight per real token and layer
-    graph: int = 0  # ...and the autograd graph of one field of a batch of triples
+    graph: int = 0  # ...and one field of a batch of triples: its autograd graph, the layers' outputs and gradients
     capacity: int | None = None
+    stage: str = "calibration"
+    advice: str = "lower --calibration_samples, --calibration_max_length or --calibration_batch_size"
+    host: dict[str, int] = field(default_factory=dict)  # nothing: all of it is on the compute device
+    host_total: int = 0
 
     @property
-    def total(self) -> int:
-        return self.model + self.token_weights + max(self.graph, self.hidden_states + self.statistics + self.pruner)
+    def device_total(self) -> int:
+        calibrating = self.hidden_states + self.block_run + self.statistics + self.pruner
+        return self.model + self.token_weights + max(self.graph, calibrating)
 
     def line(self) -> str:
         weighted = f" + token weights {_gb(self.token_weights)}" if self.token_weights else ""
-        calibrating = (f"hidden states {_gb(self.hidden_states)} + statistics {_gb(self.statistics)} + pruner "
-                       f"{_gb(self.pruner)}")
+        calibrating = (f"hidden states {_gb(self.hidden_states)} + block run {_gb(self.block_run)} + statistics "
+                       f"{_gb(self.statistics)} + pruner {_gb(self.pruner)}")
         phases = f"max(loss-gradient graph {_gb(self.graph)}, {calibrating})" if self.graph else calibrating
         text = f"memory plan (calibration): {self.device_name} model {_gb(self.model)}{weighted} + {phases} " \
-               f"= {_gb(self.total)} GB"
+               f"= {_gb(self.device_total)} GB"
         return text + (f" of {self.capacity / GB:.0f} GB" if self.capacity else "")
-
-
-    def warn_if_too_large(self) -> None:
-        if self.capacity and self.total > self.capacity:
-            log.warning("calibration needs %.1f GB on the GPU, which has %.1f GB for this process: expect "
-                        "out-of-memory; lower --calibration_samples, --calibration_max_length or "
-                        "--calibration_batch_size", self.total / GB, self.capacity / GB)
-
-    def measured_line(self, device: torch.device) -> str | None:
-        """The GPU's peak against the plan (None on the CPU, where resident memory also holds the runtime)."""
-        if device.type != "cuda":
-            return None
-        peak = torch.cuda.max_memory_allocated(device)
-        return (f"memory used (calibration): peak GPU {peak / GB:.2f} GB against {self.total / GB:.2f} GB planned "
-                f"({(peak - self.total) / self.total:+.0%})")
 
 
 def _gb(value: int) -> str:
     return f"{value / GB:.2f}"
 
 
-def plan_calibration(embedder: Embedder, widths: Sequence[tuple[int, int, int]], texts: dict[str, Sequence[str]],
+def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, int]], texts: dict[str, Sequence[str]],
                      batch_size: int, hessian: bool, weighted: bool, world_size: int = 1,
                      capacity: int | None = None) -> CalibrationPlan:
-    """The plan of calibrated pruning. ``widths``: (block, in, out) of each candidate layer; ``texts`` by side, in
-    batches of ``batch_size`` (texts for the block pass, triples for the loss-gradient pass). Under torchrun each
-    of ``world_size`` ranks holds the hidden states of its share of the batches (the busiest rank counts).
-    The largest stage is taken as every candidate of a block with inputs of the same width (q/k/v and gate/up
-    read one input; with token weights each layer keeps its own statistics, else they share one)."""
+    """The plan of calibrated pruning. ``layers``: (block, parent module, inputs, outputs) of each candidate layer
+    (``calibration.layer_widths``); ``texts`` by side, in batches of ``batch_size`` (texts for the block pass,
+    triples for the loss-gradient pass). Under torchrun each of ``world_size`` ranks holds the hidden states of
+    its share of the batches (the busiest rank counts). A stage is taken as the candidates of one parent module
+    with inputs of one width (q/k/v, gate/up; with an attention output projection as wide as q/k/v's input,
+    an upper bound); with token weights each layer keeps its own statistics, else a stage shares one."""
     model = embedder.model
     config = model.config
     dtype_bytes = model.dtype.itemsize
-    lengths = {side: [len(ids) for ids in embedder.tokenizer(list(side_texts), truncation=True,
-                                                             max_length=embedder.max_length)["input_ids"]]
-               for side, side_texts in texts.items()}
-    batches = [side_lengths[start:start + batch_size] for side_lengths in lengths.values()
-               for start in range(0, len(side_lengths), batch_size)]
-    per_batch = [len(batch) * max(batch) * (config.hidden_size * dtype_bytes + max(batch)) for batch in batches]
+    lengths = [[len(ids) for ids in embedder.tokenizer(list(side_texts), truncation=True,
+                                                       max_length=embedder.max_length)["input_ids"]]
+               for side_texts in texts.values() if side_texts]
+    batches = [side[start:start + batch_size] for side in lengths for start in range(0, len(side), batch_size)]
+    tokens = [len(batch) * max(batch) for batch in batches]  # padded to the batch's longest text
+    stored = [count * (config.hidden_size * dtype_bytes + max(batch)) for count, batch in zip(tokens, batches)]
     ranks = world_size if len(batches) >= world_size else 1  # fewer batches than ranks: every rank runs them all
-    hidden = max(sum(per_batch[rank::ranks]) for rank in range(ranks)) + max(
-        len(batch) * max(batch) * config.hidden_size * dtype_bytes for batch in batches)
-    sides = len(texts)
-    stage: dict[tuple[int, int], int] = {}
-    for block, width, _ in widths:
-        stage[block, width] = stage.get((block, width), 0) + 1
-    statistics = max(4 * sides * ((width * width if hessian else 0) + width) * (count if weighted else 1)
-                     for (_, width), count in stage.items())
-    pruner = max(4 * (3 * width * width + 2 * width * out) for _, width, out in widths) if hessian else 0
+    most = max(tokens, default=0)
+    hidden = max(sum(stored[rank::ranks]) for rank in range(ranks)) + most * config.hidden_size * dtype_bytes
+    widest = max(width for _, _, width, _ in layers)
+    block_run = most * (activation_bytes_per_token(config, dtype_bytes) // config.num_hidden_layers + 2 * 4 * widest)
+    stages: dict[tuple[int, str, int], int] = {}
+    for block, parent, width, _ in layers:
+        stages[block, parent, width] = stages.get((block, parent, width), 0) + 1
+    statistics = max(4 * len(lengths) * ((width * width if hessian else 0) + width) * (count if weighted else 1)
+                     for (_, _, width), count in stages.items())
+    # H blended (and, in Hessian group order, permuted) beside the dampened copy and its factor or inverse;
+    # the float32 weight being updated and its result
+    pruner = max(4 * (4 * width * width + 2 * width * out) for _, _, width, out in layers) if hessian else 0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = CalibrationPlan("cuda" if capacity else "host", model_bytes, hidden, statistics, pruner, capacity=capacity)
+    plan = CalibrationPlan("cuda" if capacity else "host", model_bytes, hidden, block_run, statistics, pruner,
+                           capacity=capacity)
     if weighted:
-        plan.token_weights = 4 * len(widths) * sum(sum(side_lengths) for side_lengths in lengths.values())
-        fields = [side_lengths[start + key:start + 3 * batch_size:3]  # one field of a batch of triples
-                  for side_lengths in lengths.values() for start in range(0, len(side_lengths), 3 * batch_size)
-                  for key in range(3)]
-        plan.graph = max(len(field) * max(field) for field in fields) * activation_bytes_per_token(config, dtype_bytes)
+        plan.token_weights = 4 * len(layers) * sum(map(sum, lengths))
+        fields = [side[start + key:start + 3 * batch_size:3]  # one field of a batch of triples
+                  for side in lengths for start in range(0, len(side), 3 * batch_size) for key in range(3)]
+        outputs = 2 * sum(out for _, _, _, out in layers) * dtype_bytes  # each candidate's y and dL/dy, per token
+        plan.graph = max((len(one) * max(one) * (activation_gradient_bytes_per_token(config, dtype_bytes, max(one))
+                                                 + outputs) for one in fields), default=0)
     return plan
 
 
-def measured_line(plan: MemoryPlan, device: torch.device) -> str:
+def measured_line(plan: MemoryPlan | CalibrationPlan, device: torch.device) -> str:
     """The peak really used against the plan's estimate."""
     if device.type == "cuda":
         peak, planned, where = torch.cuda.max_memory_allocated(device), plan.device_total, "GPU"

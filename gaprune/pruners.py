@@ -42,7 +42,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampenin
         weight[:, dead] = 0
     index = torch.arange(hessian.shape[0], device=hessian.device)
     hessian[index, index] += dampening * torch.mean(torch.diag(hessian))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    factor = torch.linalg.cholesky(hessian)
+    del hessian  # beside the caller's H, at most two in x in matrices alive at once
+    inverse = torch.cholesky_inverse(factor)
+    del factor
     return torch.linalg.cholesky(inverse, upper=True)
 
 

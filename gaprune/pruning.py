@@ -14,7 +14,7 @@ from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
-from gaprune.memory import gpu_capacity, plan_calibration, score_cache_bytes
+from gaprune.memory import gpu_capacity, measured_line, plan_calibration, score_cache_bytes, warn_if_too_large
 from gaprune.modeling import Embedder
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
@@ -122,16 +122,17 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                                 calibration.batch_size, hessian, weighted, current_world().size,
                                 gpu_capacity(embedder.device))
         log.info("%s", plan.line())
-        plan.warn_if_too_large()
+        warn_if_too_large(plan)
+        if embedder.device.type == "cuda":  # the peak of calibration, from the model up
+            torch.cuda.reset_peak_memory_stats(embedder.device)
         token_weights = None
         if weighted:
             token_weights = loss_gradient_weights(embedder, calibration.texts, list(candidates),
                                                   calibration.batch_size)
         prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
                              hessian=hessian, batch_size=calibration.batch_size, token_weights=token_weights)
-        measured = plan.measured_line(embedder.device)
-        if measured:
-            log.info("%s", measured)
+        if embedder.device.type == "cuda":  # (resident memory on a CPU also holds the runtime, which it leaves out)
+            log.info("%s", measured_line(plan, embedder.device))
     finally:
         embedder.max_length = maximum
     options = pruner_options(layer_shares, group_order, calibration.token_weighting)

@@ -224,8 +224,9 @@ embedder = load_embedder(model_dir, "cpu", "float32")
 texts = {"domain": triple_texts(load_triples(chem, 4)), "general": triple_texts(load_triples(general, 5))}
 weights = loss_gradient_weights(embedder, texts, list(select_parameters(embedder.model.named_parameters(), ["mlp"])),
                                 batch_size=2)
+ragged = world.gather_ragged(torch.full((1 + 2 * world.rank, 2), float(world.rank)))  # rank 1 has more rows
 if world.is_main:
-    torch.save(weights, out)
+    torch.save({"weights": weights, "ragged": ragged}, out)
 distributed.shutdown()
 """
 
@@ -233,7 +234,8 @@ distributed.shutdown()
 def test_torchrun_loss_gradient_weights_equal_one_process(tmp_path, qwen3_dir, data_files):
     """The ranks share the loss's batches of triples in contiguous blocks (2 domain and 3 general batches:
     rank 0 runs both domain ones and the first general one, rank 1 the other two) and every rank then holds
-    every weight: rank 0's equal one process's exactly, text by text."""
+    every weight: rank 0's equal one process's exactly, text by text. World.gather_ragged keeps every rank's
+    rows, in rank order, when a later rank has more of them."""
     script = tmp_path / "weights.py"
     script.write_text(LOSS_GRADIENT_WEIGHTS)
     args = [qwen3_dir, data_files["chem"], data_files["general"]]
@@ -245,6 +247,9 @@ def test_torchrun_loss_gradient_weights_equal_one_process(tmp_path, qwen3_dir, d
         assert done.returncode == 0, done.stderr[-3000:]
     assert "loss gradients shared among 2 ranks: this rank runs 3 of 5 batches" in done.stderr, done.stderr[-3000:]
     one, two = (torch.load(tmp_path / out) for out in ("one.pt", "two.pt"))
+    assert one["ragged"].tolist() == [[0.0, 0.0]]
+    assert two["ragged"].tolist() == [[0.0, 0.0]] + [[1.0, 1.0]] * 3
+    one, two = one["weights"], two["weights"]
     assert list(one) == list(two) == ["domain", "general"]
     for side in one:
         assert list(one[side]) == list(two[side])

@@ -269,11 +269,29 @@ def stored_block_inputs(batches) -> int:
     return total
 
 
+def saved_for_backward(embedder, tokens) -> int:
+    """The bytes autograd keeps for one forward pass of ``tokens`` with gradients of the activations only (each
+    tensor once, however many nodes save it; the weights it saves are the model's own)."""
+    from gaprune.calibration import _activation_gradients_only
+
+    weights = {p.data_ptr() for p in embedder.model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved[(tensor.data_ptr(), tensor.nbytes)] = tensor.nbytes
+        return tensor
+    with _activation_gradients_only(embedder.model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        embedder.embed_tokens(tokens)
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("pooled", ["qwen3", "bert"])
 def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, data_files, pooled):
     """The hidden states at a block boundary (each batch's input and sdpa's boolean mask, on the busiest rank, and
-    one batch's output), the token weights and the loss-gradient graph, against what the calibration code
-    really builds; the statistics and SparseGPT's working copies by hand."""
+    one batch's output; every rank runs every batch when there are fewer batches than ranks), the token weights
+    and the loss-gradient graph, against what the calibration code really builds; the statistics and
+    SparseGPT's working copies by hand."""
     from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights
     from gaprune.data import triple_texts
     from gaprune.distributed import World
@@ -285,28 +303,70 @@ def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, dat
     names = list(select_parameters(embedder.model.named_parameters(), ["mlp"]))
     widths = layer_widths(embedder.model, names)
     config = embedder.model.config
-    for ranks in (1, 2):
+    for ranks in (1, 2):  # 6 batches
         plan = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=True, world_size=ranks)
         held = [_first_block_inputs(embedder, texts, 4, World(rank, ranks))[0] for rank in range(ranks)]
         output = max(batch.real.numel() * config.hidden_size * 4 for batch in held[0] + held[-1])
         assert plan.hidden_states == max(stored_block_inputs(batches) for batches in held) + output
+    alone = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=True, world_size=1)
+    assert plan_calibration(embedder, widths, texts, 4, True, True, world_size=8).hidden_states == alone.hidden_states
     weights = loss_gradient_weights(embedder, texts, names, batch_size=4)
     assert plan.token_weights == 4 * sum(w.numel() for side in weights.values() for per_text in side.values()
                                          for w in per_text)
-    fields = [embedder.tokenize(side_texts[start + key:start + 12:3])["input_ids"].numel()
+    fields = [embedder.tokenize(side_texts[start + key:start + 12:3])
               for side_texts in texts.values() for start in range(0, len(side_texts), 12) for key in range(3)]
-    assert plan.graph == max(fields) * activation_bytes_per_token(config, 4)
+    largest = max(fields, key=lambda tokens: tokens["input_ids"].numel())
+    outputs = largest["input_ids"].numel() * 4 * sum(out for *_, out in widths)  # held by the hooks; and dL/dy
+    measured = saved_for_backward(embedder, largest) + 2 * outputs
+    assert 0.95 * measured <= plan.graph <= 1.05 * measured, (measured, plan.graph)  # rotary tables left out
     hidden, inner = config.hidden_size, config.intermediate_size
     # each layer its own statistics on both sides; the largest stage: the two that read the block's input, or
     # the down projection alone
     assert plan.statistics == max(4 * 2 * 2 * (hidden * hidden + hidden), 4 * 2 * (inner * inner + inner))
-    assert plan.pruner == max(4 * (3 * width * width + 2 * width * out) for width, out in ((hidden, inner), (inner, hidden)))
+    assert plan.pruner == max(4 * (4 * width ** 2 + 2 * width * out) for width, out in ((hidden, inner), (inner, hidden)))
     uniform = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=False)
     assert (uniform.token_weights, uniform.graph) == (0, 0)
     assert uniform.statistics == max(4 * 2 * (width * width + width) for width in (hidden, inner))  # one per stage
-    assert uniform.total == uniform.model + uniform.hidden_states + uniform.statistics + uniform.pruner
-    assert plan.total == plan.model + plan.token_weights + max(plan.graph, plan.hidden_states + plan.statistics
-                                                                + plan.pruner)
+    calibrating = plan.hidden_states + plan.block_run + plan.statistics + plan.pruner
+    assert plan.device_total == plan.model + plan.token_weights + max(plan.graph, calibrating)
+
+
+def test_calibration_plan_takes_a_stage_as_the_layers_of_one_module_reading_one_width(bert_dir, data_files):
+    """BERT's attention and MLP: query/key/value read one input; the attention output and the intermediate
+    layer are as wide but stages of their own."""
+    from gaprune.calibration import layer_widths
+    from gaprune.data import triple_texts
+    from gaprune.memory import plan_calibration
+
+    embedder = load_embedder(bert_dir, "cpu", "float32")
+    names = list(select_parameters(embedder.model.named_parameters(), ["attention"]))
+    texts = {"domain": triple_texts(load_triples(data_files["chem"], 2))}
+    hidden = embedder.model.config.hidden_size
+    plan = plan_calibration(embedder, layer_widths(embedder.model, names), texts, 4, hessian=True, weighted=True)
+    assert plan.statistics == 3 * 4 * (hidden * hidden + hidden)  # query, key, value; one side
+
+
+def test_calibration_plan_of_a_side_without_texts(qwen3_dir, data_files):
+    """A side given no texts counts nothing (the calibration itself then reports what is missing)."""
+    from gaprune.calibration import layer_widths
+    from gaprune.data import triple_texts
+    from gaprune.memory import plan_calibration
+
+    embedder = load_embedder(qwen3_dir, "cpu", "float32")
+    widths = layer_widths(embedder.model, list(select_parameters(embedder.model.named_parameters(), ["mlp"])))
+    domain = triple_texts(load_triples(data_files["chem"], 2))
+    plans = [plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=True)
+             for texts in ({"domain": domain}, {"domain": domain, "general": []}, {"domain": []})]
+    assert plans[0] == plans[1]
+    assert (plans[2].hidden_states, plans[2].token_weights, plans[2].graph) == (0, 0, 0)
+    from gaprune.errors import InputError
+    from gaprune.pruning import Calibration, prune_calibrated
+
+    candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
+    result = prune_calibrated(embedder, candidates, "wanda", 0.5, Calibration({"domain": domain, "general": []}, 0.0))
+    assert result.masked == sum(p.numel() for p in candidates.values()) // 2
+    with pytest.raises(InputError, match="no calibration texts"):
+        prune_calibrated(embedder, candidates, "wanda", 0.5, Calibration({"domain": []}, 0.0))
 
 
 def test_calibrated_pruning_logs_its_plan_and_warns_when_it_cannot_fit(caplog, monkeypatch, tmp_path, qwen3_dir,
@@ -321,5 +381,5 @@ def test_calibrated_pruning_logs_its_plan_and_warns_when_it_cannot_fit(caplog, m
                           "--calibration_samples", "3", "--device", "cpu"])
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan (calibration)")]
     assert " model " in line and "hidden states" in line and line.endswith("of 0 GB")
-    assert any("calibration needs" in r.getMessage() and "expect out-of-memory" in r.getMessage()
+    assert any("the calibration plan needs" in r.getMessage() and "lower --calibration_samples" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
