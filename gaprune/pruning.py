@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, layer_widths,
+from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, TokenWeights, layer_widths,
                                  loss_gradient_weights, prune_block_by_block)
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
@@ -61,6 +62,30 @@ class Calibration:
     batch_size: int = 8
     max_length: int | None = None  # tokens per text while calibrating (None: the model's)
     token_weighting: str = UNIFORM_WEIGHTING  # or "loss_gradient" (calibration.loss_gradient_weights)
+    token_weights: TokenWeights | None = None  # loss_gradient: measured already on this model (measure_token_weights)
+
+
+@contextmanager
+def calibration_length(embedder: Embedder, calibration: Calibration) -> Iterator[None]:
+    """The embedder truncating texts to the calibration's ``max_length`` (where that is shorter) inside."""
+    maximum = embedder.max_length
+    if calibration.max_length:
+        embedder.max_length = min(maximum, calibration.max_length)
+    try:
+        yield
+    finally:
+        embedder.max_length = maximum
+
+
+def measure_token_weights(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
+                          calibration: Calibration) -> Calibration:
+    """``calibration`` with its loss-gradient token weights measured now, on the model as it is: several prunings
+    of the same dense model (compare.py) then share one measurement. Uniform weighting needs none."""
+    if calibration.token_weighting == UNIFORM_WEIGHTING:
+        return calibration
+    with calibration_length(embedder, calibration):
+        weights = loss_gradient_weights(embedder, calibration.texts, list(candidates), calibration.batch_size)
+    return dataclasses.replace(calibration, token_weights=weights)
 
 
 def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
@@ -112,29 +137,28 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
             masked = int(torch.count_nonzero(mask))
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
 
-    maximum = embedder.max_length
-    if calibration.max_length:
-        embedder.max_length = min(maximum, calibration.max_length)
     hessian = reconstruct or chosen.layer_pruner is not None
     weighted = calibration.token_weighting != UNIFORM_WEIGHTING
-    try:
+    with calibration_length(embedder, calibration):
         plan = plan_calibration(embedder, layer_widths(embedder.model, list(candidates)), calibration.texts,
                                 calibration.batch_size, hessian, weighted, current_world().size,
                                 gpu_capacity(embedder.device))
+        token_weights = calibration.token_weights if weighted else None
+        if token_weights is not None:
+            if any(set(side) != set(candidates) for side in token_weights.values()):
+                raise ValueError("the calibration's token weights were measured for other layers")
+            plan.graph = 0  # measured before
         log.info("%s", plan.line())
         warn_if_too_large(plan)
         if embedder.device.type == "cuda":  # the peak of calibration, from the model up
             torch.cuda.reset_peak_memory_stats(embedder.device)
-        token_weights = None
-        if weighted:
+        if weighted and token_weights is None:
             token_weights = loss_gradient_weights(embedder, calibration.texts, list(candidates),
                                                   calibration.batch_size)
         prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
                              hessian=hessian, batch_size=calibration.batch_size, token_weights=token_weights)
         if embedder.device.type == "cuda":  # (resident memory on a CPU also holds the runtime, which it leaves out)
             log.info("%s", measured_line(plan, embedder.device))
-    finally:
-        embedder.max_length = maximum
     options = pruner_options(layer_shares, group_order, calibration.token_weighting)
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None

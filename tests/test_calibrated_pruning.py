@@ -315,6 +315,39 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
     assert rows[3].get("group_order") == "hessian" and "group_order" not in rows[2]
 
 
+def test_token_weights_measured_once_prune_as_measured_each_time(monkeypatch, tmp_path, qwen3_dir, data_files):
+    """Loss-gradient weights measured beforehand on the dense model (measure_token_weights, with the
+    calibration's max length) prune exactly as weights measured inside the pruning; compare.py measures them
+    once for all its rows; weights measured for other layers are refused."""
+    from gaprune import pruning
+    from gaprune.pruning import Calibration, measure_token_weights, prune_calibrated
+
+    texts = {"domain": triple_texts(load_triples(data_files["chem"], 4)),
+             "general": triple_texts(load_triples(data_files["general"], 4))}
+    calibration = Calibration(texts, 0.5, batch_size=4, max_length=12, token_weighting="loss_gradient")
+    pruned = []
+    for measured in (False, True):
+        embedder = load_embedder(qwen3_dir, "cpu", "float32")
+        candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
+        given = measure_token_weights(embedder, candidates, calibration) if measured else calibration
+        assert (given.token_weights is not None) == measured
+        prune_calibrated(embedder, candidates, "sparsegpt", 0.5, given)
+        pruned.append({name: p.detach().clone() for name, p in candidates.items()})
+    assert all(torch.equal(pruned[0][name], pruned[1][name]) for name in pruned[0])
+    attention = select_parameters(embedder.model.named_parameters(), ["attention"])
+    with pytest.raises(ValueError, match="measured for other layers"):
+        prune_calibrated(embedder, attention, "wanda", 0.5, given)
+
+    calls = []
+    measure = pruning.loss_gradient_weights
+    monkeypatch.setattr(pruning, "loss_gradient_weights", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    path = compare.main(["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
+                         data_files["general"], "--scorers", "wanda", "sparsegpt", "--sparsity", "0.5", "0.6",
+                         "--calibration_data", data_files["chem"], "--calibration_samples", "4",
+                         "--calibration_weighting", "loss_gradient", "--output_dir", str(tmp_path)])
+    assert len(json.load(open(path))["rows"]) == 5 and len(calls) == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5"], "need --calibration_data"),
     (["--unstructured_scoring", "magnitude", "--sparsity_pattern", "2:4", "--unstructured_pct", "0.3"],

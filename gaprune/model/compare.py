@@ -26,8 +26,8 @@ from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (UNIFORM_SHARES, option_words, prune_calibrated, prune_candidates, prune_structure,
-                             scorers_used, structure_candidates)
+from gaprune.pruning import (UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated, prune_candidates,
+                             prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
@@ -131,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     if args.structure == "unstructured":
         candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+        if calibration is not None:  # every row prunes the same dense model: one loss-gradient measurement
+            calibration = measure_token_weights(embedder, candidates, calibration)
     else:
         plan = unit_plan(embedder.model, args.structure)
         for pct in args.sparsity:
