@@ -15,7 +15,8 @@ from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
                              lowest_in_rows, prune_lowest)
-from gaprune.memory import gpu_capacity, measured_line, plan_calibration, score_cache_bytes, warn_if_too_large
+from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
+                            warn_if_too_large)
 from gaprune.modeling import Embedder
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
@@ -62,7 +63,8 @@ class Calibration:
     batch_size: int = 8
     max_length: int | None = None  # tokens per text while calibrating (None: the model's)
     token_weighting: str = UNIFORM_WEIGHTING  # or "loss_gradient" (calibration.loss_gradient_weights)
-    token_weights: TokenWeights | None = None  # loss_gradient: measured already on this model (measure_token_weights)
+    # loss_gradient: measured already on this model, with these texts, batch size and max length
+    token_weights: TokenWeights | None = None  # (measure_token_weights)
 
 
 @contextmanager
@@ -79,13 +81,30 @@ def calibration_length(embedder: Embedder, calibration: Calibration) -> Iterator
 
 def measure_token_weights(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                           calibration: Calibration) -> Calibration:
-    """``calibration`` with its loss-gradient token weights measured now, on the model as it is: several prunings
-    of the same dense model (compare.py) then share one measurement. Uniform weighting needs none."""
+    """``calibration`` with its loss-gradient token weights measured now, on the model as it is (after logging the
+    memory plan with SparseGPT's statistics): several prunings of the same dense model (compare.py) then share
+    one measurement. Uniform weighting needs none."""
     if calibration.token_weighting == UNIFORM_WEIGHTING:
         return calibration
     with calibration_length(embedder, calibration):
+        _logged_plan(embedder, candidates, calibration, hessian=True)
         weights = loss_gradient_weights(embedder, calibration.texts, list(candidates), calibration.batch_size)
     return dataclasses.replace(calibration, token_weights=weights)
+
+
+def _logged_plan(embedder: Embedder, candidates: Mapping[str, torch.Tensor], calibration: Calibration,
+                 hessian: bool) -> CalibrationPlan:
+    """The calibration's memory plan, logged in one line (with a warning when it would not fit); without the
+    loss-gradient graph when the token weights were measured before."""
+    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
+    plan = plan_calibration(embedder, layer_widths(embedder.model, list(candidates)), calibration.texts,
+                            calibration.batch_size, hessian, weighted, current_world().size,
+                            gpu_capacity(embedder.device))
+    if weighted and calibration.token_weights is not None:
+        plan.graph = 0
+    log.info("%s", plan.line())
+    warn_if_too_large(plan)
+    return plan
 
 
 def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
@@ -105,6 +124,11 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     check_group_order([scorer], group_order, pattern)
     if calibration.token_weighting not in TOKEN_WEIGHTINGS:
         raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
+    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
+    token_weights = calibration.token_weights if weighted else None
+    if token_weights is not None and (set(token_weights) != set(calibration.texts) or
+                                      any(set(side) != set(candidates) for side in token_weights.values())):
+        raise ValueError("the calibration's token weights were measured for other texts or layers")
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
@@ -138,18 +162,8 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
 
     hessian = reconstruct or chosen.layer_pruner is not None
-    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     with calibration_length(embedder, calibration):
-        plan = plan_calibration(embedder, layer_widths(embedder.model, list(candidates)), calibration.texts,
-                                calibration.batch_size, hessian, weighted, current_world().size,
-                                gpu_capacity(embedder.device))
-        token_weights = calibration.token_weights if weighted else None
-        if token_weights is not None:
-            if any(set(side) != set(candidates) for side in token_weights.values()):
-                raise ValueError("the calibration's token weights were measured for other layers")
-            plan.graph = 0  # measured before
-        log.info("%s", plan.line())
-        warn_if_too_large(plan)
+        plan = _logged_plan(embedder, candidates, calibration, hessian)
         if embedder.device.type == "cuda":  # the peak of calibration, from the model up
             torch.cuda.reset_peak_memory_stats(embedder.device)
         if weighted and token_weights is None:

@@ -315,10 +315,12 @@ def test_compare_runs_the_field_with_cross_calibration(tmp_path, bert_dir, data_
     assert rows[3].get("group_order") == "hessian" and "group_order" not in rows[2]
 
 
-def test_token_weights_measured_once_prune_as_measured_each_time(monkeypatch, tmp_path, qwen3_dir, data_files):
+def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeypatch, tmp_path, qwen3_dir,
+                                                                data_files):
     """Loss-gradient weights measured beforehand on the dense model (measure_token_weights, with the
     calibration's max length) prune exactly as weights measured inside the pruning; compare.py measures them
-    once for all its rows; weights measured for other layers are refused."""
+    once for all its rows, after a memory plan that counts the loss-gradient graph; weights measured for other
+    layers are refused."""
     from gaprune import pruning
     from gaprune.pruning import Calibration, measure_token_weights, prune_calibrated
 
@@ -335,17 +337,22 @@ def test_token_weights_measured_once_prune_as_measured_each_time(monkeypatch, tm
         pruned.append({name: p.detach().clone() for name, p in candidates.items()})
     assert all(torch.equal(pruned[0][name], pruned[1][name]) for name in pruned[0])
     attention = select_parameters(embedder.model.named_parameters(), ["attention"])
-    with pytest.raises(ValueError, match="measured for other layers"):
+    with pytest.raises(ValueError, match="measured for other texts or layers"):
         prune_calibrated(embedder, attention, "wanda", 0.5, given)
 
     calls = []
     measure = pruning.loss_gradient_weights
     monkeypatch.setattr(pruning, "loss_gradient_weights", lambda *a, **k: calls.append(1) or measure(*a, **k))
-    path = compare.main(["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
-                         data_files["general"], "--scorers", "wanda", "sparsegpt", "--sparsity", "0.5", "0.6",
-                         "--calibration_data", data_files["chem"], "--calibration_samples", "4",
-                         "--calibration_weighting", "loss_gradient", "--output_dir", str(tmp_path)])
+    with caplog.at_level("INFO"):
+        path = compare.main(["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"],
+                             "--general_data_paths", data_files["general"], "--scorers", "wanda", "sparsegpt",
+                             "--sparsity", "0.5", "0.6", "--calibration_data", data_files["chem"],
+                             "--calibration_samples", "4", "--calibration_weighting", "loss_gradient",
+                             "--output_dir", str(tmp_path)])
     assert len(json.load(open(path))["rows"]) == 5 and len(calls) == 1
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan (calibration)")]
+    assert len(plans) == 5 and "loss-gradient graph" in plans[0]  # the measurement's, then one per row
+    assert not any("loss-gradient graph" in plan for plan in plans[1:])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -131,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     if args.structure == "unstructured":
         candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
-        if calibration is not None:  # every row prunes the same dense model: one loss-gradient measurement
-            calibration = measure_token_weights(embedder, candidates, calibration)
     else:
         plan = unit_plan(embedder.model, args.structure)
         for pct in args.sparsity:
@@ -143,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                              need_cosine=any(get_scorer(name).reads_cosine(config) for _, scoring, config in scorers
                                              for name in scorers_used(scoring, args.layer_shares)),
                              model_name=args.model_path)
+    if args.structure == "unstructured" and calibration is not None:  # every row prunes the same dense model:
+        calibration = measure_token_weights(embedder, candidates, calibration)  # one loss-gradient measurement
     dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
                      if args.structure == "unstructured" else {})  # structures load each model afresh
 
