@@ -63,8 +63,12 @@ class Calibration:
     batch_size: int = 8
     max_length: int | None = None  # tokens per text while calibrating (None: the model's)
     token_weighting: str = UNIFORM_WEIGHTING  # or "loss_gradient" (calibration.loss_gradient_weights)
-    # loss_gradient: measured already on this model, with these texts, batch size and max length
-    token_weights: TokenWeights | None = None  # (measure_token_weights)
+    token_weights: TokenWeights | None = None  # loss_gradient: measured already on this model (measure_token_weights)
+    measured_with: tuple | None = None  # the texts, batch size and max length the token weights were measured with
+
+    def measuring_settings(self) -> tuple:
+        """What the loss-gradient weights depend on besides the model: the texts and how they are batched and cut."""
+        return self.texts, self.batch_size, self.max_length
 
 
 @contextmanager
@@ -89,7 +93,7 @@ def measure_token_weights(embedder: Embedder, candidates: Mapping[str, torch.Ten
     with calibration_length(embedder, calibration):
         _logged_plan(embedder, candidates, calibration, hessian=True)
         weights = loss_gradient_weights(embedder, calibration.texts, list(candidates), calibration.batch_size)
-    return dataclasses.replace(calibration, token_weights=weights)
+    return dataclasses.replace(calibration, token_weights=weights, measured_with=calibration.measuring_settings())
 
 
 def _logged_plan(embedder: Embedder, candidates: Mapping[str, torch.Tensor], calibration: Calibration,
@@ -126,9 +130,9 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
         raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
     weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     token_weights = calibration.token_weights if weighted else None
-    if token_weights is not None and (set(token_weights) != set(calibration.texts) or
+    if token_weights is not None and (calibration.measured_with != calibration.measuring_settings() or
                                       any(set(side) != set(candidates) for side in token_weights.values())):
-        raise ValueError("the calibration's token weights were measured for other texts or layers")
+        raise ValueError("the calibration's token weights were measured for other texts, batches or layers")
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
         fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,

@@ -1,5 +1,6 @@
 """Wanda, SparseGPT, N:M patterns and reconstruction through SparseModel.py and compare.py."""
 
+import dataclasses
 import json
 import os
 
@@ -337,8 +338,11 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
         pruned.append({name: p.detach().clone() for name, p in candidates.items()})
     assert all(torch.equal(pruned[0][name], pruned[1][name]) for name in pruned[0])
     attention = select_parameters(embedder.model.named_parameters(), ["attention"])
-    with pytest.raises(ValueError, match="measured for other texts or layers"):
-        prune_calibrated(embedder, attention, "wanda", 0.5, given)
+    for other, layers in ((given, attention), (dataclasses.replace(given, batch_size=2), candidates),
+                          (dataclasses.replace(given, max_length=None), candidates),
+                          (dataclasses.replace(given, texts={"domain": texts["domain"]}), candidates)):
+        with pytest.raises(ValueError, match="measured for other texts, batches or layers"):
+            prune_calibrated(embedder, layers, "wanda", 0.5, other)
 
     calls = []
     measure = pruning.loss_gradient_weights
