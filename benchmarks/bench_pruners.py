@@ -3,8 +3,8 @@
     python benchmarks/bench_pruners.py                      # MiniLM MLP, 1,200 texts of at most 128 tokens
 
 The calibration texts are the queries, positives and negatives of data/*-example.json, repeated to
---texts. Each method prunes a fresh copy of the model at 50% (and SparseGPT at 2:4, and with tokens
-weighted by the loss's gradients, the texts taken as triples) and the seconds of
+--texts. Each method prunes a fresh copy of the model at 50% (and SparseGPT at 2:4, with tokens weighted by
+the loss's gradients, the texts taken as triples, and towards the dense model's outputs) and the seconds of
 the whole call (calibration pass included, model loading excluded) are printed with the peak RSS.
 """
 
@@ -25,9 +25,10 @@ from gaprune.modeling import DEFAULT_MODEL
 from gaprune.pruning import Calibration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = [("wanda", "unstructured", False, "uniform"), ("sparsegpt", "unstructured", False, "uniform"),
-        ("sparsegpt", "2:4", False, "uniform"), ("magnitude", "unstructured", True, "uniform"),
-        ("sparsegpt", "unstructured", False, "loss_gradient")]
+RUNS = [("wanda", "unstructured", False, "uniform", "own"), ("sparsegpt", "unstructured", False, "uniform", "own"),
+        ("sparsegpt", "2:4", False, "uniform", "own"), ("magnitude", "unstructured", True, "uniform", "own"),
+        ("sparsegpt", "unstructured", False, "loss_gradient", "own"),
+        ("sparsegpt", "unstructured", False, "uniform", "dense")]
 
 
 def main() -> None:
@@ -48,17 +49,19 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads")
     print("| method | pattern | seconds | peak RSS (GiB) |")
     print("|---|---|---|---|")
-    for scorer, pattern, reconstruct, weighting in RUNS:
+    for scorer, pattern, reconstruct, weighting, target in RUNS:
         embedder = gaprune.load_embedder(args.model, args.device)
         start = time.perf_counter()
         gaprune.prune(embedder, 0.5, scorer, pattern=pattern, reconstruct=reconstruct,
-                      calibration=dataclasses.replace(calibration, token_weighting=weighting))
+                      calibration=dataclasses.replace(calibration, token_weighting=weighting),
+                      reconstruction_target=target)
         if embedder.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         label = scorer + (" + reconstruction" if reconstruct else "") + (f", {weighting} weighting"
                                                                          if weighting != "uniform" else "")
+        label += ", dense target" if target != "own" else ""
         print(f"| {label} | {pattern} | {seconds:.1f} | {peak:.2f} |", flush=True)
 
 

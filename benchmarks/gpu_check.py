@@ -166,11 +166,13 @@ def check_shape(name: str, shape: dict, args: argparse.Namespace, folder: str, o
     calibrated = ["--model_path", model, "--sparsify_layers", "mlp", "--unstructured_pct", "0.5",
                   "--unstructured_scoring", "sparsegpt", "--calibration_data", paths["chem"],
                   "--general_calibration_data", paths["general"], "--calibration_samples", str(args.triples), *runtime]
-    for label, weighting in (("SparseModel (sparsegpt 50%)", "uniform"),
-                             ("SparseModel (sparsegpt 50%, loss-gradient weights)", "loss_gradient")):
+    for label, options in (("SparseModel (sparsegpt 50%)", []),
+                           ("SparseModel (sparsegpt 50%, loss-gradient weights)",
+                            ["--calibration_weighting", "loss_gradient"]),
+                           ("SparseModel (sparsegpt 50%, dense target)", ["--reconstruction_target", "dense"])):
         calibrated_dir = os.path.join(out, "calibrated")  # the plan line's total is the row's plan
-        stage = run_stage("gaprune.model.SparseModel", [*calibrated, "--output_dir", calibrated_dir,
-                                                        "--calibration_weighting", weighting], 1, required=False)
+        stage = run_stage("gaprune.model.SparseModel", [*calibrated, "--output_dir", calibrated_dir, *options], 1,
+                          required=False)
         shutil.rmtree(calibrated_dir, ignore_errors=True)
         rows.append({"shape": name, "layers": layers, "stage": label, "tokens": 0, **stage})
         print(format_row(rows[-1]), flush=True)
@@ -201,7 +203,7 @@ def print_plans(args: argparse.Namespace) -> None:
     """The memory plans for the full shapes in bfloat16 on --nproc GPUs of --capacity_gb each, from models on
     the meta device (nothing allocated) and the synthetic triples: the scoring stages, and SparseGPT's
     calibration on the MLP weights with SparseModel.py's defaults (128 triples per side, batches of 8),
-    uniform and with --calibration_weighting loss_gradient."""
+    uniform, with --calibration_weighting loss_gradient, and with --reconstruction_target dense."""
     from transformers import Qwen3Config, Qwen3Model
     from gaprune.calibration import layer_widths
     from gaprune.data import triple_texts
@@ -229,8 +231,9 @@ def print_plans(args: argparse.Namespace) -> None:
                                     ranks=ranks)):
             print("  " + plan.line())
         widths = layer_widths(model, list(select_parameters(model.named_parameters(), ["mlp"])))
-        for weighted in (False, True):
-            print("  " + plan_calibration(embedder, widths, calibration, 8, True, weighted, ranks, capacity).line())
+        for weighted, dense in ((False, False), (True, False), (False, True)):
+            print("  " + plan_calibration(embedder, widths, calibration, 8, True, weighted, ranks, capacity,
+                                          dense).line())
 
 
 def main() -> None:

@@ -32,8 +32,9 @@ from gaprune.distributed import current_world
 from gaprune.memory import SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.modeling import Embedder, load_embedder
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (UNIFORM_SHARES, Calibration, StructureResult, check_group_order, check_layer_shares,
-                             prune_calibrated, prune_candidates, prune_structure, scorers_used, structure_candidates)
+from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, Calibration, StructureResult, check_group_order,
+                             check_layer_shares, check_reconstruction_target, prune_calibrated, prune_candidates,
+                             prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
@@ -134,19 +135,22 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
           config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
           rho_max: float = 0.95, seed: int = 42, pattern: str = "unstructured",
           calibration: Calibration | None = None, reconstruct: bool = False,
-          layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER) -> MaskResult:
+          layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER,
+          reconstruction_target: str = OWN_TARGET) -> MaskResult:
     """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
     reading the given score files (results JSON paths); with an N:M ``pattern`` ("2:4"), N of every M
     weights of each row instead. Wanda and SparseGPT, and ``reconstruct`` (the OBS update of the kept
     weights under the mask), need ``calibration`` texts; ``layer_shares`` (a score-based scorer) sets Wanda's and
     SparseGPT's share of each layer from that scorer's global ranking, and ``group_order="hessian"`` the order
-    of SparseGPT's N:M groups. Save the model with gaprune.checkpoint.save_model."""
+    of SparseGPT's N:M groups; ``reconstruction_target="dense"`` has SparseGPT's (or reconstruction's) updated
+    weights reproduce the dense model's outputs. Save the model with gaprune.checkpoint.save_model."""
     embedder = as_embedder(model)
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
     sparsity_pattern = parse_pattern(pattern)
     check_layer_shares([scorer], layer_shares, sparsity_pattern)
     check_group_order([scorer], group_order, sparsity_pattern)
+    check_reconstruction_target([scorer], reconstruction_target, reconstruct)
     if (chosen.needs_activations or reconstruct) and calibration is None:
         raise InputError(f"{scorer if chosen.needs_activations else 'reconstruction'} needs calibration texts")
     candidates = select_parameters(embedder.model.named_parameters(), layer_types)
@@ -154,7 +158,8 @@ def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher
                            domain_fisher, alignment)
     if chosen.needs_activations or reconstruct:
         return prune_calibrated(embedder, candidates, scorer, sparsity, calibration, reconstruct, sparsity_pattern,
-                                arrays, config, strategy, rho_min, rho_max, seed, layer_shares, group_order)
+                                arrays, config, strategy, rho_min, rho_max, seed, layer_shares, group_order,
+                                reconstruction_target)
     return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed,
                             sparsity_pattern)
 

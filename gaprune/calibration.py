@@ -13,6 +13,7 @@ Texts come in sides ("domain", "general"); statistics are kept per side and blen
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,20 +33,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T, each token
-    counted once or by its weight."""
+    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T, and of
+    x_dense x^T with the same token's input in the dense model (``cross``); each token counted once or by its
+    weight."""
 
     input_sq: torch.Tensor
     hessian: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
     tokens: int = 0
 
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
         x = x.float()
         if weight is not None:  # each token's x x^T counted weight times
-            x = x * weight.to(x.device).sqrt().unsqueeze(1)
+            scale = weight.to(x.device).sqrt().unsqueeze(1)
+            x = x * scale
+            dense = None if dense is None else dense.float() * scale
         self.input_sq += x.square().sum(dim=0)
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
+        if self.cross is not None:
+            self.cross.addmm_(dense.float().T, x)
         self.tokens += x.shape[0]
 
 
@@ -71,6 +78,13 @@ class LayerInputs:
     @property
     def hessian(self) -> torch.Tensor:
         return self._blend(lambda stats: stats.hessian)
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """The blended sum of x_dense x^T, where the dense model's inputs were collected (else None)."""
+        if any(stats.cross is None for stats in self.sides.values()):
+            return None
+        return self._blend(lambda stats: stats.cross)
 
 
 UNIFORM_WEIGHTING = "uniform"  # every calibration token counts once (Wanda's and SparseGPT's statistics)
@@ -274,7 +288,7 @@ def _add_across_ranks(inputs: LayerInputs, world: World) -> None:
     """Each side's statistics summed over every rank's share of the batches."""
     for stats in inputs.sides.values():
         tokens = torch.tensor([stats.tokens], dtype=torch.int64, device=stats.input_sq.device)
-        world.sum_([t for t in (stats.input_sq, stats.hessian, tokens) if t is not None])
+        world.sum_([t for t in (stats.input_sq, stats.hessian, stats.cross, tokens) if t is not None])
         stats.tokens = int(tokens.item())
 
 
@@ -342,12 +356,15 @@ def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int
 def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                          texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
                          general_share: float = 0.0, hessian: bool = False, batch_size: int = 8,
-                         token_weights: TokenWeights | None = None) -> None:
+                         token_weights: TokenWeights | None = None, dense_targets: bool = False) -> None:
     """Calibrate and prune ``candidates`` (weights of linear layers inside the blocks) one layer after another.
 
     ``prune_layers`` gets LayerInputs for the next candidate layers in running order (layers that read the
     same input come together) and changes their weights in place; the layers after them are calibrated
     on the pruned ones' outputs, and each block runs again on its pruned weights for the next block's inputs.
+    With ``dense_targets`` the dense model runs beside the pruned one (its hidden states at the block
+    boundary, and a copy of the block being pruned), and each layer's statistics also hold ``cross``, its
+    inputs in the dense model against those in the pruned one, token by token.
     Under torchrun, where there are at least as many batches as ranks, the ranks share the batches: the
     statistics are summed across them before each prune, and every rank then takes rank 0's pruned weights
     (with fewer batches every rank runs them all).
@@ -362,16 +379,24 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
         raise InputError("no calibration texts")
     if shared_out:
         log.info("calibration shared among %d ranks: this rank runs %d batches", world.size, len(batches))
+    dense_batches = [_Batch(b.side, b.first, b.real, tuple(b.args), dict(b.kwargs)) for b in batches] \
+        if dense_targets else []
     current: list[_Batch] = []
+    dense_inputs: list[torch.Tensor] = []  # the current batch's input to the stage's layers in the dense model
 
     def new_inputs(name: str) -> LayerInputs:
         width, device = modules[name].in_features, candidates[name].device
-        return LayerInputs({side: InputStats(torch.zeros(width, device=device),
-                                             torch.zeros(width, width, device=device) if hessian else None)
+
+        def square() -> torch.Tensor:
+            return torch.zeros(width, width, device=device)
+        return LayerInputs({side: InputStats(torch.zeros(width, device=device), square() if hessian else None,
+                                             square() if dense_targets else None)
                             for side in texts}, general_share)
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
                              disable=not world.is_main):
+        dense_block = copy.deepcopy(block) if dense_targets and names else None  # the block before any pruning
+        twins = {} if dense_block is None else dict(zip(block.modules(), dense_block.modules()))
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
             if token_weights is None:  # the layers of a stage read one input: one set of statistics
                 statistics = [new_inputs(stage[0])]
@@ -383,23 +408,36 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             def add(module, args):
                 batch = current[0]
                 x = args[0][batch.real]
+                dense = dense_inputs[0] if dense_inputs else None
                 if token_weights is None:
-                    statistics[0].sides[batch.side].add(x)
+                    statistics[0].sides[batch.side].add(x, dense=dense)
                     return
                 lengths = batch.real.sum(1).tolist()
                 for name in stage:
                     per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
                     if [len(w) for w in per_text] != lengths:
                         raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
-                    inputs[name].sides[batch.side].add(x, torch.cat(per_text))
+                    inputs[name].sides[batch.side].add(x, torch.cat(per_text), dense)
+
+            def keep_dense(module, args):
+                dense_inputs[:] = [args[0][current[0].real]]
+                raise _Stop  # the rest of the dense block is not needed for this stage
             handles = [modules[stage[0]].register_forward_pre_hook(add)]
+            if dense_block is not None:
+                handles.append(twins[modules[stage[0]]].register_forward_pre_hook(keep_dense))
             try:
-                for batch in batches:
+                for index, batch in enumerate(batches):
                     current[:] = [batch]
+                    if dense_block is not None:
+                        try:
+                            _run_block(dense_block, dense_batches[index])
+                        except _Stop:
+                            pass
                     _run_block(block, batch)
             finally:
                 for handle in handles:
                     handle.remove()
+                dense_inputs.clear()
             if shared_out:
                 for layer_inputs in statistics:
                     _add_across_ranks(layer_inputs, world)
@@ -407,5 +445,9 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)
             del inputs, statistics, add  # freed before the next stage's are made
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if dense_targets:
+                dense_batches[index].with_hidden(_run_block(block if dense_block is None else dense_block,
+                                                              dense_batches[index]))
             batch.with_hidden(_run_block(block, batch))
+        del dense_block, twins

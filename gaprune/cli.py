@@ -17,7 +17,8 @@ from gaprune.layers import GRADIENTS, LAYER_TYPES
 from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
 from gaprune.memory import ACCUMULATE_ON
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
-from gaprune.pruning import UNIFORM_SHARES, Calibration, check_group_order, check_layer_shares
+from gaprune.pruning import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, Calibration, check_group_order,
+                             check_layer_shares, check_reconstruction_target)
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
 
@@ -128,6 +129,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group_order", default=NATURAL_ORDER, choices=GROUP_ORDERS,
                        help="sparsegpt with an N:M pattern: prune the groups of M columns left to right (natural, "
                             "default) or by decreasing input energy, the diagonal of X^T X (hessian)")
+    group.add_argument("--reconstruction_target", default=OWN_TARGET, choices=RECONSTRUCTION_TARGETS,
+                       help="sparsegpt, --reconstruct: the updated weights reproduce each layer's own outputs on "
+                            "the inputs the pruned layers before it give it (own, default), or the dense "
+                            "model's outputs, repairing what those layers changed (dense: the dense model runs "
+                            "beside the pruned one while calibrating)")
     group.add_argument("--calibration_data", help="domain triples whose texts calibrate wanda, sparsegpt and "
                                                   "--reconstruct")
     group.add_argument("--general_calibration_data", help="general triples, blended in (cross-calibration)")
@@ -205,12 +211,14 @@ def check_pruner_options(scorers: Sequence[str], args: argparse.Namespace, confi
     """--layer_shares and --group_order (SparseModel.py and compare.py): options of wanda and sparsegpt masks;
     the layer-share scorer's files were given."""
     for flag, value, default in (("--layer_shares", args.layer_shares, UNIFORM_SHARES),
-                                 ("--group_order", args.group_order, NATURAL_ORDER)):
+                                 ("--group_order", args.group_order, NATURAL_ORDER),
+                                 ("--reconstruction_target", args.reconstruction_target, OWN_TARGET)):
         if value != default and args.structure != "unstructured":
             raise InputError(f"{flag} applies to masks; --structure {args.structure} removes whole units")
     pattern = parse_pattern(args.sparsity_pattern)
     check_layer_shares(scorers, args.layer_shares, pattern)
     check_group_order(scorers, args.group_order, pattern)
+    check_reconstruction_target(scorers, args.reconstruction_target, args.reconstruct)
     if args.layer_shares != UNIFORM_SHARES:
         check_scorer_inputs(args.layer_shares, config, args)
 

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from gaprune.calibration import transformer_blocks
 from gaprune.data import TRIPLE_KEYS, batched
 from gaprune.layers import embedding_weights
 from gaprune.modeling import Embedder, is_encoder
@@ -336,6 +337,7 @@ class CalibrationPlan:
     block_run: int  # one batch through one block: what it allocates on the way, the layer input in float32
     statistics: int  # per side: X^T X (with a Hessian) and sum x^2, for the layers of the largest stage
     pruner: int  # SparseGPT on the largest layer: H's copies and factors, float32 weight copies
+    dense_model: int = 0  # --reconstruction_target dense: the dense hidden states, a block's copy, one layer input
     token_weights: int = 0  # --calibration_weighting loss_gradient: a weight per real token and layer
     graph: int = 0  # ...and one field of a batch of triples: its autograd graph, the layers' outputs and gradients
     capacity: int | None = None
@@ -346,12 +348,13 @@ class CalibrationPlan:
 
     @property
     def device_total(self) -> int:
-        calibrating = self.hidden_states + self.block_run + self.statistics + self.pruner
+        calibrating = self.hidden_states + self.dense_model + self.block_run + self.statistics + self.pruner
         return self.model + self.token_weights + max(self.graph, calibrating)
 
     def line(self) -> str:
         weighted = f" + token weights {_gb(self.token_weights)}" if self.token_weights else ""
-        calibrating = (f"hidden states {_gb(self.hidden_states)} + block run {_gb(self.block_run)} + statistics "
+        dense = f" + dense model {_gb(self.dense_model)}" if self.dense_model else ""
+        calibrating = (f"hidden states {_gb(self.hidden_states)}{dense} + block run {_gb(self.block_run)} + statistics "
                        f"{_gb(self.statistics)} + pruner {_gb(self.pruner)}")
         phases = f"max(loss-gradient graph {_gb(self.graph)}, {calibrating})" if self.graph else calibrating
         text = f"memory plan (calibration): {self.device_name} model {_gb(self.model)}{weighted} + {phases} " \
@@ -365,13 +368,16 @@ def _gb(value: int) -> str:
 
 def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, int]], texts: dict[str, Sequence[str]],
                      batch_size: int, hessian: bool, weighted: bool, world_size: int = 1,
-                     capacity: int | None = None) -> CalibrationPlan:
+                     capacity: int | None = None, dense_targets: bool = False) -> CalibrationPlan:
     """The plan of calibrated pruning. ``layers``: (block, parent module, inputs, outputs) of each candidate layer
     (``calibration.layer_widths``); ``texts`` by side, in batches of ``batch_size`` (texts for the block pass,
     triples for the loss-gradient pass). Under torchrun each of ``world_size`` ranks holds the hidden states of
     its share of the batches (the busiest rank counts). A stage is taken as the candidates of one parent module
     with inputs of one width (q/k/v, gate/up; with an attention output projection as wide as q/k/v's input,
-    an upper bound); with token weights each layer keeps its own statistics, else a stage shares one."""
+    an upper bound); with token weights each layer keeps its own statistics, else a stage shares one.
+    ``dense_targets``: the dense model runs beside the pruned one (its hidden states without their masks, which
+    both share; a copy of the largest block with candidates; one batch's input to a layer) and every statistic
+    adds x_dense x^T."""
     model = embedder.model
     config = model.config
     dtype_bytes = model.dtype.itemsize
@@ -384,12 +390,14 @@ def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, i
     ranks = world_size if len(batches) >= world_size else 1  # fewer batches than ranks: every rank runs them all
     most = max(tokens, default=0)
     hidden = max(sum(stored[rank::ranks]) for rank in range(ranks)) + most * config.hidden_size * dtype_bytes
+    states = max(sum(tokens[rank::ranks]) for rank in range(ranks)) * config.hidden_size * dtype_bytes
     widest = max(width for _, _, width, _ in layers)
     block_run = most * (activation_bytes_per_token(config, dtype_bytes) // config.num_hidden_layers + 2 * 4 * widest)
     stages: dict[tuple[int, str, int], int] = {}
     for block, parent, width, _ in layers:
         stages[block, parent, width] = stages.get((block, parent, width), 0) + 1
-    statistics = max(4 * len(lengths) * ((width * width if hessian else 0) + width) * (count if weighted else 1)
+    squares = (hessian, dense_targets).count(True)  # X^T X, X_dense^T X
+    statistics = max(4 * len(lengths) * (squares * width * width + width) * (count if weighted else 1)
                      for (_, _, width), count in stages.items())
     # H blended (and, in Hessian group order, permuted) beside the dampened copy and its factor or inverse;
     # the float32 weight being updated and its result
@@ -397,6 +405,10 @@ def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, i
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = CalibrationPlan("cuda" if capacity else "host", model_bytes, hidden, block_run, statistics, pruner,
                            capacity=capacity)
+    if dense_targets:
+        blocks = transformer_blocks(model)
+        copied = max(sum(p.numel() * p.element_size() for p in blocks[block].parameters()) for block, *_ in layers)
+        plan.dense_model = states + copied + most * widest * dtype_bytes
     if weighted:
         plan.token_weights = 4 * len(layers) * sum(map(sum, lengths))
         fields = [side[start + key:start + 3 * batch_size:3]  # one field of a batch of triples

@@ -30,23 +30,48 @@ def wanda_mask(weight: torch.Tensor, input_sq: torch.Tensor, share: float, patte
     return lowest_in_groups(scores, pattern.n, pattern.m) if pattern.structured else lowest_in_rows(scores, share)
 
 
+def _dampened(hessian: torch.Tensor, dtype: torch.dtype,
+              dampening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H + lambda I in ``dtype``, lambda = dampening * mean diag H, once H_jj = 1 for the inputs that were always
+    zero; those inputs; lambda."""
+    hessian = hessian.to(dtype, copy=True)
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    index = torch.arange(hessian.shape[0], device=hessian.device)
+    shift = dampening * torch.mean(torch.diag(hessian))
+    hessian[index, index] += shift
+    return hessian, dead, shift
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, dampening: float = DAMPENING,
                            zero_dead: bool = True) -> torch.Tensor:
     """The upper Cholesky factor U of (H + lambda I)^-1, lambda = dampening * mean diag H. Inputs that were
     always zero get H_jj = 1 and (``zero_dead``) their weights zeroed in place: they never mattered. Row i
     of U, scaled by 1 / U_ii, is the OBS update of the weights after column i when column i is pruned."""
-    hessian = hessian.to(weight.dtype, copy=True)  # weight: the float32 (or float64) working copy
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
+    hessian, dead, _ = _dampened(hessian, weight.dtype, dampening)  # weight: the float32 (or float64) working copy
     if zero_dead:
         weight[:, dead] = 0
-    index = torch.arange(hessian.shape[0], device=hessian.device)
-    hessian[index, index] += dampening * torch.mean(torch.diag(hessian))
     factor = torch.linalg.cholesky(hessian)
     del hessian  # beside the caller's H, at most two in x in matrices alive at once
     inverse = torch.cholesky_inverse(factor)
     del factor
     return torch.linalg.cholesky(inverse, upper=True)
+
+
+def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                        dampening: float = DAMPENING) -> torch.Tensor:
+    """W* = W (C + lambda I)(H + lambda I)^-1, the weight from which SparseGPT (or a fixed mask's update) makes
+    the layer reproduce the dense model's outputs rather than its own.
+
+    X are the layer's inputs in the dense model and X~ in the pruned one, for the same tokens; H = X~^T X~ (the
+    usual ``hessian``) and C = X^T X~ (``cross``). The pruned weight V should minimise ||X W^T - X~ V^T||^2, which
+    also repairs the error the pruned layers before it left in X~. With SparseGPT's dampening as a pull
+    towards W, ||X W^T - X~ V^T||^2 + lambda ||W - V||^2 = ||V - W*||^2 under H + lambda I, plus a constant: the
+    OBS saliency and updates that SparseGPT computes on W* with H therefore minimise it. Where X~ = X, W* = W."""
+    work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    dampened, _, shift = _dampened(hessian, work.dtype, dampening)
+    target = work @ cross.to(work.dtype) + shift * work
+    return torch.cholesky_solve(target.T, torch.linalg.cholesky(dampened)).T.to(weight.dtype)
 
 
 def hessian_group_order(hessian: torch.Tensor, m: int) -> torch.Tensor:

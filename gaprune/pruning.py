@@ -18,7 +18,7 @@ from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocati
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
+from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, dense_target_weight, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
@@ -26,7 +26,9 @@ from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_
 
 log = logging.getLogger(__name__)
 UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
-PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting")  # pruner_options' keys, in order
+OWN_TARGET = "own"  # --reconstruction_target: each layer's own outputs on the pruned model's inputs (SparseGPT)
+RECONSTRUCTION_TARGETS = (OWN_TARGET, "dense")  # or the dense model's outputs (pruners.dense_target_weight)
+PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
@@ -97,13 +99,13 @@ def measure_token_weights(embedder: Embedder, candidates: Mapping[str, torch.Ten
 
 
 def _logged_plan(embedder: Embedder, candidates: Mapping[str, torch.Tensor], calibration: Calibration,
-                 hessian: bool) -> CalibrationPlan:
+                 hessian: bool, dense_targets: bool = False) -> CalibrationPlan:
     """The calibration's memory plan, logged in one line (with a warning when it would not fit); without the
     loss-gradient graph when the token weights were measured before."""
     weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     plan = plan_calibration(embedder, layer_widths(embedder.model, list(candidates)), calibration.texts,
                             calibration.batch_size, hessian, weighted, current_world().size,
-                            gpu_capacity(embedder.device))
+                            gpu_capacity(embedder.device), dense_targets)
     if weighted and calibration.token_weights is not None:
         plan.graph = 0
     log.info("%s", plan.line())
@@ -115,17 +117,21 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                      calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
                      arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
                      rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42,
-                     layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER) -> MaskResult:
+                     layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER,
+                     reconstruction_target: str = OWN_TARGET) -> MaskResult:
     """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
     any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
     the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
     SparseGPT: each block of columns; N:M patterns: each group), at ``pct`` of every layer or at the shares
     ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget.
-    ``group_order``: the order in which SparseGPT prunes the groups of an N:M pattern (gaprune.pruners)."""
+    ``group_order``: the order in which SparseGPT prunes the groups of an N:M pattern (gaprune.pruners).
+    ``reconstruction_target``: what the updated weights reproduce, each layer's own outputs on the pruned
+    model's inputs or the dense model's outputs (``dense``: the dense model runs beside the pruned one)."""
     config = config or DAIConfig()
     chosen = get_scorer(scorer)
     check_layer_shares([scorer], layer_shares, pattern)
     check_group_order([scorer], group_order, pattern)
+    check_reconstruction_target([scorer], reconstruction_target, reconstruct)
     if calibration.token_weighting not in TOKEN_WEIGHTINGS:
         raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
     weighted = calibration.token_weighting != UNIFORM_WEIGHTING
@@ -159,25 +165,31 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                         else lowest_in_rows(score, shares[name]))
                 start = weight
             if reconstruct:
-                start, _ = sparsegpt(start, layer_inputs.hessian, mask=mask)
+                hessian, cross = layer_inputs.hessian, layer_inputs.cross
+                if cross is not None:
+                    start = dense_target_weight(start, hessian, cross)
+                del cross  # not held beside SparseGPT's copies
+                start, _ = sparsegpt(start, hessian, mask=mask)
             newly_zeroed += int(torch.count_nonzero(weight[mask]))
             weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
             masked = int(torch.count_nonzero(mask))
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
 
     hessian = reconstruct or chosen.layer_pruner is not None
+    dense_targets = reconstruction_target != OWN_TARGET
     with calibration_length(embedder, calibration):
-        plan = _logged_plan(embedder, candidates, calibration, hessian)
+        plan = _logged_plan(embedder, candidates, calibration, hessian, dense_targets)
         if embedder.device.type == "cuda":  # the peak of calibration, from the model up
             torch.cuda.reset_peak_memory_stats(embedder.device)
         if weighted and token_weights is None:
             token_weights = loss_gradient_weights(embedder, calibration.texts, list(candidates),
                                                   calibration.batch_size)
         prune_block_by_block(embedder, candidates, calibration.texts, prune_layers, calibration.general_share,
-                             hessian=hessian, batch_size=calibration.batch_size, token_weights=token_weights)
+                             hessian=hessian, batch_size=calibration.batch_size, token_weights=token_weights,
+                             dense_targets=dense_targets)
         if embedder.device.type == "cuda":  # (resident memory on a CPU also holds the runtime, which it leaves out)
             log.info("%s", measured_line(plan, embedder.device))
-    options = pruner_options(layer_shares, group_order, calibration.token_weighting)
+    options = pruner_options(layer_shares, group_order, calibration.token_weighting, reconstruction_target)
     if fixed is not None:  # the scorer's own report: its score statistics and budget
         fixed.masks = None
         fixed.diagnostics.update(options)
@@ -186,13 +198,14 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                       per_param=per_param, per_layer_allocations=layer_allocations(per_param), diagnostics=options)
 
 
-def pruner_options(layer_shares: str, group_order: str,
-                   calibration_weighting: str = UNIFORM_WEIGHTING) -> dict[str, str]:
+def pruner_options(layer_shares: str, group_order: str, calibration_weighting: str = UNIFORM_WEIGHTING,
+                   reconstruction_target: str = OWN_TARGET) -> dict[str, str]:
     """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
     defaults, by name: what records, folder names and report rows mention (nothing at the defaults, so
     published files stay as they were)."""
     options = dict(zip(PRUNER_OPTIONS, ((layer_shares, UNIFORM_SHARES), (group_order, NATURAL_ORDER),
-                                        (calibration_weighting, UNIFORM_WEIGHTING))))
+                                        (calibration_weighting, UNIFORM_WEIGHTING),
+                                        (reconstruction_target, OWN_TARGET))))
     return {key: value for key, (value, default) in options.items() if value != default}
 
 
@@ -231,6 +244,18 @@ def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern
         raise InputError(f"--group_order sets the order of sparsegpt's N:M groups, not of {', '.join(scorers)}")
     if not pattern.structured:
         raise InputError("--group_order orders the groups of an N:M pattern; give --sparsity_pattern 2:4 or 4:8")
+
+
+def check_reconstruction_target(scorers: Sequence[str], target: str, reconstruct: bool = False) -> None:
+    """``target`` is one of RECONSTRUCTION_TARGETS; ``dense`` needs weights that are updated: sparsegpt, or
+    ``reconstruct``."""
+    if target == OWN_TARGET:
+        return
+    if target not in RECONSTRUCTION_TARGETS:
+        raise InputError(f"--reconstruction_target takes {' or '.join(RECONSTRUCTION_TARGETS)}, not {target!r}")
+    if not reconstruct and not any(get_scorer(name).layer_pruner is not None for name in scorers):
+        raise InputError(f"--reconstruction_target {target} sets what updated weights reproduce: it needs sparsegpt "
+                         f"or --reconstruct, not {', '.join(scorers)} alone")
 
 
 def scorers_used(scorer: str, layer_shares: str = UNIFORM_SHARES) -> list[str]:

@@ -152,6 +152,54 @@ def test_sparsegpt_2_4_in_hessian_group_order(tmp_path, qwen3_dir, data_files):
     assert any(not torch.equal(weights[name] == 0, natural[name] == 0) for name in stats["per_param"])
 
 
+def layer_inputs(model_dir, weights, texts, name) -> torch.Tensor:
+    """The inputs of one layer at the real tokens of ``texts``, in the model of ``model_dir`` with ``weights``."""
+    embedder = load_embedder(model_dir, "cpu")
+    embedder.model.load_state_dict(weights, strict=False)
+    module = embedder.model.get_submodule(name.rpartition(".")[0])
+    tokens = embedder.tokenize(texts)
+    captured = []
+    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0][tokens["attention_mask"].bool()]))
+    with torch.no_grad():
+        embedder.model(**tokens)
+    handle.remove()
+    return captured[0]
+
+
+def test_dense_target_reproduces_the_dense_model_s_outputs(tmp_path, qwen3_dir, data_files):
+    """Magnitude's mask with reconstruction towards the dense model's outputs: layers whose inputs nothing pruned
+    changed (the first block's gate and up projections) get the same weights as with their own outputs as the
+    target; the first down projection then fits the dense model's outputs better, ||X W^T - X~ V^T||, on the very
+    same pruned inputs X~; SparseGPT takes the flag too, and both record it."""
+    _, own, _ = prune(tmp_path / "own", qwen3_dir, data_files, "--unstructured_scoring", "magnitude",
+                      "--unstructured_pct", "0.5", "--reconstruct")
+    folder, dense, stats = prune(tmp_path / "dense", qwen3_dir, data_files, "--unstructured_scoring", "magnitude",
+                                 "--unstructured_pct", "0.5", "--reconstruct", "--reconstruction_target", "dense")
+    assert os.path.basename(folder) == "tiny-qwen3_magnitude_prune_50%_reconstructed_dense_target"
+    config = json.load(open(os.path.join(folder, "evaluation_config.json")))["meta"]["unstructured_pruning"]
+    assert config["reconstruction_target"] == "dense" and config["reconstruct"] is True
+    first = "layers.0.mlp.{}_proj.weight"
+    for name in (first.format("gate"), first.format("up")):
+        torch.testing.assert_close(dense[name], own[name], rtol=1e-5, atol=1e-6)
+    assert sum(not torch.allclose(dense[name], own[name], atol=1e-4) for name in stats["per_param"]) \
+        == len(stats["per_param"]) - 2
+    for name in stats["per_param"]:
+        assert torch.equal(dense[name] == 0, own[name] == 0), name  # magnitude's mask either way
+    down = first.format("down")
+    texts = triple_texts(load_triples(data_files["chem"], 6))
+    weight = load_file(os.path.join(qwen3_dir, "model.safetensors"))[down]
+    target = layer_inputs(qwen3_dir, {}, texts, down) @ weight.T
+    pruned_inputs = layer_inputs(qwen3_dir, dense, texts, down)
+    torch.testing.assert_close(pruned_inputs, layer_inputs(qwen3_dir, own, texts, down))
+    errors = {key: (target - pruned_inputs @ weights[down].T).norm().item()
+              for key, weights in (("own", own), ("dense", dense))}
+    assert errors["dense"] < 0.9 * errors["own"], errors
+    folder, _, stats = prune(tmp_path / "sparsegpt", qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                             "--unstructured_pct", "0.5", "--reconstruction_target", "dense")
+    assert os.path.basename(folder) == "tiny-qwen3_sparsegpt_prune_50%_dense_target"
+    assert stats["diagnostics"] == {"reconstruction_target": "dense"}
+
+
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
     """|| (W' - W) X || of one first-block layer on the calibration texts."""
     module = embedder.model.get_submodule(name.rpartition(".")[0])
@@ -388,6 +436,10 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
      "--layer_shares sets the layer shares of wanda and sparsegpt, not of magnitude"),
     (["--unstructured_scoring", "magnitude", "--unstructured_pct", "0.5", "--calibration_weighting", "loss_gradient"],
      "--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and --reconstruct"),
+    (["--unstructured_scoring", "wanda", "--unstructured_pct", "0.5", "--calibration_data", "CHEM",
+      "--reconstruction_target", "dense"], "--reconstruction_target dense sets what updated weights reproduce"),
+    (["--unstructured_scoring", "magnitude", "--structure", "channels", "--structured_pct", "0.5",
+      "--reconstruction_target", "dense"], "--reconstruction_target applies to masks"),
 ])
 def test_bad_calibrated_requests(capsys, tmp_path, bert_dir, data_files, extra, message):
     extra = [data_files["chem"] if item == "CHEM" else item for item in extra]

@@ -181,19 +181,21 @@ def test_torchrun_compare_equals_one_process(capsys, tmp_path, qwen3_dir, data_f
                 assert b[side][metric] == pytest.approx(value, abs=1e-6), (a["method"], side, metric)
 
 
-@pytest.mark.parametrize("samples, batch, share, weighting", [(4, 4, 3, "uniform"), (4, 4, 3, "loss_gradient"),
-                                                              (3, 9, 1, "uniform")])
+@pytest.mark.parametrize("samples, batch, share, weighting, target", [
+    (4, 4, 3, "uniform", "own"), (4, 4, 3, "loss_gradient", "own"), (3, 9, 1, "uniform", "own"),
+    (4, 4, 3, "uniform", "dense")])
 def test_torchrun_sparsegpt_shares_its_calibration_and_equals_one_process(capsys, tmp_path, qwen3_dir, data_files,
-                                                                          samples, batch, share, weighting):
+                                                                          samples, batch, share, weighting, target):
     """SparseModel.py under torchrun: the ranks share the calibration batches, sum their statistics before each
     layer is pruned, and rank 0 alone saves the same checkpoint. 24 texts in batches of 4: 3 batches each,
     unequal between the sides (rank 0: 2 domain, 1 general), also with each token weighted by the loss's
     gradients (the ranks then share the loss's batches of triples too: rank 0 the domain one, rank 1 the
-    general one); 18 texts in batches of 9: rank 0 holds the domain batch only, rank 1 the general one."""
+    general one); 18 texts in batches of 9: rank 0 holds the domain batch only, rank 1 the general one; and
+    towards the dense model's outputs (each rank's dense hidden states, the cross statistics summed)."""
     common = ["--model_path", qwen3_dir, "--unstructured_pct", "0.5", "--unstructured_scoring", "sparsegpt",
               "--calibration_data", data_files["chem"], "--general_calibration_data", data_files["general"],
               "--calibration_samples", str(samples), "--calibration_batch_size", str(batch),
-              "--calibration_weighting", weighting]
+              "--calibration_weighting", weighting, "--reconstruction_target", target]
     single = SparseModel.main([*common, "--output_dir", str(tmp_path / "one"), "--device", "cpu", "--dtype",
                                "float32"])
     capsys.readouterr()

@@ -292,7 +292,7 @@ def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, dat
     one batch's output; every rank runs every batch when there are fewer batches than ranks), the token weights
     and the loss-gradient graph, against what the calibration code really builds; the statistics and
     SparseGPT's working copies by hand."""
-    from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights
+    from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights, transformer_blocks
     from gaprune.data import triple_texts
     from gaprune.distributed import World
     from gaprune.memory import plan_calibration
@@ -329,6 +329,16 @@ def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, dat
     assert uniform.statistics == max(4 * 2 * (width * width + width) for width in (hidden, inner))  # one per stage
     calibrating = plan.hidden_states + plan.block_run + plan.statistics + plan.pruner
     assert plan.device_total == plan.model + plan.token_weights + max(plan.graph, calibrating)
+    # --reconstruction_target dense: the dense hidden states of every batch, the copy of a block, one batch's input
+    # to the widest layer, and X_dense^T X beside X^T X in every statistic
+    dense = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=False, dense_targets=True)
+    batches = _first_block_inputs(embedder, texts, 4, World(0, 1))[0]
+    block = sum(p.numel() * 4 for p in transformer_blocks(embedder.model)[0].parameters())
+    most = max(batch.real.numel() for batch in batches)
+    assert dense.dense_model == sum(batch.real.numel() for batch in batches) * hidden * 4 + block + most * inner * 4
+    assert dense.statistics == max(4 * 2 * (2 * width * width + width) for width in (hidden, inner))
+    assert dense.device_total == uniform.device_total + dense.dense_model + dense.statistics - uniform.statistics
+    assert "dense model" in dense.line() and "dense model" not in uniform.line()
 
 
 def test_calibration_plan_takes_a_stage_as_the_layers_of_one_module_reading_one_width(bert_dir, data_files):

@@ -1,5 +1,7 @@
 """Wanda, SparseGPT and reconstruction on one layer against hand computation, and block-by-block calibration."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from gaprune.errors import InputError
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder
 from gaprune.masking import Pattern, lowest_in_groups, parse_pattern
-from gaprune.pruners import hessian_group_order, sparsegpt, wanda_mask
+from gaprune.pruners import dense_target_weight, hessian_group_order, sparsegpt, wanda_mask
 
 TEXTS = {"domain": ["acid reacts with a base in water", "benzene is aromatic", "salt"],
          "general": ["the river flows north", "a cat sat on the mat"]}
@@ -173,6 +175,51 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(
         torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+def hooked_inputs(model, names, embedder, texts):
+    """Each named linear layer's inputs at the real tokens, texts in order, from one plain forward pass per batch."""
+    seen = {name: [] for name in names}
+    current = {}
+    handles = [model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(
+        lambda module, args, name=name: seen[name].append(args[0][current["real"]].float())) for name in names]
+    with torch.no_grad():
+        for side_texts in texts.values():
+            for start in range(0, len(side_texts), 2):
+                tokens = embedder.tokenize(side_texts[start:start + 2])
+                current["real"] = tokens["attention_mask"].bool()
+                model(**tokens)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(inputs) for name, inputs in seen.items()}
+
+
+def test_dense_targets_pair_each_token_s_dense_and_pruned_inputs(model_dir):
+    """With dense_targets, a layer's cross statistics are sum over tokens of x_dense x~^T: its inputs in the dense
+    model against those in the pruned one (q/k/v, gate/up and down/output layers alike), while the pruned path,
+    hence x~ and H, stays what it is without them."""
+    embedder = load_embedder(model_dir, "cpu")
+    candidates = select_parameters(embedder.model.named_parameters(), ["linear"])
+    dense_model = copy.deepcopy(embedder.model)
+    seen = {}
+
+    def prune_layers(inputs):
+        for name, layer in inputs.items():
+            seen[name] = (sum(side.cross for side in layer.sides.values()),
+                          sum(side.hessian for side in layer.sides.values()))
+            with torch.no_grad():
+                candidates[name][:, ::2] = 0
+    prune_block_by_block(embedder, candidates, TEXTS, prune_layers, hessian=True, batch_size=2, dense_targets=True)
+    dense = hooked_inputs(dense_model, list(candidates), embedder, TEXTS)
+    pruned = hooked_inputs(embedder.model, list(candidates), embedder, TEXTS)
+    assert set(seen) == set(candidates)
+    changed = 0
+    for name in candidates:
+        cross, hessian = seen[name]
+        torch.testing.assert_close(cross, dense[name].T @ pruned[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hessian, pruned[name].T @ pruned[name], rtol=1e-4, atol=1e-4)
+        changed += not torch.allclose(dense[name], pruned[name], atol=1e-3)
+    assert changed >= len(candidates) - 4  # all but the first block's first layers read pruned outputs
+
+
 def test_cross_calibration_blends_per_token_means(bert_dir):
     embedder = load_embedder(bert_dir, "cpu")
     candidates = select_parameters(embedder.model.named_parameters(), ["mlp_up"])
@@ -194,3 +241,28 @@ def test_cross_calibration_blends_per_token_means(bert_dir):
     torch.testing.assert_close(blends[0.25][0], 0.75 * domain.input_sq / domain.tokens
                                + 0.25 * general.input_sq / general.tokens)
     torch.testing.assert_close(torch.diag(blends[0.25][1]), blends[0.25][0])  # diag of X^T X = sum of x^2
+
+
+def test_dense_target_update_is_least_squares_against_the_dense_outputs():
+    """With the mask fixed, pruned columns first and no dampening, SparseGPT from dense_target_weight gives each
+    row the least-squares fit of the dense layer's outputs on the dense inputs X by the kept columns of the
+    pruned inputs X~; with X~ = X the dense target is the weight itself."""
+    dense_inputs = correlated_inputs(300, 12, 0).double()
+    inputs = dense_inputs + 0.3 * correlated_inputs(300, 12, 7).double()  # what earlier pruned layers left
+    weight = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    hessian, cross = inputs.T @ inputs, dense_inputs.T @ inputs
+    mask = torch.zeros(5, 12, dtype=torch.bool)
+    mask[:, :6] = True
+    target = dense_target_weight(weight, hessian, cross, dampening=0.0)
+    new, _ = sparsegpt(target, hessian, mask=mask, block_size=4, dampening=0.0)
+    reference = torch.linalg.lstsq(inputs[:, 6:], dense_inputs @ weight.T).solution.T
+    assert (new[:, :6] == 0).all()
+    torch.testing.assert_close(new[:, 6:], reference, atol=1e-8, rtol=1e-8)
+    own, _ = sparsegpt(weight, hessian, mask=mask, block_size=4, dampening=0.0)
+    assert not torch.allclose(own, new, atol=1e-3)  # the own-output target fits X~ W^T instead
+    # unpruned, the dense target is the dense model's fit: the weight itself when nothing changed before the layer
+    torch.testing.assert_close(dense_target_weight(weight, dense_inputs.T @ dense_inputs, dense_inputs.T @ dense_inputs),
+                               weight, atol=1e-10, rtol=1e-10)
+    # dampening pulls towards W: with X~ = X and any lambda, still W
+    torch.testing.assert_close(dense_target_weight(weight, hessian, hessian, dampening=0.5), weight, atol=1e-10,
+                               rtol=1e-10)

@@ -94,7 +94,8 @@ def pruned_folder(args) -> str:
     suffix = "_reconstructed" if args.reconstruct else ""
     suffix += "".join("_" + words.replace(" ", "_")  # _aligned_saliency_shares, _hessian_order
                       for words in option_words(pruner_options(args.layer_shares, args.group_order,
-                                                               args.calibration_weighting)))
+                                                               args.calibration_weighting,
+                                                               args.reconstruction_target)))
     return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
 
 
@@ -143,7 +144,8 @@ def mask_weights(args, embedder, calibration, writes: bool = True) -> str | None
     result = api.prune(embedder, share, args.unstructured_scoring, files["general_fisher"],
                        files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
                        args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed, args.sparsity_pattern,
-                       calibration, args.reconstruct, args.layer_shares, args.group_order)
+                       calibration, args.reconstruct, args.layer_shares, args.group_order,
+                       args.reconstruction_target)
     considered = sum(p["numel"] for p in result.per_param.values())
     log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
              " ".join(args.sparsify_layers))
@@ -175,7 +177,8 @@ def calibration_record(args, calibration) -> dict:
         record["sparsity_pattern"] = args.sparsity_pattern
     if args.reconstruct:
         record["reconstruct"] = True
-    record.update(pruner_options(args.layer_shares, args.group_order, args.calibration_weighting))
+    record.update(pruner_options(args.layer_shares, args.group_order, args.calibration_weighting,
+                                 args.reconstruction_target))
     if calibration is not None:
         record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
                                  "texts": {side: len(texts) for side, texts in calibration.texts.items()},

@@ -26,7 +26,7 @@ from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated, prune_candidates,
+from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated, prune_candidates,
                              prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
@@ -162,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                                           parse_pattern(args.sparsity_pattern), array, config,
                                           args.layer_budget_strategy, seed=args.seed,
                                           layer_shares=args.layer_shares if chosen.needs_activations else UNIFORM_SHARES,
-                                          group_order=args.group_order if chosen.layer_pruner else NATURAL_ORDER)
+                                          group_order=args.group_order if chosen.layer_pruner else NATURAL_ORDER,
+                                          reconstruction_target=args.reconstruction_target
+                                          if chosen.layer_pruner or args.reconstruct else OWN_TARGET)
             else:
                 result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
                                           seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
