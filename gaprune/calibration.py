@@ -27,6 +27,7 @@ from gaprune.errors import InputError
 from gaprune.layers import parameter_owner
 from gaprune.loss import info_nce
 from gaprune.modeling import Embedder
+from gaprune.pruners import dense_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,16 @@ class InputStats:
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
         x = x.float()
+        dense = None if dense is None else dense.float()
         if weight is not None:  # each token's x x^T counted weight times
             scale = weight.to(x.device).sqrt().unsqueeze(1)
             x = x * scale
-            dense = None if dense is None else dense.float() * scale
+            dense = None if dense is None else dense * scale
         self.input_sq += x.square().sum(dim=0)
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
         if self.cross is not None:
-            self.cross.addmm_(dense.float().T, x)
+            self.cross.addmm_(dense.T, x)
         self.tokens += x.shape[0]
 
 
@@ -80,11 +82,16 @@ class LayerInputs:
         return self._blend(lambda stats: stats.hessian)
 
     @property
-    def cross(self) -> torch.Tensor | None:
-        """The blended sum of x_dense x^T, where the dense model's inputs were collected (else None)."""
-        if any(stats.cross is None for stats in self.sides.values()):
-            return None
+    def cross(self) -> torch.Tensor:
+        """The blended sum of x_dense x^T (collected with the dense model's inputs)."""
         return self._blend(lambda stats: stats.cross)
+
+    def start_weight(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """What the OBS update (SparseGPT, reconstruction) starts from, with ``hessian`` this layer's: the weight,
+        or with the dense model's inputs collected W*, from which it reproduces the dense model's outputs."""
+        if any(stats.cross is None for stats in self.sides.values()):
+            return weight
+        return dense_target_weight(weight, hessian, self.cross)
 
 
 UNIFORM_WEIGHTING = "uniform"  # every calibration token counts once (Wanda's and SparseGPT's statistics)
@@ -386,11 +393,9 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
 
     def new_inputs(name: str) -> LayerInputs:
         width, device = modules[name].in_features, candidates[name].device
-
-        def square() -> torch.Tensor:
-            return torch.zeros(width, width, device=device)
-        return LayerInputs({side: InputStats(torch.zeros(width, device=device), square() if hessian else None,
-                                             square() if dense_targets else None)
+        return LayerInputs({side: InputStats(torch.zeros(width, device=device),
+                                             torch.zeros(width, width, device=device) if hessian else None,
+                                             torch.zeros(width, width, device=device) if dense_targets else None)
                             for side in texts}, general_share)
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",

@@ -18,7 +18,7 @@ from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
 from gaprune.memory import ACCUMULATE_ON
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
 from gaprune.pruning import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, Calibration, check_group_order,
-                             check_layer_shares, check_reconstruction_target)
+                             check_layer_shares, check_reconstruct, check_reconstruction_target)
 from gaprune.scorers import SIDES, get_scorer
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
 
@@ -197,10 +197,9 @@ def check_pruning_request(scorers: Sequence[str], structure: str, shares: Sequen
 
 def _check_calibrated_request(scorers: Sequence[str], share: float, pattern: str, reconstruct: bool,
                               strategy: str) -> None:
+    check_reconstruct(scorers, reconstruct)
     for name in scorers:
         chosen = get_scorer(name)
-        if reconstruct and chosen.updates_weights:
-            raise InputError(f"{name} already updates the kept weights; --reconstruct would add nothing")
         if chosen.needs_activations and strategy != "global":
             raise InputError(f"{name} takes its share of each {chosen.budget}; --layer_budget_strategy does not apply")
         if (chosen.needs_activations or reconstruct) and share == 0 and pattern == "unstructured":

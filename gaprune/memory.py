@@ -376,8 +376,8 @@ def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, i
     with inputs of one width (q/k/v, gate/up; with an attention output projection as wide as q/k/v's input,
     an upper bound); with token weights each layer keeps its own statistics, else a stage shares one.
     ``dense_targets``: the dense model runs beside the pruned one (its hidden states without their masks, which
-    both share; a copy of the largest block with candidates; one batch's input to a layer) and every statistic
-    adds x_dense x^T."""
+    both share; a copy of the largest block with candidates; one batch's input to a layer, with its float32
+    copies) and every statistic adds x_dense x^T."""
     model = embedder.model
     config = model.config
     dtype_bytes = model.dtype.itemsize
@@ -400,15 +400,17 @@ def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, i
     statistics = max(4 * len(lengths) * (squares * width * width + width) * (count if weighted else 1)
                      for (_, _, width), count in stages.items())
     # H blended (and, in Hessian group order, permuted) beside the dampened copy and its factor or inverse;
-    # the float32 weight being updated and its result
-    pruner = max(4 * (4 * width * width + 2 * width * out) for _, _, width, out in layers) if hessian else 0
+    # the float32 weight being updated and its result (and W*, with dense targets)
+    copies = 3 if dense_targets else 2
+    pruner = max(4 * (4 * width * width + copies * width * out) for _, _, width, out in layers) if hessian else 0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = CalibrationPlan("cuda" if capacity else "host", model_bytes, hidden, block_run, statistics, pruner,
                            capacity=capacity)
     if dense_targets:
         blocks = transformer_blocks(model)
         copied = max(sum(p.numel() * p.element_size() for p in blocks[block].parameters()) for block, *_ in layers)
-        plan.dense_model = states + copied + most * widest * dtype_bytes
+        kept = most * widest * (dtype_bytes + 4 * (2 if weighted else 1))  # as taken, in float32, weighted
+        plan.dense_model = states + copied + kept
     if weighted:
         plan.token_weights = 4 * len(layers) * sum(map(sum, lengths))
         fields = [side[start + key:start + 3 * batch_size:3]  # one field of a batch of triples

@@ -67,11 +67,15 @@ def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     usual ``hessian``) and C = X^T X~ (``cross``). The pruned weight V should minimise ||X W^T - X~ V^T||^2, which
     also repairs the error the pruned layers before it left in X~. With SparseGPT's dampening as a pull
     towards W, ||X W^T - X~ V^T||^2 + lambda ||W - V||^2 = ||V - W*||^2 under H + lambda I, plus a constant: the
-    OBS saliency and updates that SparseGPT computes on W* with H therefore minimise it. Where X~ = X, W* = W."""
+    OBS saliency and updates that SparseGPT computes on W* with H therefore minimise it. Where X~ = X, W* = W
+    (inputs that never fired included)."""
     work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-    dampened, _, shift = _dampened(hessian, work.dtype, dampening)
-    target = work @ cross.to(work.dtype) + shift * work
-    return torch.cholesky_solve(target.T, torch.linalg.cholesky(dampened)).T.to(weight.dtype)
+    dampened, dead, shift = _dampened(hessian, work.dtype, dampening)
+    cross = cross.to(work.dtype, copy=True)
+    cross[dead, dead] = 1  # as H_jj: an input that never fired keeps its weight, as it would with X~ = X
+    target = work @ cross + shift * work
+    del cross
+    return torch.cholesky_solve(target.T, torch.linalg.cholesky(dampened)).T  # float32 (or float64), for SparseGPT
 
 
 def hessian_group_order(hessian: torch.Tensor, m: int) -> torch.Tensor:

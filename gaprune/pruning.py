@@ -18,7 +18,7 @@ from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocati
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, dense_target_weight, sparsegpt
+from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
@@ -131,6 +131,7 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
     chosen = get_scorer(scorer)
     check_layer_shares([scorer], layer_shares, pattern)
     check_group_order([scorer], group_order, pattern)
+    check_reconstruct([scorer], reconstruct)
     check_reconstruction_target([scorer], reconstruction_target, reconstruct)
     if calibration.token_weighting not in TOKEN_WEIGHTINGS:
         raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
@@ -165,11 +166,8 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                         else lowest_in_rows(score, shares[name]))
                 start = weight
             if reconstruct:
-                hessian, cross = layer_inputs.hessian, layer_inputs.cross
-                if cross is not None:
-                    start = dense_target_weight(start, hessian, cross)
-                del cross  # not held beside SparseGPT's copies
-                start, _ = sparsegpt(start, hessian, mask=mask)
+                hessian = layer_inputs.hessian
+                start, _ = sparsegpt(layer_inputs.start_weight(start, hessian), hessian, mask=mask)
             newly_zeroed += int(torch.count_nonzero(weight[mask]))
             weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
             masked = int(torch.count_nonzero(mask))
@@ -244,6 +242,13 @@ def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern
         raise InputError(f"--group_order sets the order of sparsegpt's N:M groups, not of {', '.join(scorers)}")
     if not pattern.structured:
         raise InputError("--group_order orders the groups of an N:M pattern; give --sparsity_pattern 2:4 or 4:8")
+
+
+def check_reconstruct(scorers: Sequence[str], reconstruct: bool) -> None:
+    """Reconstruction follows a mask that left the kept weights as they were: not a pruner that updates them."""
+    for name in scorers:
+        if reconstruct and get_scorer(name).updates_weights:
+            raise InputError(f"{name} already updates the kept weights; --reconstruct would add nothing")
 
 
 def check_reconstruction_target(scorers: Sequence[str], target: str, reconstruct: bool = False) -> None:

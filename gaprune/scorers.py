@@ -145,10 +145,8 @@ def _build_wanda(context: ScoringContext) -> ScoreFn:
 
 def _sparsegpt_layer(weight: torch.Tensor, inputs: LayerInputs, share: float, pattern: Pattern,
                      group_order: str) -> tuple[torch.Tensor, torch.Tensor]:
-    hessian, cross = inputs.hessian, inputs.cross
-    start = weight if cross is None else pruners.dense_target_weight(weight, hessian, cross)
-    del cross  # not held beside SparseGPT's copies
-    return pruners.sparsegpt(start, hessian, share, pattern, group_order=group_order)
+    hessian = inputs.hessian
+    return pruners.sparsegpt(inputs.start_weight(weight, hessian), hessian, share, pattern, group_order=group_order)
 
 
 def _dai_diagnostics(context: ScoringContext) -> dict:

@@ -88,6 +88,26 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
+def hooked_inputs(model, names, embedder, texts, batch_size=2) -> dict:
+    """Each named linear layer's inputs at the real tokens, sides and texts in order, from one plain forward pass
+    per batch of ``texts`` (side -> texts)."""
+    import torch
+
+    seen = {name: [] for name in names}
+    current = {}
+    handles = [model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(
+        lambda module, args, name=name: seen[name].append(args[0][current["real"]].float())) for name in names]
+    with torch.no_grad():
+        for side_texts in texts.values():
+            for start in range(0, len(side_texts), batch_size):
+                tokens = embedder.tokenize(side_texts[start:start + batch_size])
+                current["real"] = tokens["attention_mask"].bool()
+                model(**tokens)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(inputs) for name, inputs in seen.items()}
+
+
 def listing(folder) -> list[str]:
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import listing
+from conftest import hooked_inputs, listing
 from gaprune import api
 from gaprune.calibration import loss_gradient_weights, prune_block_by_block
 from gaprune.cli import run
@@ -20,6 +20,7 @@ from gaprune.loss import info_nce
 from gaprune.model import SparseModel, compare
 from gaprune.modeling import load_embedder, pool
 from gaprune.pruners import BLOCK_SIZE
+from gaprune.pruning import Calibration
 
 
 def prune(tmp_path, model_dir, data_files, *extra) -> tuple[str, dict, dict]:
@@ -156,14 +157,7 @@ def layer_inputs(model_dir, weights, texts, name) -> torch.Tensor:
     """The inputs of one layer at the real tokens of ``texts``, in the model of ``model_dir`` with ``weights``."""
     embedder = load_embedder(model_dir, "cpu")
     embedder.model.load_state_dict(weights, strict=False)
-    module = embedder.model.get_submodule(name.rpartition(".")[0])
-    tokens = embedder.tokenize(texts)
-    captured = []
-    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0][tokens["attention_mask"].bool()]))
-    with torch.no_grad():
-        embedder.model(**tokens)
-    handle.remove()
-    return captured[0]
+    return hooked_inputs(embedder.model, [name], embedder, {"domain": texts}, len(texts))[name]
 
 
 def test_dense_target_reproduces_the_dense_model_s_outputs(tmp_path, qwen3_dir, data_files):
@@ -194,10 +188,18 @@ def test_dense_target_reproduces_the_dense_model_s_outputs(tmp_path, qwen3_dir, 
     errors = {key: (target - pruned_inputs @ weights[down].T).norm().item()
               for key, weights in (("own", own), ("dense", dense))}
     assert errors["dense"] < 0.9 * errors["own"], errors
-    folder, _, stats = prune(tmp_path / "sparsegpt", qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
-                             "--unstructured_pct", "0.5", "--reconstruction_target", "dense")
+    folder, dense, stats = prune(tmp_path / "sparsegpt", qwen3_dir, data_files, "--unstructured_scoring",
+                                 "sparsegpt", "--unstructured_pct", "0.5", "--reconstruction_target", "dense")
     assert os.path.basename(folder) == "tiny-qwen3_sparsegpt_prune_50%_dense_target"
     assert stats["diagnostics"] == {"reconstruction_target": "dense"}
+    _, own, _ = prune(tmp_path / "sparsegpt_own", qwen3_dir, data_files, "--unstructured_scoring", "sparsegpt",
+                      "--unstructured_pct", "0.5")
+    for name in (first.format("gate"), first.format("up")):
+        torch.testing.assert_close(dense[name], own[name], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(dense[down], own[down], atol=1e-4)
+    with pytest.raises(InputError, match="sparsegpt already updates the kept weights"):  # the target applied twice
+        api.prune(load_embedder(qwen3_dir, "cpu"), 0.5, "sparsegpt", reconstruct=True,
+                  reconstruction_target="dense", calibration=Calibration({"domain": texts}, 0.0))
 
 
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
@@ -371,7 +373,7 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
     once for all its rows, after a memory plan that counts the loss-gradient graph; weights measured for other
     layers are refused."""
     from gaprune import pruning
-    from gaprune.pruning import Calibration, measure_token_weights, prune_calibrated
+    from gaprune.pruning import measure_token_weights, prune_calibrated
 
     texts = {"domain": triple_texts(load_triples(data_files["chem"], 4)),
              "general": triple_texts(load_triples(data_files["general"], 4))}

@@ -330,14 +330,17 @@ def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, dat
     calibrating = plan.hidden_states + plan.block_run + plan.statistics + plan.pruner
     assert plan.device_total == plan.model + plan.token_weights + max(plan.graph, calibrating)
     # --reconstruction_target dense: the dense hidden states of every batch, the copy of a block, one batch's input
-    # to the widest layer, and X_dense^T X beside X^T X in every statistic
+    # to the widest layer (as taken, and in float32; float32 here), X_dense^T X beside X^T X in every statistic,
+    # and W* beside SparseGPT's copies
     dense = plan_calibration(embedder, widths, texts, 4, hessian=True, weighted=False, dense_targets=True)
     batches = _first_block_inputs(embedder, texts, 4, World(0, 1))[0]
     block = sum(p.numel() * 4 for p in transformer_blocks(embedder.model)[0].parameters())
     most = max(batch.real.numel() for batch in batches)
-    assert dense.dense_model == sum(batch.real.numel() for batch in batches) * hidden * 4 + block + most * inner * 4
+    assert dense.dense_model == sum(batch.real.numel() for batch in batches) * hidden * 4 + block + most * inner * 8
     assert dense.statistics == max(4 * 2 * (2 * width * width + width) for width in (hidden, inner))
-    assert dense.device_total == uniform.device_total + dense.dense_model + dense.statistics - uniform.statistics
+    assert dense.pruner == max(4 * (4 * width ** 2 + 3 * width * out) for width, out in ((hidden, inner), (inner, hidden)))
+    assert dense.device_total == (uniform.device_total + dense.dense_model + dense.statistics - uniform.statistics
+                                  + dense.pruner - uniform.pruner)
     assert "dense model" in dense.line() and "dense model" not in uniform.line()
 
 

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from conftest import hooked_inputs
 from gaprune.calibration import prune_block_by_block, transformer_blocks
 from gaprune.errors import InputError
 from gaprune.layers import select_parameters
@@ -134,28 +135,6 @@ def test_reconstruction_never_increases_the_output_error(seed):
         assert reconstructed < mask_only
 
 
-def hooked_input_sq(model, names, embedder, texts):
-    """sum over real tokens of x^2 at each named linear layer, from one plain forward pass per text batch."""
-    sums = {name: 0 for name in names}
-    handles = []
-    current = {}
-    for name in names:
-        module = model.get_submodule(name.rpartition(".")[0])
-
-        def record(module, args, name=name):
-            sums[name] = sums[name] + args[0][current["real"]].float().square().sum(0)
-        handles.append(module.register_forward_pre_hook(record))
-    with torch.no_grad():
-        for side_texts in texts.values():
-            for start in range(0, len(side_texts), 2):
-                tokens = embedder.tokenize(side_texts[start:start + 2])
-                current["real"] = tokens["attention_mask"].bool()
-                model(**tokens)
-    for handle in handles:
-        handle.remove()
-    return sums
-
-
 @pytest.mark.parametrize("layer_types", [["mlp"], ["linear"]])
 def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(model_dir, layer_types):
     embedder = load_embedder(model_dir, "cpu")
@@ -169,36 +148,27 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(
                 candidates[name][:, ::2] = 0  # prune every other input column
     prune_block_by_block(embedder, candidates, TEXTS, prune_layers, batch_size=2)
     # the pruned model run as a whole sees, at every layer, what block-by-block calibration saw there
-    expected = hooked_input_sq(embedder.model, list(candidates), embedder, TEXTS)
+    expected = {name: inputs.square().sum(0)
+                for name, inputs in hooked_inputs(embedder.model, list(candidates), embedder, TEXTS).items()}
     assert len(transformer_blocks(embedder.model)) == 2 and set(seen) == set(candidates)
     for name in candidates:
         torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
-def hooked_inputs(model, names, embedder, texts):
-    """Each named linear layer's inputs at the real tokens, texts in order, from one plain forward pass per batch."""
-    seen = {name: [] for name in names}
-    current = {}
-    handles = [model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(
-        lambda module, args, name=name: seen[name].append(args[0][current["real"]].float())) for name in names]
-    with torch.no_grad():
-        for side_texts in texts.values():
-            for start in range(0, len(side_texts), 2):
-                tokens = embedder.tokenize(side_texts[start:start + 2])
-                current["real"] = tokens["attention_mask"].bool()
-                model(**tokens)
-    for handle in handles:
-        handle.remove()
-    return {name: torch.cat(inputs) for name, inputs in seen.items()}
-
-
-def test_dense_targets_pair_each_token_s_dense_and_pruned_inputs(model_dir):
-    """With dense_targets, a layer's cross statistics are sum over tokens of x_dense x~^T: its inputs in the dense
-    model against those in the pruned one (q/k/v, gate/up and down/output layers alike), while the pruned path,
-    hence x~ and H, stays what it is without them."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_targets_pair_each_token_s_dense_and_pruned_inputs(model_dir, weighted):
+    """With dense_targets, a layer's cross statistics are sum over tokens of w_t x_dense x~^T: its inputs in the
+    dense model against those in the pruned one (q/k/v, gate/up and down/output layers alike), each token
+    weighted as in H (w_t = 1, or each layer's own token weights), while the pruned path, hence x~ and H, stays
+    what it is without them."""
     embedder = load_embedder(model_dir, "cpu")
     candidates = select_parameters(embedder.model.named_parameters(), ["linear"])
     dense_model = copy.deepcopy(embedder.model)
+    generator = torch.Generator().manual_seed(0)
+    lengths = {side: [int(embedder.tokenize([text])["attention_mask"].sum()) for text in side_texts]
+               for side, side_texts in TEXTS.items()}
+    token_weights = {side: {name: [torch.rand(n, generator=generator) for n in side_lengths] for name in candidates}
+                     for side, side_lengths in lengths.items()} if weighted else None
     seen = {}
 
     def prune_layers(inputs):
@@ -207,15 +177,19 @@ def test_dense_targets_pair_each_token_s_dense_and_pruned_inputs(model_dir):
                           sum(side.hessian for side in layer.sides.values()))
             with torch.no_grad():
                 candidates[name][:, ::2] = 0
-    prune_block_by_block(embedder, candidates, TEXTS, prune_layers, hessian=True, batch_size=2, dense_targets=True)
+    prune_block_by_block(embedder, candidates, TEXTS, prune_layers, hessian=True, batch_size=2,
+                         token_weights=token_weights, dense_targets=True)
     dense = hooked_inputs(dense_model, list(candidates), embedder, TEXTS)
     pruned = hooked_inputs(embedder.model, list(candidates), embedder, TEXTS)
     assert set(seen) == set(candidates)
     changed = 0
     for name in candidates:
         cross, hessian = seen[name]
-        torch.testing.assert_close(cross, dense[name].T @ pruned[name], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(hessian, pruned[name].T @ pruned[name], rtol=1e-4, atol=1e-4)
+        weights = (torch.cat([w for side in token_weights.values() for w in side[name]]) if weighted
+                   else torch.ones(len(pruned[name])))
+        torch.testing.assert_close(cross, (dense[name] * weights.unsqueeze(1)).T @ pruned[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hessian, (pruned[name] * weights.unsqueeze(1)).T @ pruned[name], rtol=1e-4,
+                                   atol=1e-4)
         changed += not torch.allclose(dense[name], pruned[name], atol=1e-3)
     assert changed >= len(candidates) - 4  # all but the first block's first layers read pruned outputs
 
@@ -261,8 +235,12 @@ def test_dense_target_update_is_least_squares_against_the_dense_outputs():
     own, _ = sparsegpt(weight, hessian, mask=mask, block_size=4, dampening=0.0)
     assert not torch.allclose(own, new, atol=1e-3)  # the own-output target fits X~ W^T instead
     # unpruned, the dense target is the dense model's fit: the weight itself when nothing changed before the layer
-    torch.testing.assert_close(dense_target_weight(weight, dense_inputs.T @ dense_inputs, dense_inputs.T @ dense_inputs),
-                               weight, atol=1e-10, rtol=1e-10)
+    gram = dense_inputs.T @ dense_inputs
+    torch.testing.assert_close(dense_target_weight(weight, gram, gram), weight, atol=1e-10, rtol=1e-10)
+    dead = dense_inputs.clone()
+    dead[:, 4] = 0  # an input that never fired keeps its weight too
+    torch.testing.assert_close(dense_target_weight(weight, dead.T @ dead, dead.T @ dead), weight, atol=1e-10,
+                               rtol=1e-10)
     # dampening pulls towards W: with X~ = X and any lambda, still W
     torch.testing.assert_close(dense_target_weight(weight, hessian, hessian, dampening=0.5), weight, atol=1e-10,
                                rtol=1e-10)

@@ -26,8 +26,8 @@ from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated, prune_candidates,
-                             prune_structure, scorers_used, structure_candidates)
+from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated,
+                             prune_candidates, prune_structure, scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
