@@ -4,8 +4,8 @@ before and after 100 steps of retraining (retrain.py's defaults, on the seed's c
 With --structure field: do they beat Wanda and SparseGPT at 50%, 60% and 2:4, with and without the OBS
 reconstruction of the kept weights (all calibrated on the same texts), with the layer shares set by a
 scorer's global ranking (--layer_shares aligned_saliency, magnitude), SparseGPT's 2:4 groups in Hessian
-order (--group_order hessian), and calibration tokens weighted by the loss's gradients (--calibration_weighting
-loss_gradient)?
+order (--group_order hessian), calibration tokens weighted by the loss's gradients (--calibration_weighting
+loss_gradient), and the updated weights reproducing the dense model's outputs (--reconstruction_target dense)?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -111,7 +111,7 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
     (unstructured) Wanda and SparseGPT with their layer shares from aligned_saliency, magnitude or either side's
     Fisher (domain_fisher, general_fisher), SparseGPT 2:4 in Hessian group order, and SparseGPT (alone, with
     aligned_saliency shares, at 2:4 in both orders) and Wanda with aligned_saliency shares on statistics
-    weighted by the loss's gradients;
+    weighted by the loss's gradients, and SparseGPT and reconstruction towards the dense model's outputs;
     Wanda, SparseGPT and reconstruction use the first 128 of the seed's calibration triples of each side
     (cross-calibrated 50/50), the Fisher files all of them."""
     texts = ["--calibration_data", calibration["domain"], "--general_calibration_data", calibration["general"]]
@@ -128,6 +128,9 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
              ("unstructured", [0.5, 0.6], ["wanda", "sparsegpt"], ["--layer_shares", "aligned_saliency", *weighted], ""),
              ("2:4", [0.5], ["sparsegpt"], weighted, ""),
              ("2:4", [0.5], ["sparsegpt"], ["--group_order", "hessian", *weighted], "")]
+    dense = ["--reconstruction_target", "dense"]  # compare.py labels these too
+    runs += [("unstructured", [0.5, 0.6], ["sparsegpt"], dense, ""), ("2:4", [0.5], ["sparsegpt"], dense, ""),
+             ("unstructured", [0.5, 0.6], RECONSTRUCTED_SCORERS, ["--reconstruct", *dense], RECONSTRUCTED)]
     for pattern, sparsity, scorers, flags, label in runs:
         flags = [*texts, "--sparsity_pattern", pattern, *flags]
         for row in compare_rows(model, files, heldout, sparsity, out, "local_cosine", scorers, seed, flags):
@@ -135,7 +138,8 @@ def field_rows(model: str, files: dict[str, str], heldout: dict[str, str], calib
                 if not rows:
                     rows.append(row)
                 continue
-            row["method"] += label + ("" if pattern == "unstructured" else f" ({pattern})")
+            scorer, comma, options = row["method"].partition(", ")  # "magnitude + reconstruction, dense target"
+            row["method"] = scorer + label + comma + options + ("" if pattern == "unstructured" else f" ({pattern})")
             rows.append(row)
     return rows
 
