@@ -20,15 +20,19 @@ import time
 import torch
 
 import gaprune
+from gaprune.calibration import UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.modeling import DEFAULT_MODEL
-from gaprune.pruning import Calibration
+from gaprune.pruners import NATURAL_ORDER
+from gaprune.pruning import OWN_TARGET, UNIFORM_SHARES, Calibration, option_words, pruner_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = [("wanda", "unstructured", False, "uniform", "own"), ("sparsegpt", "unstructured", False, "uniform", "own"),
-        ("sparsegpt", "2:4", False, "uniform", "own"), ("magnitude", "unstructured", True, "uniform", "own"),
-        ("sparsegpt", "unstructured", False, "loss_gradient", "own"),
-        ("sparsegpt", "unstructured", False, "uniform", "dense")]
+RUNS = [("wanda", "unstructured", False, UNIFORM_WEIGHTING, OWN_TARGET),
+        ("sparsegpt", "unstructured", False, UNIFORM_WEIGHTING, OWN_TARGET),
+        ("sparsegpt", "2:4", False, UNIFORM_WEIGHTING, OWN_TARGET),
+        ("magnitude", "unstructured", True, UNIFORM_WEIGHTING, OWN_TARGET),
+        ("sparsegpt", "unstructured", False, "loss_gradient", OWN_TARGET),
+        ("sparsegpt", "unstructured", False, UNIFORM_WEIGHTING, "dense")]
 
 
 def main() -> None:
@@ -59,9 +63,9 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        label = scorer + (" + reconstruction" if reconstruct else "") + (f", {weighting} weighting"
-                                                                         if weighting != "uniform" else "")
-        label += ", dense target" if target != "own" else ""
+        options = pruner_options(UNIFORM_SHARES, NATURAL_ORDER, weighting, target)
+        label = scorer + (" + reconstruction" if reconstruct else "") + "".join(f", {words}"
+                                                                             for words in option_words(options))
         print(f"| {label} | {pattern} | {seconds:.1f} | {peak:.2f} |", flush=True)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -434,10 +434,8 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
                 for index, batch in enumerate(batches):
                     current[:] = [batch]
                     if dense_block is not None:
-                        try:
+                        with suppress(_Stop):  # keep_dense stops it at the stage's input
                             _run_block(dense_block, dense_batches[index])
-                        except _Stop:
-                            pass
                     _run_block(block, batch)
             finally:
                 for handle in handles:

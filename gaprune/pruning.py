@@ -246,8 +246,10 @@ def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern
 
 def check_reconstruct(scorers: Sequence[str], reconstruct: bool) -> None:
     """Reconstruction follows a mask that left the kept weights as they were: not a pruner that updates them."""
+    if not reconstruct:
+        return
     for name in scorers:
-        if reconstruct and get_scorer(name).updates_weights:
+        if get_scorer(name).updates_weights:
             raise InputError(f"{name} already updates the kept weights; --reconstruct would add nothing")
 
 
