@@ -71,11 +71,13 @@ print('local_cosine' if get_scorer(sys.argv[1]).reads_cosine(DAIConfig()) else '
 if [ "${STRUCTURE}" = "unstructured" ]; then
     PRUNE_ARGS=(--sparsify_layers mlp --unstructured_pct "${SPARSITY}")
 else
-    python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) < 1)" "${SPARSITY}" || \
-        fail "STRUCTURE=${STRUCTURE} needs a SPARSITY strictly between 0 and 1, got '${SPARSITY}'"
     PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
 fi
+PRUNE_ARGS+=(--unstructured_scoring "${SCORER}" --model_path "${MODEL}" --output_dir output/model --device "${DEVICE}")
 for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
+# The whole pruning request, against the model's shapes, before hours of scoring: the last stage's dry run.
+python -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" --dry_run > /dev/null || \
+    fail "the pruning stage would refuse this request (above); no stage was run"
 # The stages that share their batches out under torchrun; gradient.py's steps then stand alone on every rank.
 SHARED=(); GRADIENT_ARGS=()
 if [ "${NPROC}" -gt 1 ]; then
@@ -140,10 +142,9 @@ else
     ALIGNMENT="${LAST}"
 fi
 
-stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel --model_path "${MODEL}" \
-    --output_dir output/model --batch_size "${BATCH_SIZE}" "${PRUNE_ARGS[@]}" \
-    --unstructured_scoring "${SCORER}" --alignment_scores "${ALIGNMENT}" \
-    --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}" --device "${DEVICE}"
+stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" \
+    --batch_size "${BATCH_SIZE}" --alignment_scores "${ALIGNMENT}" \
+    --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}"
 
 PRUNED="${LAST}"
 

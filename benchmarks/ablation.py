@@ -165,8 +165,10 @@ def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict
     for share in shares:
         for scorer in CHANNEL_SCORERS:
             embedder = copy.deepcopy(dense)
-            result = gaprune.prune_units(embedder, share, "channels", scorer, files["general"], files["domain"],
-                                         files["local_cosine"], seed=seed)
+            result = gaprune.prune(embedder, gaprune.PruneSpec(scorer=scorer, structure="channels", sparsity=share,
+                                                               seed=seed),
+                                   gaprune.ScoreFiles(general_fisher=files["general"], domain_fisher=files["domain"],
+                                                      alignment=files["local_cosine"]))
             agreement = {"mask_agreement_with_magnitude": result.diagnostics["mask_agreement_with_magnitude"],
                          "params_after": result.params_after}
             rows.append(evaluated(embedder, scorer, share, **agreement))

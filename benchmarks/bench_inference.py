@@ -83,7 +83,7 @@ def semi_structured_copy(model: str, texts: list[str]):
     from torch.sparse import to_sparse_semi_structured
 
     embedder = gaprune.load_embedder(model, "cuda", "bfloat16")
-    gaprune.prune(embedder, 0.5, "magnitude", layer_types=("mlp",), pattern="2:4")
+    gaprune.prune(embedder, gaprune.PruneSpec(scorer="magnitude", pattern="2:4"))
     masked = embedder.encode(texts[:64], progress=False)
     mlp = set(select_parameters(embedder.model.named_parameters(), ["mlp"]))
     try:
@@ -118,7 +118,8 @@ def main() -> None:
         pruned = args.pruned
         if pruned is None:
             embedder = gaprune.load_embedder(args.model, "cpu", "float32")
-            gaprune.prune_units(embedder, args.structured_pct, "channels", "magnitude")
+            gaprune.prune(embedder, gaprune.PruneSpec(scorer="magnitude", structure="channels",
+                                                      sparsity=args.structured_pct))
             pruned = os.path.join(tmp, "pruned")
             gaprune.save_model(embedder, pruned)
         folders = {"dense": resolve_model_dir(args.model), "pruned": pruned}

@@ -23,8 +23,8 @@ import gaprune
 from gaprune.calibration import UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.modeling import DEFAULT_MODEL
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import OWN_TARGET, UNIFORM_SHARES, Calibration, option_words, pruner_options
+from gaprune.pruning import option_words
+from gaprune.spec import OWN_TARGET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = [("wanda", "unstructured", False, UNIFORM_WEIGHTING, OWN_TARGET),
@@ -48,7 +48,7 @@ def main() -> None:
     pool = [text for name in ("chem-example.json", "general-example.json")
             for text in triple_texts(load_triples(os.path.join(REPO, "data", name)))]
     texts = [pool[i % len(pool)] for i in range(args.texts)]
-    calibration = Calibration({"domain": texts}, 0.0, args.batch_size, args.max_length)
+    calibration = gaprune.CalibrationSpec(domain_data=texts, batch_size=args.batch_size, max_length=args.max_length)
     print(f"{args.model}: MLP weights at 50%, {len(texts)} calibration texts of at most {args.max_length} tokens, "
           f"{torch.get_num_threads()} CPU threads")
     print("| method | pattern | seconds | peak RSS (GiB) |")
@@ -56,14 +56,15 @@ def main() -> None:
     for scorer, pattern, reconstruct, weighting, target in RUNS:
         embedder = gaprune.load_embedder(args.model, args.device)
         start = time.perf_counter()
-        gaprune.prune(embedder, 0.5, scorer, pattern=pattern, reconstruct=reconstruct,
-                      calibration=dataclasses.replace(calibration, token_weighting=weighting),
-                      reconstruction_target=target)
+        spec = gaprune.PruneSpec(scorer=scorer, sparsity=0.5 if pattern == "unstructured" else 0.0, pattern=pattern,
+                                 reconstruct=reconstruct, reconstruction_target=target,
+                                 calibration=dataclasses.replace(calibration, weighting=weighting))
+        gaprune.prune(embedder, spec)
         if embedder.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        options = pruner_options(UNIFORM_SHARES, NATURAL_ORDER, weighting, target)
+        options = spec.pruner_options()
         label = scorer + (" + reconstruction" if reconstruct else "") + "".join(f", {words}"
                                                                              for words in option_words(options))
         print(f"| {label} | {pattern} | {seconds:.1f} | {peak:.2f} |", flush=True)

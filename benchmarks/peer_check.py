@@ -25,7 +25,6 @@ import gaprune
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples
 from gaprune.modeling import DEFAULT_MODEL
-from gaprune.pruning import Calibration
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
 
     with open(args.texts, encoding="utf-8") as handle:
         texts = json.load(handle)
-    calibration = Calibration({"domain": texts}, 0.0, args.batch_size, args.max_length)
+    calibration = gaprune.CalibrationSpec(domain_data=texts, batch_size=args.batch_size, max_length=args.max_length)
     heldout = {path: load_triples(path, args.heldout_size) for path in args.heldout}
     print(f"{args.model}: {len(texts)} calibration texts of at most {args.max_length} tokens, "
           f"{torch.get_num_threads()} CPU threads")
@@ -52,7 +51,8 @@ def main() -> None:
         peer_weights = load_file(path)
         ours = gaprune.load_embedder(args.model, "cpu", "float32")
         start = time.perf_counter()
-        gaprune.prune(ours, 0.5, method, pattern=pattern or "unstructured", calibration=calibration)
+        gaprune.prune(ours, gaprune.PruneSpec(scorer=method, sparsity=0.0 if pattern else 0.5,
+                                              pattern=pattern or "unstructured", calibration=calibration))
         seconds = time.perf_counter() - start
         named = dict(ours.model.named_parameters())
         print(f"\n{spec}: gaprune {seconds:.1f} s")

@@ -1,7 +1,8 @@
 """gaprune: Gradient-Alignment Pruning for domain-aware embedding models.
 
-The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune, prune_units
-(whole channels or heads), evaluate, save_model, and DAIConfig for the scorer coefficients. They are imported on first use, so that
+The stages as Python calls (see gaprune.api): load_embedder, fisher, alignment, prune (a PruneSpec: the
+whole request, checked when it is made; ScoreFiles: the scoring stages' JSON paths), evaluate, save_model,
+and DAIConfig for the scorer coefficients; InputError is what a bad request raises. They are imported on first use, so that
 ``import gaprune.data`` stays light.
 """
 
@@ -9,8 +10,9 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {"load_embedder": "gaprune.api", "fisher": "gaprune.api", "alignment": "gaprune.api",
-            "prune": "gaprune.api", "prune_units": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
-            "DAIConfig": "gaprune.scoring"}
+            "prune": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
+            "DAIConfig": "gaprune.scoring", "PruneSpec": "gaprune.spec", "CalibrationSpec": "gaprune.spec",
+            "ScoreFiles": "gaprune.spec", "InputError": "gaprune.errors"}
 __all__ = list(_EXPORTS)
 
 

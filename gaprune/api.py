@@ -22,22 +22,22 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from gaprune.checks import file_path, layer_type_list, one_of, optional_whole_number, whole_number
 from gaprune.data import load_triples
-from gaprune.evaluation import evaluate_triples
-from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
-from gaprune.layers import gradients_of, select_parameters
-from gaprune.errors import InputError
-from gaprune.masking import MaskResult, parse_pattern
 from gaprune.distributed import current_world
-from gaprune.memory import SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
+from gaprune.errors import InputError
+from gaprune.evaluation import evaluate_triples
+from gaprune.importance import ALIGNMENT_MODES, AlignmentResult, FisherResult, fisher_information, gradient_alignment
+from gaprune.layers import GRADIENTS, LAYER_TYPES, gradients_of, select_parameters
+from gaprune.masking import MaskResult
+from gaprune.memory import (ACCUMULATE_ON, SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line,
+                            warn_if_too_large)
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, Calibration, StructureResult, check_group_order,
-                             check_layer_shares, check_reconstruction_target, prune_calibrated, prune_candidates,
-                             prune_structure, scorers_used, structure_candidates)
+from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,
+                             prune_structure, structure_candidates)
 from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
-from gaprune.scorers import get_scorer
-from gaprune.scoring import ArrayFn, DAIConfig
+from gaprune.scoring import ArrayFn
+from gaprune.spec import UNSTRUCTURED, PruneSpec, ScoreFiles
 from gaprune.structure import unit_plan
 
 ModelLike = Embedder | str
@@ -47,6 +47,9 @@ log = logging.getLogger("gaprune")
 def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
                 native_cpu_bfloat16: bool = False) -> Embedder:
     """An Embedder as given, or loaded from a folder or hub id (``native_cpu_bfloat16``: see resolve_dtype)."""
+    if not isinstance(model, (Embedder, str)):
+        raise InputError(f"model must be a gaprune Embedder (gaprune.load_embedder) or a model folder or hub id, "
+                         f"got {type(model).__name__}")
     return model if isinstance(model, Embedder) else load_embedder(model, device, dtype,
                                                                    native_cpu_bfloat16=native_cpu_bfloat16)
 
@@ -74,6 +77,18 @@ def _scoring(embedder: Embedder, layer_types: Sequence[str], gradients: str, acc
     log.info("%s", measured_line(plan, embedder.device))
 
 
+def _check_scoring_args(data_path: object, flag: str, batch_size: object, max_samples: object, layer_types: object,
+                        score_dtype: object, accumulate_on: object, gradients: object) -> None:
+    """The scoring stages' arguments, checked as their flags are, before the model loads."""
+    file_path(data_path, flag)
+    whole_number(batch_size, "--batch_size")
+    optional_whole_number(max_samples, "--max_samples")
+    layer_type_list(layer_types, LAYER_TYPES)
+    one_of(score_dtype, "--score_dtype", sorted(SCORE_DTYPES))
+    one_of(accumulate_on, "--accumulate_on", ACCUMULATE_ON)
+    one_of(gradients, "--gradients", GRADIENTS)
+
+
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
            score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto",
@@ -84,6 +99,8 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
     ``gradients="selected"``: only the ``layer_types`` parameters take gradients and are reported (the
     model's requires_grad flags are restored afterwards). ``runtime_rss``: the process's resident memory
     before the model was loaded, for the memory plan on a CPU (0: not counted)."""
+    _check_scoring_args(data_path, "--data_path", batch_size, max_samples, layer_types, score_dtype, accumulate_on,
+                        gradients)
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     triples = load_triples(data_path, max_samples)
     with _scoring(embedder, layer_types, gradients, accumulate_on, lambda selected, place, ranks: fisher_plan(
@@ -107,8 +124,14 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     with ``fisher_output_dir`` those are written as fisher.py writes them (``result.fisher[side].path``),
     their arrays in ``score_dtype``.
     ``gradients`` and ``runtime_rss`` as for fisher()."""
-    if score_dtype not in SCORE_DTYPES:  # before the pass, not when writing after it
-        raise InputError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {score_dtype!r}")
+    _check_scoring_args(general_data_path, "--general_data_path", batch_size, max_samples, layer_types, score_dtype,
+                        accumulate_on, gradients)
+    file_path(domain_data_path, "--domain_data_path")
+    if batch_size < 2:
+        raise InputError(f"--batch_size must be at least 2 (one general and one domain triple), got {batch_size}")
+    one_of(alignment_mode, "--alignment_mode", list(ALIGNMENT_MODES))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"--seed must be a whole number, got {seed!r}")
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
@@ -130,63 +153,39 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     return result
 
 
-def prune(model: ModelLike, sparsity: float, scorer: str = "dai", general_fisher: str | None = None,
-          domain_fisher: str | None = None, alignment: str | None = None, layer_types: Sequence[str] = ("mlp",),
-          config: DAIConfig | None = None, strategy: str = "global", rho_min: float = 0.05,
-          rho_max: float = 0.95, seed: int = 42, pattern: str = "unstructured",
-          calibration: Calibration | None = None, reconstruct: bool = False,
-          layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER,
-          reconstruction_target: str = OWN_TARGET) -> MaskResult:
-    """Zero, in place, the ``sparsity`` share of the candidate weights that ``scorer`` ranks lowest,
-    reading the given score files (results JSON paths); with an N:M ``pattern`` ("2:4"), N of every M
-    weights of each row instead. Wanda and SparseGPT, and ``reconstruct`` (the OBS update of the kept
-    weights under the mask), need ``calibration`` texts; ``layer_shares`` (a score-based scorer) sets Wanda's and
-    SparseGPT's share of each layer from that scorer's global ranking, and ``group_order="hessian"`` the order
-    of SparseGPT's N:M groups; ``reconstruction_target="dense"`` has SparseGPT's (or reconstruction's) updated
-    weights reproduce the dense model's outputs. Save the model with gaprune.checkpoint.save_model."""
+def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
+          calibration: Calibration | None = None) -> MaskResult | StructureResult:
+    """Prune ``model`` in place as ``spec`` asks, reading the score files ``scores`` names. Masks zero the
+    ``spec.sparsity`` share of the candidate weights the scorer ranks lowest (or N of every M); a
+    ``spec.structure`` removes whole channels or heads, so the model and its config become smaller. Wanda,
+    SparseGPT and reconstruction calibrate on ``spec.calibration``'s texts (or on ``calibration``, texts loaded
+    and measured before: compare.py reuses them). Save the model with gaprune.save_model."""
+    if not isinstance(spec, PruneSpec):
+        raise InputError(f"spec must be a gaprune.PruneSpec, got {type(spec).__name__}")
+    scores = ScoreFiles() if scores is None else scores
+    spec.check_scores(scores)
     embedder = as_embedder(model)
-    config = config or DAIConfig()
-    chosen = get_scorer(scorer)
-    sparsity_pattern = parse_pattern(pattern)
-    check_layer_shares([scorer], layer_shares, sparsity_pattern)
-    check_group_order([scorer], group_order, sparsity_pattern)
-    check_reconstruction_target([scorer], reconstruction_target, reconstruct)
-    if (chosen.needs_activations or reconstruct) and calibration is None:
-        raise InputError(f"{scorer if chosen.needs_activations else 'reconstruction'} needs calibration texts")
-    candidates = select_parameters(embedder.model.named_parameters(), layer_types)
-    arrays = _score_arrays(embedder, candidates, scorers_used(scorer, layer_shares), config, general_fisher,
-                           domain_fisher, alignment)
-    if chosen.needs_activations or reconstruct:
-        return prune_calibrated(embedder, candidates, scorer, sparsity, calibration, reconstruct, sparsity_pattern,
-                                arrays, config, strategy, rho_min, rho_max, seed, layer_shares, group_order,
-                                reconstruction_target)
-    return prune_candidates(candidates, arrays, scorer, config, sparsity, strategy, rho_min, rho_max, seed,
-                            sparsity_pattern)
+    for note in spec.notes() + spec.check_model(embedder.model):
+        log.warning("%s", note)
+    if spec.structure != UNSTRUCTURED:
+        plan = unit_plan(embedder.model, spec.structure)
+        candidates = structure_candidates(embedder.model, plan)
+        arrays = _score_arrays(embedder, candidates, spec, scores)
+        return prune_structure(embedder.model, plan, arrays, spec.scorer, spec.config, spec.sparsity, spec.seed)
+    candidates = select_parameters(embedder.model.named_parameters(), spec.layer_types)
+    arrays = _score_arrays(embedder, candidates, spec, scores)
+    if spec.calibrated:
+        calibration = calibration if calibration is not None else load_calibration(spec.calibration)
+        return prune_calibrated(embedder, candidates, spec, calibration, arrays)
+    return prune_candidates(candidates, arrays, spec.scorer, spec.config, spec.share, spec.strategy, spec.rho_min,
+                            spec.rho_max, spec.seed, spec.parsed_pattern)
 
 
-def prune_units(model: ModelLike, share: float, structure: str = "channels", scorer: str = "dai",
-                general_fisher: str | None = None, domain_fisher: str | None = None, alignment: str | None = None,
-                config: DAIConfig | None = None, seed: int = 42) -> StructureResult:
-    """Remove, in place, the ``share`` of every layer's MLP channels (``structure="channels"``) or query heads
-    (``"heads"``) that ``scorer`` ranks lowest; the model and its config become smaller. Score files are read
-    for the weights that carry the units (MLP, or q_proj and o_proj)."""
-    embedder = as_embedder(model)
-    config = config or DAIConfig()
-    plan = unit_plan(embedder.model, structure)
-    candidates = structure_candidates(embedder.model, plan)
-    arrays = _score_arrays(embedder, candidates, [scorer], config, general_fisher, domain_fisher, alignment)
-    return prune_structure(embedder.model, plan, arrays, scorer, config, share, seed)
-
-
-def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], scorers: Sequence[str], config: DAIConfig,
-                  general_fisher: str | None, domain_fisher: str | None, alignment: str | None) -> ArrayFn:
-    """The given score files, once each ``scorers`` entry is checked to have what it needs."""
-    paths = {"domain_fisher": domain_fisher, "general_fisher": general_fisher, "alignment": alignment}
-    for scorer in scorers:
-        get_scorer(scorer).check(config, {side for side, path in paths.items() if path})
-    return open_score_files(paths, {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
-                            need_cosine=any(get_scorer(scorer).reads_cosine(config) for scorer in scorers),
-                            model_name=embedder.name)
+def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], spec: PruneSpec,
+                  scores: ScoreFiles) -> ArrayFn:
+    """The given score files, opened for ``candidates``."""
+    return open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
+                            need_cosine=spec.reads_cosine(), model_name=embedder.name)
 
 
 @torch.no_grad()
@@ -194,8 +193,11 @@ def evaluate(model: ModelLike, data_path: str, batch_size: int = 32, max_samples
              instructions: str = "auto") -> dict:
     """nDCG@10, MRR@10, Recall@1 and Recall@10 of retrieving each query's positive among all the file's
     positives and negatives."""
+    whole_number(batch_size, "--batch_size")
+    optional_whole_number(max_samples, "--max_samples")
+    one_of(instructions, "--query_instructions", ["auto", "keep", "strip"])
     embedder = as_embedder(model)
     return evaluate_triples(embedder, load_triples(data_path, max_samples), batch_size, instructions)
 
 
-__all__ = ["as_embedder", "fisher", "alignment", "prune", "prune_units", "evaluate", "load_embedder"]
+__all__ = ["as_embedder", "fisher", "alignment", "prune", "evaluate", "load_embedder"]

@@ -11,16 +11,15 @@ from typing import Callable, Sequence
 
 from gaprune import distributed
 from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
-from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
 from gaprune.layers import GRADIENTS, LAYER_TYPES
-from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
+from gaprune.masking import SPARSITY_PATTERNS
 from gaprune.memory import ACCUMULATE_ON
 from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, Calibration, check_group_order,
-                             check_layer_shares, check_reconstruct, check_reconstruction_target)
-from gaprune.scorers import SIDES, get_scorer
+from gaprune.scorefiles import FILE_KINDS
 from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
+from gaprune.spec import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, CalibrationSpec, PruneSpec, ScoreFiles,
+                          applicable_options)
 
 log = logging.getLogger("gaprune")
 
@@ -151,86 +150,33 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
                             "(loss_gradient: one extra backward pass over the calibration triples)")
 
 
-def calibration_from_args(args: argparse.Namespace, needed: bool) -> Calibration | None:
-    """The calibration texts the flags name, read now (before any model loads); None when not ``needed``."""
-    files = {side: path for side, path in (("domain", args.calibration_data),
-                                           ("general", args.general_calibration_data)) if path}
-    if not needed:
+def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
+    """The calibration the flags name (None when they name no file)."""
+    if not (args.calibration_data or args.general_calibration_data):
         if args.calibration_weighting != UNIFORM_WEIGHTING:
             raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
                              "--reconstruct; this run has none")
-        if files or args.calibration_mix is not None:
-            log.warning("calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored")
+        if args.calibration_mix is not None:
+            log.warning("--calibration_mix blends calibration files; none was given: ignored")
         return None
-    if not files:
-        raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
-                         "--general_calibration_data")
-    mix = args.calibration_mix
-    if mix is None:
-        mix = 0.5 if len(files) == 2 else float("general" in files)
-    if not 0.0 <= mix <= 1.0:
-        raise InputError(f"--calibration_mix must be between 0 and 1, got {mix}")
-    if (mix > 0 and "general" not in files) or (mix < 1 and "domain" not in files):
-        raise InputError(f"--calibration_mix {mix} needs both --calibration_data and --general_calibration_data")
-    weights = {"domain": 1.0 - mix, "general": mix}
-    texts = {side: triple_texts(load_triples(path, args.calibration_samples)) for side, path in files.items()
-             if weights[side] > 0}  # a side blended at 0 is not run at all
-    return Calibration(texts, mix, args.calibration_batch_size, args.calibration_max_length,
-                       args.calibration_weighting)
+    return CalibrationSpec(domain_data=args.calibration_data, general_data=args.general_calibration_data,
+                           samples=args.calibration_samples, mix=args.calibration_mix,
+                           max_length=args.calibration_max_length, batch_size=args.calibration_batch_size,
+                           weighting=args.calibration_weighting)
 
 
-def check_pruning_request(scorers: Sequence[str], structure: str, shares: Sequence[float], pattern: str,
-                          reconstruct: bool, strategy: str) -> None:
-    """Flag combinations of scorers, structure, pattern and reconstruction that would do nothing or not what
-    they say (SparseModel.py and compare.py)."""
-    if structure != "unstructured":
-        if pattern != "unstructured" or reconstruct:
-            raise InputError(f"--structure {structure} removes whole units; --sparsity_pattern and --reconstruct "
-                             f"apply to masks")
-        for name in scorers:
-            if get_scorer(name).needs_activations:
-                raise InputError(f"--structure {structure} needs a score-based scorer, not {name}")
-        return
-    for share in shares:
-        _check_calibrated_request(scorers, share, pattern, reconstruct, strategy)
-
-
-def _check_calibrated_request(scorers: Sequence[str], share: float, pattern: str, reconstruct: bool,
-                              strategy: str) -> None:
-    check_reconstruct(scorers, reconstruct)
-    for name in scorers:
-        chosen = get_scorer(name)
-        if chosen.needs_activations and strategy != "global":
-            raise InputError(f"{name} takes its share of each {chosen.budget}; --layer_budget_strategy does not apply")
-        if (chosen.needs_activations or reconstruct) and share == 0 and pattern == "unstructured":
-            raise InputError(f"{name}{' with --reconstruct' if reconstruct else ''} at a share of 0 prunes nothing")
-
-
-def check_pruner_options(scorers: Sequence[str], args: argparse.Namespace, config: DAIConfig) -> None:
-    """--layer_shares and --group_order (SparseModel.py and compare.py): options of wanda and sparsegpt masks;
-    the layer-share scorer's files were given."""
-    for flag, value, default in (("--layer_shares", args.layer_shares, UNIFORM_SHARES),
-                                 ("--group_order", args.group_order, NATURAL_ORDER),
-                                 ("--reconstruction_target", args.reconstruction_target, OWN_TARGET)):
-        if value != default and args.structure != "unstructured":
-            raise InputError(f"{flag} applies to masks; --structure {args.structure} removes whole units")
-    pattern = parse_pattern(args.sparsity_pattern)
-    check_layer_shares(scorers, args.layer_shares, pattern)
-    check_group_order(scorers, args.group_order, pattern)
-    check_reconstruction_target(scorers, args.reconstruction_target, args.reconstruct)
-    if args.layer_shares != UNIFORM_SHARES:
-        check_scorer_inputs(args.layer_shares, config, args)
-
-
-def effective_share(pct: float, pattern: str, flag: str = "--unstructured_pct") -> float:
-    """The share pruned: ``pct``, or N/M for an N:M pattern (where ``pct`` must be 0 or N/M)."""
-    parsed = parse_pattern(pattern)
-    if not parsed.structured:
-        return pct
-    share = parsed.n / parsed.m
-    if pct not in (0.0, share):
-        raise InputError(f"--sparsity_pattern {pattern} prunes {share:g} of the weights; {flag} {pct:g} contradicts it")
-    return share
+def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, config: DAIConfig,
+                   for_this_scorer: bool = False) -> PruneSpec:
+    """The pruning request the flags of SparseModel.py and compare.py make, checked whole; with
+    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py)."""
+    options = {"layer_shares": args.layer_shares, "group_order": args.group_order,
+               "reconstruction_target": args.reconstruction_target}
+    if for_this_scorer:
+        options = applicable_options(scorer, args.reconstruct, **options)
+    return PruneSpec(scorer=scorer, sparsity=sparsity, pattern=args.sparsity_pattern, structure=args.structure,
+                     layer_types=tuple(args.sparsify_layers), strategy=args.layer_budget_strategy,
+                     rho_min=getattr(args, "rho_min", 0.05), rho_max=getattr(args, "rho_max", 0.95), seed=args.seed,
+                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options)
 
 
 def scoring_config(args: argparse.Namespace) -> DAIConfig:
@@ -239,14 +185,9 @@ def scoring_config(args: argparse.Namespace) -> DAIConfig:
     return config
 
 
-def score_file_paths(args: argparse.Namespace) -> dict[str, str | None]:
-    """side -> the JSON path given as ``--<side>_scores`` (or None)."""
-    return {side: getattr(args, f"{side}_scores") for side in SIDES}
-
-
-def check_scorer_inputs(scorer: str, config: DAIConfig, args: argparse.Namespace) -> None:
-    """The scorer exists, its coefficients make sense, and the score files it cannot run without were given."""
-    get_scorer(scorer).check(config, {side for side, path in score_file_paths(args).items() if path})
+def score_files_from_args(args: argparse.Namespace) -> ScoreFiles:
+    """The score files given as ``--<side>_scores``."""
+    return ScoreFiles(**{side: getattr(args, f"{side}_scores") for side in FILE_KINDS})
 
 
 def finish(path: str) -> str:

@@ -239,3 +239,11 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
         name=path,
         max_length=min(n for n in limits if isinstance(n, int) and n > 0),
     )
+
+
+def meta_model(path: str) -> PreTrainedModel:
+    """The model ``path`` names, built on the meta device from its config: every parameter's name and shape,
+    and no weights read (checks that need only shapes)."""
+    config = AutoConfig.from_pretrained(resolve_model_dir(path))
+    with torch.device("meta"):
+        return AutoModel.from_config(config)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import torch
 
 from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, TokenWeights, layer_widths,
                                  loss_gradient_weights, prune_block_by_block)
+from gaprune.data import load_triples, triple_texts
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
@@ -18,17 +19,16 @@ from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocati
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
-from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
+from gaprune.pruners import sparsegpt
+from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
-from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
+from gaprune.spec import (OWN_TARGET, PRUNER_OPTIONS, UNIFORM_SHARES, CalibrationSpec, PruneSpec, ScoreFiles,
+                          calibration_source)
+from gaprune.structure import (CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores,
+                               units_to_remove)
 
 
 log = logging.getLogger(__name__)
-UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
-OWN_TARGET = "own"  # --reconstruction_target: each layer's own outputs on the pruned model's inputs (SparseGPT)
-RECONSTRUCTION_TARGETS = (OWN_TARGET, "dense")  # or the dense model's outputs (pruners.dense_target_weight)
-PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 
 
 def prune_candidates(candidates: Mapping[str, torch.Tensor], arrays: ArrayFn, scorer: str, config: DAIConfig,
@@ -113,68 +113,92 @@ def _logged_plan(embedder: Embedder, candidates: Mapping[str, torch.Tensor], cal
     return plan
 
 
-def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], scorer: str, pct: float,
-                     calibration: Calibration, reconstruct: bool = False, pattern: Pattern = Pattern(),
-                     arrays: ArrayFn | None = None, config: DAIConfig | None = None, strategy: str = "global",
-                     rho_min: float = 0.05, rho_max: float = 0.95, seed: int = 42,
-                     layer_shares: str = UNIFORM_SHARES, group_order: str = NATURAL_ORDER,
-                     reconstruction_target: str = OWN_TARGET) -> MaskResult:
+def load_calibration(spec: CalibrationSpec) -> Calibration:
+    """The calibration texts ``spec`` names, read now."""
+    texts = {side: triple_texts(load_triples(source, spec.samples)) if isinstance(source, str) else list(source)
+             for side, source in spec.files().items()}
+    return Calibration(texts, spec.general_share, spec.batch_size, spec.max_length, spec.weighting)
+
+
+def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor], spec: PruneSpec,
+                     calibration: Calibration, arrays: ArrayFn | None = None) -> MaskResult:
     """Prune with an activation-aware scorer (Wanda, SparseGPT) layer by layer on ``calibration``, or with
-    any scorer's mask followed (``reconstruct``) by the OBS update of the kept weights under that mask and
+    any scorer's mask followed (``spec.reconstruct``) by the OBS update of the kept weights under that mask and
     the calibration Hessian. The count per layer follows the scorer's own budget (Wanda: each row,
-    SparseGPT: each block of columns; N:M patterns: each group), at ``pct`` of every layer or at the shares
-    ``layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget.
-    ``group_order``: the order in which SparseGPT prunes the groups of an N:M pattern (gaprune.pruners).
-    ``reconstruction_target``: what the updated weights reproduce, each layer's own outputs on the pruned
+    SparseGPT: each block of columns; N:M patterns: each group), at the spec's share of every layer or at the
+    shares ``spec.layer_shares`` (a score-based scorer) gives the layers; a score-based mask keeps its budget.
+    ``spec.group_order``: the order in which SparseGPT prunes the groups of an N:M pattern (gaprune.pruners).
+    ``spec.reconstruction_target``: what the updated weights reproduce, each layer's own outputs on the pruned
     model's inputs or the dense model's outputs (``dense``: the dense model runs beside the pruned one)."""
-    config = config or DAIConfig()
-    chosen = get_scorer(scorer)
-    check_layer_shares([scorer], layer_shares, pattern)
-    check_group_order([scorer], group_order, pattern)
-    check_reconstruct([scorer], reconstruct)
-    check_reconstruction_target([scorer], reconstruction_target, reconstruct)
-    if calibration.token_weighting not in TOKEN_WEIGHTINGS:
-        raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
-    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
-    token_weights = calibration.token_weights if weighted else None
-    if token_weights is not None and (calibration.measured_with != calibration.measuring_settings() or
-                                      any(set(side) != set(candidates) for side in token_weights.values())):
-        raise ValueError("the calibration's token weights were measured for other texts, batches or layers")
+    chosen, pattern, pct = spec.chosen, spec.parsed_pattern, spec.share
+    token_weights = _checked_token_weights(calibration, candidates)
     fixed: MaskResult | None = None
     if not chosen.needs_activations:  # the scorer's mask over all candidates; applied layer by layer below
-        fixed = prune_candidates(candidates, arrays, scorer, config, pct, strategy, rho_min, rho_max, seed, pattern,
-                                 keep_masks=True, apply=False)
+        fixed = prune_candidates(candidates, arrays, spec.scorer, spec.config, pct, spec.strategy, spec.rho_min,
+                                 spec.rho_max, spec.seed, pattern, keep_masks=True, apply=False)
         shares = {}
     else:
-        shares = shares_of_layers(candidates, layer_shares, arrays, config, pct, pattern, seed)
+        shares = shares_of_layers(candidates, spec.layer_shares, arrays, spec.config, pct, spec.seed)
     per_param: dict[str, dict] = {}
-    newly_zeroed = 0
+    zeroed = [0]
 
     def prune_layers(inputs: dict[str, LayerInputs]) -> None:
-        nonlocal newly_zeroed
         for name, layer_inputs in inputs.items():
             weight = candidates[name]
             if fixed is not None:  # the weight is still dense: its layer comes up for the first time
-                mask = fixed.masks.pop(name).to(weight.device)
-                start = weight
-            elif chosen.layer_pruner is not None:
-                start, mask = chosen.layer_pruner(weight, layer_inputs, shares[name], pattern, group_order)
+                start, mask = weight, fixed.masks.pop(name).to(weight.device)
             else:
-                score = chosen.build(ScoringContext({name: weight}, arrays, config, seed, {name: layer_inputs}))
-                score = checked_scores(score)(name, weight).view(weight.shape)
-                mask = (lowest_in_groups(score, pattern.n, pattern.m) if pattern.structured
-                        else lowest_in_rows(score, shares[name]))
-                start = weight
-            if reconstruct:
+                start, mask = _layer_mask(spec, name, weight, layer_inputs, shares[name], arrays)
+            if spec.reconstruct:
                 hessian = layer_inputs.hessian
                 start, _ = sparsegpt(layer_inputs.start_weight(start, hessian), hessian, mask=mask)
-            newly_zeroed += int(torch.count_nonzero(weight[mask]))
+            zeroed[0] += int(torch.count_nonzero(weight[mask]))
             weight.copy_(start.to(weight.dtype).masked_fill(mask, 0))
             masked = int(torch.count_nonzero(mask))
             per_param[name] = {"numel": weight.numel(), "masked": masked, "ratio": masked / weight.numel()}
 
-    hessian = reconstruct or chosen.layer_pruner is not None
-    dense_targets = reconstruction_target != OWN_TARGET
+    _calibrate(embedder, candidates, spec, calibration, token_weights, prune_layers)
+    options = spec.pruner_options()
+    if fixed is not None:  # the scorer's own report: its score statistics and budget
+        fixed.masks = None
+        fixed.diagnostics.update(options)
+        return fixed
+    return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=zeroed[0],
+                      per_param=per_param, per_layer_allocations=layer_allocations(per_param), diagnostics=options)
+
+
+def _checked_token_weights(calibration: Calibration, candidates: Mapping[str, torch.Tensor]) -> TokenWeights | None:
+    """The loss-gradient weights measured before (None: uniform, or not measured yet), refused when they were
+    measured for other texts, batches or layers."""
+    if calibration.token_weighting not in TOKEN_WEIGHTINGS:
+        raise ValueError(f"unknown token weighting {calibration.token_weighting!r}")
+    token_weights = calibration.token_weights if calibration.token_weighting != UNIFORM_WEIGHTING else None
+    if token_weights is not None and (calibration.measured_with != calibration.measuring_settings() or
+                                      any(set(side) != set(candidates) for side in token_weights.values())):
+        raise ValueError("the calibration's token weights were measured for other texts, batches or layers")
+    return token_weights
+
+
+def _layer_mask(spec: PruneSpec, name: str, weight: torch.Tensor, layer_inputs: LayerInputs, share: float,
+                arrays: ArrayFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation-aware pruner's (start weight, mask) for one layer: SparseGPT's own, or Wanda's score
+    compared within each row (or each N:M group)."""
+    chosen, pattern = spec.chosen, spec.parsed_pattern
+    if chosen.layer_pruner is not None:
+        return chosen.layer_pruner(weight, layer_inputs, share, pattern, spec.group_order)
+    score = chosen.build(ScoringContext({name: weight}, arrays, spec.config, spec.seed, {name: layer_inputs}))
+    score = checked_scores(score)(name, weight).view(weight.shape)
+    return weight, (lowest_in_groups(score, pattern.n, pattern.m) if pattern.structured
+                    else lowest_in_rows(score, share))
+
+
+def _calibrate(embedder: Embedder, candidates: Mapping[str, torch.Tensor], spec: PruneSpec,
+               calibration: Calibration, token_weights: TokenWeights | None, prune_layers) -> None:
+    """Run the calibration block by block, ``prune_layers`` taking each block's layer inputs, with the memory
+    plan logged before and the peak after (CUDA)."""
+    hessian = spec.reconstruct or spec.chosen.layer_pruner is not None
+    dense_targets = spec.reconstruction_target != OWN_TARGET
+    weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     with calibration_length(embedder, calibration):
         plan = _logged_plan(embedder, candidates, calibration, hessian, dense_targets)
         if embedder.device.type == "cuda":  # the peak of calibration, from the model up
@@ -187,24 +211,6 @@ def prune_calibrated(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                              dense_targets=dense_targets)
         if embedder.device.type == "cuda":  # (resident memory on a CPU also holds the runtime, which it leaves out)
             log.info("%s", measured_line(plan, embedder.device))
-    options = pruner_options(layer_shares, group_order, calibration.token_weighting, reconstruction_target)
-    if fixed is not None:  # the scorer's own report: its score statistics and budget
-        fixed.masks = None
-        fixed.diagnostics.update(options)
-        return fixed
-    return MaskResult(masked=sum(info["masked"] for info in per_param.values()), newly_zeroed=newly_zeroed,
-                      per_param=per_param, per_layer_allocations=layer_allocations(per_param), diagnostics=options)
-
-
-def pruner_options(layer_shares: str, group_order: str, calibration_weighting: str = UNIFORM_WEIGHTING,
-                   reconstruction_target: str = OWN_TARGET) -> dict[str, str]:
-    """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
-    defaults, by name: what records, folder names and report rows mention (nothing at the defaults, so
-    published files stay as they were)."""
-    options = dict(zip(PRUNER_OPTIONS, ((layer_shares, UNIFORM_SHARES), (group_order, NATURAL_ORDER),
-                                        (calibration_weighting, UNIFORM_WEIGHTING),
-                                        (reconstruction_target, OWN_TARGET))))
-    return {key: value for key, (value, default) in options.items() if value != default}
 
 
 def option_words(entries: Mapping[str, object]) -> list[str]:
@@ -213,67 +219,8 @@ def option_words(entries: Mapping[str, object]) -> list[str]:
     return [f"{entries[key]} {key.rpartition('_')[2]}" for key in PRUNER_OPTIONS if key in entries]
 
 
-def check_layer_shares(scorers: Sequence[str], layer_shares: str, pattern: Pattern = Pattern()) -> None:
-    """``layer_shares`` is uniform, or a score-based scorer that sets the layer shares of at least one of the
-    activation-aware ``scorers`` (Wanda, SparseGPT) under an unstructured pattern."""
-    if layer_shares == UNIFORM_SHARES:
-        return
-    source = SCORERS.get(layer_shares)
-    if source is None or source.needs_activations:
-        score_based = ", ".join(name for name, entry in SCORERS.items() if not entry.needs_activations)
-        raise InputError(f"--layer_shares takes {UNIFORM_SHARES} or a score-based scorer ({score_based}), "
-                         f"not {layer_shares!r}")
-    if not any(get_scorer(name).needs_activations for name in scorers):
-        raise InputError(f"--layer_shares sets the layer shares of wanda and sparsegpt, not of {', '.join(scorers)} "
-                         f"(score-based masks take a global or uniform budget)")
-    if pattern.structured:
-        raise InputError(f"--layer_shares {layer_shares} moves the share between layers; the {pattern.n}:{pattern.m} "
-                         f"pattern fixes it in every layer")
-
-
-def check_group_order(scorers: Sequence[str], group_order: str, pattern: Pattern = Pattern()) -> None:
-    """``group_order`` is natural, or one of GROUP_ORDERS for sparsegpt (a scorer with a layer_pruner) with an
-    N:M pattern."""
-    if group_order == NATURAL_ORDER:
-        return
-    if group_order not in GROUP_ORDERS:
-        raise InputError(f"--group_order takes {' or '.join(GROUP_ORDERS)}, not {group_order!r}")
-    if not any(get_scorer(name).layer_pruner is not None for name in scorers):
-        raise InputError(f"--group_order sets the order of sparsegpt's N:M groups, not of {', '.join(scorers)}")
-    if not pattern.structured:
-        raise InputError("--group_order orders the groups of an N:M pattern; give --sparsity_pattern 2:4 or 4:8")
-
-
-def check_reconstruct(scorers: Sequence[str], reconstruct: bool) -> None:
-    """Reconstruction follows a mask that left the kept weights as they were: not a pruner that updates them."""
-    if not reconstruct:
-        return
-    for name in scorers:
-        if get_scorer(name).updates_weights:
-            raise InputError(f"{name} already updates the kept weights; --reconstruct would add nothing")
-
-
-def check_reconstruction_target(scorers: Sequence[str], target: str, reconstruct: bool = False) -> None:
-    """``target`` is one of RECONSTRUCTION_TARGETS; ``dense`` needs weights that are updated: sparsegpt, or
-    ``reconstruct``."""
-    if target == OWN_TARGET:
-        return
-    if target not in RECONSTRUCTION_TARGETS:
-        raise InputError(f"--reconstruction_target takes {' or '.join(RECONSTRUCTION_TARGETS)}, not {target!r}")
-    if not reconstruct and not any(get_scorer(name).layer_pruner is not None for name in scorers):
-        raise InputError(f"--reconstruction_target {target} sets what updated weights reproduce: it needs sparsegpt "
-                         f"or --reconstruct, not {', '.join(scorers)} alone")
-
-
-def scorers_used(scorer: str, layer_shares: str = UNIFORM_SHARES) -> list[str]:
-    """The registered scorers a pruning request reads score files for: the scorer, and the one that sets the
-    layer shares of an activation-aware pruner."""
-    return [scorer] + ([layer_shares] if layer_shares != UNIFORM_SHARES and get_scorer(scorer).needs_activations
-                       else [])
-
-
 def shares_of_layers(candidates: Mapping[str, torch.Tensor], layer_shares: str, arrays: ArrayFn | None,
-                     config: DAIConfig, pct: float, pattern: Pattern = Pattern(), seed: int = 42) -> dict[str, float]:
+                     config: DAIConfig, pct: float, seed: int = 42) -> dict[str, float]:
     """The share of each candidate tensor an activation-aware pruner takes: ``pct`` everywhere (uniform), or
     the share of the tensor among the lowest ``int(total * pct)`` weights of all candidates as ranked by the
     score-based scorer ``layer_shares``. That scorer decides how much each layer loses, the pruner which
@@ -348,17 +295,17 @@ def structure_stats(result: StructureResult, scorer: str, share: float) -> dict:
     }
 
 
-def prune_stats(result: MaskResult, scorer: str, pct: float, layer_types: Sequence[str], strategy: str) -> dict:
+def prune_stats(result: MaskResult, spec: PruneSpec) -> dict:
     """unstructured_prune_stats.json: the mask per parameter and per layer, and its validation counts."""
     per_param = result.per_param
     considered = sum(p["numel"] for p in per_param.values())
     mixed = sum(0 < p["masked"] < p["numel"] for p in per_param.values())
     return {
-        "method": scorer,
-        "unstructured_pct_requested": pct,
-        "scoring": scorer,
-        "sparsify_layers": list(layer_types),
-        "layer_budget_strategy": strategy,
+        "method": spec.scorer,
+        "unstructured_pct_requested": spec.share,
+        "scoring": spec.scorer,
+        "sparsify_layers": list(spec.layer_types),
+        "layer_budget_strategy": budget_of(spec),
         "total_params_considered": considered,
         "masked_params": result.masked,
         "actual_mask_ratio": result.masked / considered,
@@ -374,6 +321,12 @@ def prune_stats(result: MaskResult, scorer: str, pct: float, layer_types: Sequen
     }
 
 
+def budget_of(spec: PruneSpec) -> str:
+    """Where a mask's share is taken, as the records name it: the N:M pattern, the pruner's own (row, block),
+    or the score-based strategy (global, uniform)."""
+    return spec.pattern if spec.parsed_pattern.structured else spec.chosen.budget or spec.strategy
+
+
 @dataclasses.dataclass
 class ModelZeros:
     total: int  # parameters in the model
@@ -381,22 +334,21 @@ class ModelZeros:
     after: int  # zeros after pruning
 
 
-def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[str], scorer: str, pct: float,
-                      strategy: str, rho_min: float, rho_max: float, config: DAIConfig,
-                      score_files: Mapping[str, str | None], result: MaskResult, zeros: ModelZeros,
-                      extra: Mapping | None = None) -> dict:
-    """evaluation_config.json: the settings, the score files and the mask accounting of a pruned folder
-    (``extra``: the pattern, reconstruction and calibration, recorded only when used)."""
+def evaluation_config(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles, result: MaskResult,
+                      zeros: ModelZeros, calibration: Calibration | None = None) -> dict:
+    """evaluation_config.json: the settings, the score files and the mask accounting of a pruned folder (the
+    pattern, reconstruction and calibration recorded only when used)."""
     return {
         "model_path": model_path,
         "batch_size": batch_size,
-        "sparsify_layers": list(layer_types),
-        "pruning_method": f"unstructured_{scorer}",
+        "sparsify_layers": list(spec.layer_types),
+        "pruning_method": f"unstructured_{spec.scorer}",
         "meta": {
             "unstructured_pruning": {
-                "unstructured_pct": pct, "unstructured_scoring": scorer, "layer_budget_strategy": strategy,
-                "rho_min": rho_min, "rho_max": rho_max, **dataclasses.asdict(config), **(extra or {})},
-            "score_files": _score_file_entries(score_files),
+                "unstructured_pct": spec.share, "unstructured_scoring": spec.scorer,
+                "layer_budget_strategy": budget_of(spec), "rho_min": spec.rho_min, "rho_max": spec.rho_max,
+                **dataclasses.asdict(spec.config), **_calibration_record(spec, calibration)},
+            "score_files": _score_file_entries(scores),
             "mask_accounting": {
                 "total_params_before": zeros.total,
                 "total_params_after": zeros.total - zeros.after,
@@ -410,8 +362,25 @@ def evaluation_config(model_path: str, batch_size: int, layer_types: Sequence[st
     }
 
 
-def structure_evaluation_config(model_path: str, batch_size: int, scorer: str, share: float, config: DAIConfig,
-                                score_files: Mapping[str, str | None], result: StructureResult) -> dict:
+def _calibration_record(spec: PruneSpec, calibration: Calibration | None) -> dict:
+    """What evaluation_config.json adds when a pattern, reconstruction or calibration texts were used."""
+    record = {}
+    if spec.parsed_pattern.structured:
+        record["sparsity_pattern"] = spec.pattern
+    if spec.reconstruct:
+        record["reconstruct"] = True
+    record.update(spec.pruner_options())
+    if calibration is not None:
+        files = spec.calibration
+        record["calibration"] = {"domain_data": calibration_source(files.domain_data),
+                                 "general_data": calibration_source(files.general_data),
+                                 "texts": {side: len(texts) for side, texts in calibration.texts.items()},
+                                 "general_share": calibration.general_share, "max_length": calibration.max_length}
+    return record
+
+
+def structure_evaluation_config(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles,
+                                result: StructureResult) -> dict:
     """evaluation_config.json of a folder whose channels or heads were removed."""
     field = CONFIG_FIELDS[result.structure]
     return {
@@ -419,16 +388,17 @@ def structure_evaluation_config(model_path: str, batch_size: int, scorer: str, s
         "batch_size": batch_size,
         "structure": result.structure,
         "sparsify_layers": UNIT_LAYER_TYPES[result.structure],
-        "pruning_method": f"{result.structure}_{scorer}",
+        "pruning_method": f"{result.structure}_{spec.scorer}",
         "meta": {
-            "structured_pruning": {"structure": result.structure, "share": share, "scoring": scorer,
-                                   **dataclasses.asdict(config)},
-            "score_files": _score_file_entries(score_files),
+            "structured_pruning": {"structure": result.structure, "share": spec.sparsity, "scoring": spec.scorer,
+                                   **dataclasses.asdict(spec.config)},
+            "score_files": _score_file_entries(scores),
             "size": {"params_before": result.params_before, "params_after": result.params_after,
                      field: {"before": result.units_before, "after": result.units_after}},
         },
     }
 
 
-def _score_file_entries(score_files: Mapping[str, str | None]) -> dict[str, str | None]:
-    return {f"{side}_scores": score_files.get(side) for side in ("general_fisher", "domain_fisher", "alignment")}
+def _score_file_entries(scores: ScoreFiles) -> dict[str, str | None]:
+    paths = scores.paths()
+    return {f"{side}_scores": paths.get(side) for side in ("general_fisher", "domain_fisher", "alignment")}

@@ -12,7 +12,6 @@ from gaprune.errors import InputError
 from gaprune.features import fisher as fisher_script
 from gaprune.layers import select_parameters
 from gaprune.pruners import BLOCK_SIZE
-from gaprune.pruning import Calibration
 from gaprune.scorers import SCORERS, Scorer, get_scorer
 from gaprune.scoring import magnitude
 
@@ -26,7 +25,9 @@ def test_the_readme_example_runs_the_stages_and_masks_exactly_k(tmp_path, qwen3_
     assert all(os.path.isfile(r.path) for r in (general, domain, alignment))
     mlp = {n: p for n, p in model.model.named_parameters() if "mlp" in n}
     zeros_before = sum(int((p == 0).sum()) for p in mlp.values())
-    result = gaprune.prune(model, 0.5, "aligned_saliency", general.path, domain.path, alignment.path)
+    spec = gaprune.PruneSpec(scorer="aligned_saliency", sparsity=0.5)
+    scores = gaprune.ScoreFiles(general_fisher=general.path, domain_fisher=domain.path, alignment=alignment.path)
+    result = gaprune.prune(model, spec, scores)
     total = sum(p.numel() for p in mlp.values())
     assert result.masked == total // 2
     assert sum(int((p == 0).sum()) for p in mlp.values()) == zeros_before + result.newly_zeroed
@@ -52,7 +53,7 @@ def test_a_scorer_is_one_registry_entry(monkeypatch, bert_dir):
     model = gaprune.load_embedder(bert_dir)
     mlp = select_parameters(model.model.named_parameters(), ["mlp"])
     largest = max(float(p.detach().abs().max()) for p in mlp.values())
-    result = gaprune.prune(model, 0.1, "inverse_magnitude")
+    result = gaprune.prune(model, gaprune.PruneSpec(scorer="inverse_magnitude", sparsity=0.1))
     assert result.masked == int(sum(p.numel() for p in mlp.values()) * 0.1)
     assert all(float(p.detach().abs().max()) < largest for p in mlp.values())  # the largest weight went first
 
@@ -77,12 +78,14 @@ def test_sparsegpt_takes_each_layer_share_from_the_fisher_ranking(qwen3_dir, dat
     """layer_shares: aligned_saliency decides how many weights each layer loses, SparseGPT which ones."""
     files = score_files["qwen3"]
     config = gaprune.DAIConfig(alignment_weight=0)
-    ranked = gaprune.prune(gaprune.load_embedder(qwen3_dir, "cpu"), 0.5, "aligned_saliency", files["general"],
-                           files["domain"], config=config)
-    calibration = Calibration({"domain": triple_texts(load_triples(data_files["chem"], 4))}, 0.0)
+    scores = gaprune.ScoreFiles(general_fisher=files["general"], domain_fisher=files["domain"])
+    ranked = gaprune.prune(gaprune.load_embedder(qwen3_dir, "cpu"),
+                           gaprune.PruneSpec(scorer="aligned_saliency", sparsity=0.5, config=config), scores)
+    calibration = gaprune.CalibrationSpec(domain_data=triple_texts(load_triples(data_files["chem"], 4)))
     embedder = gaprune.load_embedder(qwen3_dir, "cpu")
-    result = gaprune.prune(embedder, 0.5, "sparsegpt", files["general"], files["domain"], config=config,
-                           calibration=calibration, layer_shares="aligned_saliency")
+    sparsegpt = gaprune.PruneSpec(scorer="sparsegpt", sparsity=0.5, config=config, calibration=calibration,
+                                  layer_shares="aligned_saliency")
+    result = gaprune.prune(embedder, sparsegpt, scores)
     weights = dict(embedder.model.named_parameters())
     shares = {name: info["ratio"] for name, info in ranked.per_param.items()}
     assert len({round(share, 3) for share in shares.values()}) > 2 and result.diagnostics["layer_shares"] == \
@@ -92,9 +95,8 @@ def test_sparsegpt_takes_each_layer_share_from_the_fisher_ranking(qwen3_dir, dat
         expected = sum(int(rows * min(BLOCK_SIZE, columns - start) * share) for start in range(0, columns, BLOCK_SIZE))
         assert result.per_param[name]["masked"] == int((weights[name] == 0).sum()) == expected, name
     with pytest.raises(InputError, match="needs --domain_fisher_scores"):
-        gaprune.prune(embedder, 0.5, "sparsegpt", files["general"], config=config, calibration=calibration,
-                      layer_shares="aligned_saliency")
+        gaprune.prune(embedder, sparsegpt, gaprune.ScoreFiles(general_fisher=files["general"]))
     with pytest.raises(InputError, match="not of magnitude"):  # a score-based mask has a budget of its own
-        gaprune.prune(embedder, 0.5, "magnitude", layer_shares="aligned_saliency")
+        gaprune.PruneSpec(scorer="magnitude", sparsity=0.5, layer_shares="aligned_saliency")
     with pytest.raises(InputError, match="takes uniform or a score-based scorer"):
-        gaprune.prune(embedder, 0.5, "sparsegpt", calibration=calibration, layer_shares="wanda")
+        gaprune.PruneSpec(scorer="sparsegpt", sparsity=0.5, calibration=calibration, layer_shares="wanda")

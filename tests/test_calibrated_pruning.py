@@ -21,6 +21,7 @@ from gaprune.model import SparseModel, compare
 from gaprune.modeling import load_embedder, pool
 from gaprune.pruners import BLOCK_SIZE
 from gaprune.pruning import Calibration
+from gaprune.spec import CalibrationSpec, PruneSpec, ScoreFiles
 
 
 def prune(tmp_path, model_dir, data_files, *extra) -> tuple[str, dict, dict]:
@@ -125,8 +126,9 @@ def test_compare_takes_layer_shares_from_the_fisher_ranking(tmp_path, bert_dir, 
     assert [r["method"] for r in rows] == ["dense", "aligned_saliency", "sparsegpt, aligned_saliency shares"]
     assert "layer_shares" not in rows[1] and rows[2]["layer_shares"] == "aligned_saliency"
     embedder = load_embedder(bert_dir, "cpu")  # the shares: aligned_saliency's global mask, with the cosine term
-    ranked = api.prune(embedder, 0.6, "aligned_saliency", score_files["bert"]["general"],
-                       score_files["bert"]["domain"], alignment)
+    ranked = api.prune(embedder, PruneSpec(scorer="aligned_saliency", sparsity=0.6),
+                       ScoreFiles(general_fisher=score_files["bert"]["general"],
+                                  domain_fisher=score_files["bert"]["domain"], alignment=alignment))
     assert ranked.masked == rows[1]["masked_params"]
     assert rows[2]["masked_params"] == sum(sparsegpt_count(*dict(embedder.model.named_parameters())[name].shape,
                                                            info["ratio"]) for name, info in ranked.per_param.items())
@@ -198,8 +200,8 @@ def test_dense_target_reproduces_the_dense_model_s_outputs(tmp_path, qwen3_dir, 
         torch.testing.assert_close(dense[name], own[name], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(dense[down], own[down], atol=1e-4)
     with pytest.raises(InputError, match="sparsegpt already updates the kept weights"):  # the target applied twice
-        api.prune(load_embedder(qwen3_dir, "cpu"), 0.5, "sparsegpt", reconstruct=True,
-                  reconstruction_target="dense", calibration=Calibration({"domain": texts}, 0.0))
+        PruneSpec(scorer="sparsegpt", sparsity=0.5, reconstruct=True, reconstruction_target="dense",
+                  calibration=CalibrationSpec(domain_data=texts))
 
 
 def layer_output_error(weights, dense, embedder, texts, name) -> float:
@@ -378,13 +380,15 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
     texts = {"domain": triple_texts(load_triples(data_files["chem"], 4)),
              "general": triple_texts(load_triples(data_files["general"], 4))}
     calibration = Calibration(texts, 0.5, batch_size=4, max_length=12, token_weighting="loss_gradient")
+    files = CalibrationSpec(domain_data=texts["domain"], general_data=texts["general"], batch_size=4, max_length=12,
+                            weighting="loss_gradient")
     pruned = []
     for measured in (False, True):
         embedder = load_embedder(qwen3_dir, "cpu", "float32")
         candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
         given = measure_token_weights(embedder, candidates, calibration) if measured else calibration
         assert (given.token_weights is not None) == measured
-        prune_calibrated(embedder, candidates, "sparsegpt", 0.5, given)
+        prune_calibrated(embedder, candidates, PruneSpec(scorer="sparsegpt", sparsity=0.5, calibration=files), given)
         pruned.append({name: p.detach().clone() for name, p in candidates.items()})
     assert all(torch.equal(pruned[0][name], pruned[1][name]) for name in pruned[0])
     attention = select_parameters(embedder.model.named_parameters(), ["attention"])
@@ -392,7 +396,7 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
                           (dataclasses.replace(given, max_length=None), candidates),
                           (dataclasses.replace(given, texts={"domain": texts["domain"]}), candidates)):
         with pytest.raises(ValueError, match="measured for other texts, batches or layers"):
-            prune_calibrated(embedder, layers, "wanda", 0.5, other)
+            prune_calibrated(embedder, layers, PruneSpec(scorer="wanda", sparsity=0.5, calibration=files), other)
 
     calls = []
     measure = pruning.loss_gradient_weights

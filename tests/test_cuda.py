@@ -11,7 +11,7 @@ from gaprune.importance import fisher_information, gradient_alignment
 from gaprune.layers import select_parameters
 from gaprune.memory import fisher_plan, pinned_total
 from gaprune.modeling import load_embedder
-from gaprune.pruning import Calibration
+from gaprune.spec import CalibrationSpec, PruneSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -95,7 +95,9 @@ def test_calibrated_sparsegpt_on_cuda_matches_the_cpu(model_dir, chem_triples, w
     zeros = {}
     for device in ("cpu", "cuda"):
         embedder = load_embedder(model_dir, device, "float32")
-        api.prune(embedder, 0.5, "sparsegpt", layer_types=("mlp",), calibration=Calibration(texts, 0.5))
+        api.prune(embedder, PruneSpec(scorer="sparsegpt", sparsity=0.5,
+                                      calibration=CalibrationSpec(domain_data=texts["domain"],
+                                                                  general_data=texts["general"])))
         zeros[device] = {name: (p == 0).cpu() for name, p in
                          select_parameters(embedder.model.named_parameters(), ["mlp"]).items()}
     agree = sum(int(torch.count_nonzero(zeros["cpu"][n] == zeros["cuda"][n])) for n in zeros["cpu"])

@@ -374,12 +374,14 @@ def test_calibration_plan_of_a_side_without_texts(qwen3_dir, data_files):
     assert (plans[2].hidden_states, plans[2].token_weights, plans[2].graph) == (0, 0, 0)
     from gaprune.errors import InputError
     from gaprune.pruning import Calibration, prune_calibrated
+    from gaprune.spec import CalibrationSpec, PruneSpec
 
     candidates = select_parameters(embedder.model.named_parameters(), ["mlp"])
-    result = prune_calibrated(embedder, candidates, "wanda", 0.5, Calibration({"domain": domain, "general": []}, 0.0))
+    wanda = PruneSpec(scorer="wanda", sparsity=0.5, calibration=CalibrationSpec(domain_data=domain))
+    result = prune_calibrated(embedder, candidates, wanda, Calibration({"domain": domain, "general": []}, 0.0))
     assert result.masked == sum(p.numel() for p in candidates.values()) // 2
     with pytest.raises(InputError, match="no calibration texts"):
-        prune_calibrated(embedder, candidates, "wanda", 0.5, Calibration({"domain": []}, 0.0))
+        prune_calibrated(embedder, candidates, wanda, Calibration({"domain": []}, 0.0))
 
 
 def test_calibrated_pruning_logs_its_plan_and_warns_when_it_cannot_fit(caplog, monkeypatch, tmp_path, qwen3_dir,

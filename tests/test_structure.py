@@ -73,7 +73,7 @@ def test_head_scores_sum_the_query_rows_and_output_columns_of_each_head(qwen3_di
         q, o = attn.q_proj.weight.detach().abs(), attn.o_proj.weight.detach().abs()
         sums = torch.tensor([q[h * 16:(h + 1) * 16].sum() + o[:, h * 16:(h + 1) * 16].sum() for h in range(4)])
         expected.append(sorted([int(torch.argmin(sums[:2])), 2 + int(torch.argmin(sums[2:]))]))
-    result = gaprune.prune_units(embedder, 0.5, "heads", "magnitude")
+    result = gaprune.prune(embedder, gaprune.PruneSpec(scorer="magnitude", structure="heads", sparsity=0.5))
     assert [result.removed[f"layers.{i}"] for i in range(2)] == expected
 
 
@@ -113,7 +113,8 @@ def test_saved_channel_pruned_model_loads_with_plain_libraries_and_embeds_the_sa
                                                                                   score_files):
     files = score_files["bert" if "bert" in model_dir else "qwen3"]
     embedder = load_embedder(model_dir, "cpu")
-    result = gaprune.prune_units(embedder, 0.5, "channels", "aligned_saliency", files["general"], files["domain"])
+    result = gaprune.prune(embedder, gaprune.PruneSpec(scorer="aligned_saliency", structure="channels", sparsity=0.5),
+                           gaprune.ScoreFiles(general_fisher=files["general"], domain_fisher=files["domain"]))
     in_memory = embedder.encode(TEXTS + [PROBE_SENTENCE], progress=False)
     folder = str(tmp_path / "pruned")
     gaprune.save_model(embedder, folder)

@@ -12,20 +12,21 @@ from typing import Sequence
 import torch
 
 from gaprune import api, distributed
-from gaprune.checkpoint import (checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding,
-                                save_model)
+from gaprune.checkpoint import checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding, save_model
+from gaprune.checks import whole_number
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_pruner_options, check_pruning_request, check_scorer_inputs,
-                        effective_share, finish, finite_float, run, score_file_paths, scoring_config)
+                         finish, finite_float, run, score_files_from_args, scoring_config, spec_from_args)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
-from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
+from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
-from gaprune.modeling import load_embedder, resolve_model_dir
-from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, option_words, prune_stats,
-                             pruner_options, structure_evaluation_config, structure_stats)
-from gaprune.scorers import SCORERS, get_scorer
-from gaprune.structure import CONFIG_FIELDS, STRUCTURES
+from gaprune.modeling import load_embedder, meta_model, resolve_model_dir
+from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, option_words, prune_stats,
+                             structure_candidates, structure_evaluation_config, structure_stats)
+from gaprune.scorefiles import open_score_files
+from gaprune.scorers import SCORERS
+from gaprune.spec import UNIFORM_SHARES, UNSTRUCTURED, PruneSpec, ScoreFiles
+from gaprune.structure import CONFIG_FIELDS, STRUCTURES, unit_plan
 
 log = logging.getLogger("gaprune.sparse")
 
@@ -51,6 +52,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check the whole request against the model's shapes, the score files' headers and the "
+                             "calibration files, load no weights, write nothing (score files may be left out: "
+                             "the scoring stages write them later)")
     parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
     parser.add_argument("--rho_min", type=finite_float, default=0.05, help="uniform: least share pruned per layer")
     parser.add_argument("--rho_max", type=finite_float, default=0.95, help="uniform: largest share pruned per layer")
@@ -60,43 +65,31 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def validate(args) -> None:
-    if not 0.0 <= args.unstructured_pct <= 1.0:
-        raise InputError(f"--unstructured_pct must be between 0 and 1, got {args.unstructured_pct}")
-    if args.structure == "unstructured" and args.structured_pct:
+def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
+    """The whole request the flags make, checked once (nothing is read yet)."""
+    if args.structure == UNSTRUCTURED and args.structured_pct:
         raise InputError(f"--structured_pct needs --structure {' or '.join(STRUCTURES)}")
-    if args.structure != "unstructured":
-        if not 0.0 < args.structured_pct < 1.0:
-            raise InputError(f"--structure {args.structure} needs --structured_pct between 0 and 1 (exclusive), "
-                             f"got {args.structured_pct}")
-        if args.unstructured_pct:
-            raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
-    check_pruning_request([args.unstructured_scoring], args.structure,
-                          [effective_share(args.unstructured_pct, args.sparsity_pattern)], args.sparsity_pattern,
-                          args.reconstruct, args.layer_budget_strategy)
-    if not 0.0 <= args.rho_min <= args.rho_max <= 1.0:
-        raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {args.rho_min} and {args.rho_max}")
-    if args.batch_size < 1:
-        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
-    check_scorer_inputs(args.unstructured_scoring, scoring_config(args), args)
-    check_pruner_options([args.unstructured_scoring], args, scoring_config(args))
-    if not args.show_layer_types:
-        check_output_dir(args.output_dir)
-        check_output_dir(pruned_folder(args), "the pruned model's folder")
+    if args.structure != UNSTRUCTURED and args.unstructured_pct:
+        raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
+    whole_number(args.batch_size, "--batch_size")
+    amount = args.unstructured_pct if args.structure == UNSTRUCTURED else args.structured_pct
+    spec = spec_from_args(args, args.unstructured_scoring, amount, scoring_config(args))
+    scores = score_files_from_args(args)
+    if not (args.dry_run and not scores.given()):  # a dry run before the scoring stages: their files come later
+        spec.check_scores(scores)
+    return spec, scores
 
 
-def pruned_folder(args) -> str:
-    if args.structure != "unstructured":
-        return output_folder(args.output_dir, args.model_path,
-                             f"{args.unstructured_scoring}_{args.structure}_{round(args.structured_pct * 100, 2):g}%")
-    amount = (args.sparsity_pattern.replace(":", "of") if args.sparsity_pattern != "unstructured"
-              else f"{round(args.unstructured_pct * 100, 2):g}%")
-    suffix = "_reconstructed" if args.reconstruct else ""
+def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
+    if spec.structure != UNSTRUCTURED:
+        return output_folder(output_dir, model_path,
+                             f"{spec.scorer}_{spec.structure}_{round(spec.sparsity * 100, 2):g}%")
+    amount = (spec.pattern.replace(":", "of") if spec.parsed_pattern.structured
+              else f"{round(spec.sparsity * 100, 2):g}%")
+    suffix = "_reconstructed" if spec.reconstruct else ""
     suffix += "".join("_" + words.replace(" ", "_")  # _aligned_saliency_shares, _hessian_order
-                      for words in option_words(pruner_options(args.layer_shares, args.group_order,
-                                                               args.calibration_weighting,
-                                                               args.reconstruction_target)))
-    return output_folder(args.output_dir, args.model_path, f"{args.unstructured_scoring}_prune_{amount}{suffix}")
+                      for words in option_words(spec.pruner_options()))
+    return output_folder(output_dir, model_path, f"{spec.scorer}_prune_{amount}{suffix}")
 
 
 def show_layer_types(model_path: str) -> None:
@@ -110,107 +103,83 @@ def show_layer_types(model_path: str) -> None:
         print(f"  {layer_type:<15} {len(names):4d} tensors {weights:14,d} weights   patterns: {patterns}")
 
 
+def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
+    """Everything that can be checked without the weights: the request against the model's shapes (a model
+    built on the meta device), the score files' headers, the calibration files, the output folder."""
+    model = meta_model(args.model_path)
+    for note in spec.notes() + spec.check_model(model):
+        log.warning("%s", note)
+    if scores.given():
+        candidates = (structure_candidates(model, unit_plan(model, spec.structure)) if spec.structure != UNSTRUCTURED
+                      else select_parameters(model.named_parameters(), spec.layer_types))
+        open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
+                         torch.device("cpu"), need_cosine=spec.reads_cosine(), model_name=args.model_path)
+    if spec.calibrated:
+        load_calibration(spec.calibration)
+    folder = pruned_folder(args.output_dir, args.model_path, spec)
+    print(f"Request checked (no weights loaded): {spec.scorer}, {spec.structure}, share {spec.share:g}; "
+          f"would write {folder}")
+    return folder
+
+
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
-    validate(args)
+    spec, scores = request_from_args(args)
     if args.show_layer_types:
         show_layer_types(args.model_path)
         return None
-    calibration = calibration_from_args(args, get_scorer(args.unstructured_scoring).needs_activations
-                                        or args.reconstruct)
+    folder = pruned_folder(args.output_dir, args.model_path, spec)
+    check_output_dir(args.output_dir)
+    check_output_dir(folder, "the pruned model's folder")
+    if args.dry_run:
+        return dry_run(args, spec, scores)
+    calibration = load_calibration(spec.calibration) if spec.calibrated else None
     world = distributed.init_from_env(args.device)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
-    if args.structure == "unstructured":
-        folder = mask_weights(args, embedder, calibration, world.is_main)
-    else:
-        folder = shrink_model(args, embedder, world.is_main)
-    return finish(folder) if world.is_main else None
-
-
-def mask_weights(args, embedder, calibration, writes: bool = True) -> str | None:
-    """Under torchrun every rank prunes (the calibration texts shared out among them) and only rank 0
-    (``writes``) saves."""
-    config = scoring_config(args)
-    share = effective_share(args.unstructured_pct, args.sparsity_pattern)
-    strategy = (args.sparsity_pattern if args.sparsity_pattern != "unstructured"  # where the share is taken
-                else get_scorer(args.unstructured_scoring).budget or args.layer_budget_strategy)
-    log.info("pruning %.1f%% of %s by %s (%s budget%s, %s)", 100 * share, " ".join(args.sparsify_layers),
-             args.unstructured_scoring, strategy,
-             "" if args.layer_shares == UNIFORM_SHARES else f", layer shares by {args.layer_shares}",
-             args.sparsity_pattern)
+    log.info("pruning %s", describe_request(spec))
     zeros_before = count_zeros(embedder.model)
-    files = score_file_paths(args)
-    result = api.prune(embedder, share, args.unstructured_scoring, files["general_fisher"],
-                       files["domain_fisher"], files["alignment"], args.sparsify_layers, config,
-                       args.layer_budget_strategy, args.rho_min, args.rho_max, args.seed, args.sparsity_pattern,
-                       calibration, args.reconstruct, args.layer_shares, args.group_order,
-                       args.reconstruction_target)
-    considered = sum(p["numel"] for p in result.per_param.values())
-    log.info("%d candidate tensors (%d weights) in %s", len(result.per_param), considered,
-             " ".join(args.sparsify_layers))
+    result = api.prune(embedder, spec, scores, calibration)
     embedding = probe_embedding(embedder)
-    if not writes:
+    if not world.is_main:  # under torchrun every rank prunes (the calibration texts shared out); rank 0 saves
         return None
-
-    folder = pruned_folder(args)
-    with atomic_dir(folder) as tmp:
-        save_model(embedder, tmp)
+    if spec.structure == UNSTRUCTURED:
         zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
                            after=count_zeros(embedder.model))
-        write_json(os.path.join(tmp, "evaluation_config.json"), evaluation_config(
-            args.model_path, args.batch_size, args.sparsify_layers, args.unstructured_scoring, share,
-            strategy, args.rho_min, args.rho_max, config, files, result, zeros, calibration_record(args, calibration)))
-        write_json(os.path.join(tmp, "unstructured_prune_stats.json"), prune_stats(
-            result, args.unstructured_scoring, share, args.sparsify_layers, strategy))
-
-    print(f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
-          f"model zeros {zeros.before:,} -> {zeros.after:,}")
-    print(describe_probe(embedding))
-    return folder
-
-
-def calibration_record(args, calibration) -> dict:
-    """What evaluation_config.json adds when a pattern, reconstruction or calibration texts were used."""
-    record = {}
-    if args.sparsity_pattern != "unstructured":
-        record["sparsity_pattern"] = args.sparsity_pattern
-    if args.reconstruct:
-        record["reconstruct"] = True
-    record.update(pruner_options(args.layer_shares, args.group_order, args.calibration_weighting,
-                                 args.reconstruction_target))
-    if calibration is not None:
-        record["calibration"] = {"domain_data": args.calibration_data, "general_data": args.general_calibration_data,
-                                 "texts": {side: len(texts) for side, texts in calibration.texts.items()},
-                                 "general_share": calibration.general_share, "max_length": calibration.max_length}
-    return record
-
-
-def shrink_model(args, embedder, writes: bool = True) -> str | None:
-    config = scoring_config(args)
-    log.info("removing %.1f%% of every layer's %s by %s", 100 * args.structured_pct, args.structure,
-             args.unstructured_scoring)
-    files = score_file_paths(args)
-    result = api.prune_units(embedder, args.structured_pct, args.structure, args.unstructured_scoring,
-                             files["general_fisher"], files["domain_fisher"], files["alignment"], config, args.seed)
-    embedding = probe_embedding(embedder)
-    if not writes:
-        return None
-
-    folder = pruned_folder(args)
+        records = {"evaluation_config.json": evaluation_config(args.model_path, args.batch_size, spec, scores,
+                                                               result, zeros, calibration),
+                   "unstructured_prune_stats.json": prune_stats(result, spec)}
+    else:
+        records = {"evaluation_config.json": structure_evaluation_config(args.model_path, args.batch_size, spec,
+                                                                         scores, result),
+                   "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
-        write_json(os.path.join(tmp, "evaluation_config.json"), structure_evaluation_config(
-            args.model_path, args.batch_size, args.unstructured_scoring, args.structured_pct, config, files, result))
-        write_json(os.path.join(tmp, "structured_prune_stats.json"),
-                   structure_stats(result, args.unstructured_scoring, args.structured_pct))
-
-    print(f"Removed {result.units_before - result.units_after} of {result.units_before} {args.structure} in each of "
-          f"{len(result.removed)} layers ({CONFIG_FIELDS[args.structure]} {result.units_before} -> {result.units_after}); "
-          f"parameters {result.params_before:,} -> {result.params_after:,} "
-          f"({1 - result.params_after / result.params_before:.1%} fewer)")
+        for name, record in records.items():
+            write_json(os.path.join(tmp, name), record)
+    print(describe_result(result, spec, zeros if spec.structure == UNSTRUCTURED else None))
     print(describe_probe(embedding))
-    return folder
+    return finish(folder)
+
+
+def describe_request(spec: PruneSpec) -> str:
+    if spec.structure != UNSTRUCTURED:
+        return f"{100 * spec.sparsity:.1f}% of every layer's {spec.structure} by {spec.scorer}"
+    budget = spec.pattern if spec.parsed_pattern.structured else spec.chosen.budget or spec.strategy
+    shares = "" if spec.layer_shares == UNIFORM_SHARES else f", layer shares by {spec.layer_shares}"
+    return (f"{100 * spec.share:.1f}% of {' '.join(spec.layer_types)} by {spec.scorer} ({budget} budget{shares}, "
+            f"{spec.pattern})")
+
+
+def describe_result(result, spec: PruneSpec, zeros: ModelZeros | None) -> str:
+    if zeros is None:
+        return (f"Removed {result.units_before - result.units_after} of {result.units_before} {spec.structure} in "
+                f"each of {len(result.removed)} layers ({CONFIG_FIELDS[spec.structure]} {result.units_before} -> "
+                f"{result.units_after}); parameters {result.params_before:,} -> {result.params_after:,} "
+                f"({1 - result.params_after / result.params_before:.1%} fewer)")
+    considered = sum(p["numel"] for p in result.per_param.values())
+    return (f"Masked {result.masked:,} of {considered:,} candidate weights ({result.masked / considered:.2%}); "
+            f"model zeros {zeros.before:,} -> {zeros.after:,}")
 
 
 if __name__ == "__main__":

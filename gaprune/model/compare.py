@@ -15,8 +15,7 @@ import torch
 
 from gaprune import distributed
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                        calibration_from_args, check_pruner_options, check_pruning_request, check_scorer_inputs,
-                        effective_share, finish, finite_float, positive_int, run, score_file_paths, scoring_config)
+                         finish, finite_float, positive_int, run, score_files_from_args, scoring_config, spec_from_args)
 from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
@@ -24,14 +23,14 @@ from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_jso
 from gaprune.layers import select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
-from gaprune.masking import parse_pattern
 from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated,
-                             prune_candidates, prune_structure, scorers_used, structure_candidates)
+from gaprune.pruning import (load_calibration, measure_token_weights, option_words, prune_calibrated,
+                             prune_candidates, prune_structure, structure_candidates)
 from gaprune.scorefiles import open_score_files
-from gaprune.scorers import SCORERS, get_scorer
+from gaprune.scorers import SCORERS
 from gaprune.scoring import DAIConfig
-from gaprune.structure import STRUCTURES, unit_plan, units_to_remove
+from gaprune.spec import OWN_TARGET, UNIFORM_SHARES, UNSTRUCTURED, PruneSpec
+from gaprune.structure import STRUCTURES, unit_plan
 
 log = logging.getLogger("gaprune.compare")
 
@@ -108,71 +107,75 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> str | None:
-    args = build_parser().parse_args(argv)
-    world = distributed.init_from_env(args.device)
+def row_specs(args) -> list[tuple[str, PruneSpec]]:
+    """One checked request per row (each share, each scorer with its coefficient overrides); the options of
+    Wanda and SparseGPT go to them alone, and an option no row takes is refused."""
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
     calibrated = bool(args.calibration_data or args.general_calibration_data)
-    specs = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
-    scorers = [(spec, *parse_scorer(spec, scoring_config(args))) for spec in specs]
-    for _, scoring, config in scorers:
-        check_scorer_inputs(scoring, config, args)
-    check_pruner_options([scoring for _, scoring, _ in scorers], args, scoring_config(args))
-    shares = [effective_share(pct, args.sparsity_pattern, "--sparsity") for pct in args.sparsity]
-    check_pruning_request([scoring for _, scoring, _ in scorers], args.structure, shares, args.sparsity_pattern,
-                          args.reconstruct, args.layer_budget_strategy)
-    calibration = calibration_from_args(args, args.reconstruct or any(get_scorer(scoring).needs_activations
-                                                                      for _, scoring, _ in scorers))
+    names = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
+    scorers = [(name, *parse_scorer(name, scoring_config(args))) for name in names]
+    rows = [(label, spec_from_args(args, scoring, pct, config, for_this_scorer=True))
+            for pct in dict.fromkeys(args.sparsity) for label, scoring, config in scorers]
+    taken = {key for _, spec in rows for key in spec.pruner_options()}
+    if set(_options_asked(args)) - taken:
+        spec_from_args(args, scorers[0][1], args.sparsity[0], scorers[0][2])  # raises the one-scorer message
+    return rows
+
+
+def _options_asked(args) -> list[str]:
+    defaults = {"layer_shares": UNIFORM_SHARES, "group_order": NATURAL_ORDER, "reconstruction_target": OWN_TARGET}
+    return [key for key, default in defaults.items() if getattr(args, key) != default]
+
+
+def main(argv: Sequence[str] | None = None) -> str | None:
+    args = build_parser().parse_args(argv)
+    rows_asked = row_specs(args)
+    scores = score_files_from_args(args)
+    for _, spec in rows_asked:
+        spec.check_scores(scores)
+    request = rows_asked[0][1]
+    calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.calibrated), None)
     check_output_dir(args.output_dir)
+    world = distributed.init_from_env(args.device)
     domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
     general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
     embedder = load_embedder(args.model_path, args.device, args.dtype)
-    if args.structure == "unstructured":
-        candidates = select_parameters(embedder.model.named_parameters(), args.sparsify_layers)
+    for note in {note for _, spec in rows_asked for note in spec.notes() + spec.check_model(embedder.model)}:
+        log.warning("%s", note)
+    if request.structure == UNSTRUCTURED:
+        candidates = select_parameters(embedder.model.named_parameters(), request.layer_types)
     else:
-        plan = unit_plan(embedder.model, args.structure)
-        for pct in args.sparsity:
-            units_to_remove(plan, pct)  # a share that removes nothing or everything fails before the dense run
-        candidates = structure_candidates(embedder.model, plan)
-    array = open_score_files(score_file_paths(args), {name: list(p.shape) for name, p in candidates.items()},
-                             embedder.device,
-                             need_cosine=any(get_scorer(name).reads_cosine(config) for _, scoring, config in scorers
-                                             for name in scorers_used(scoring, args.layer_shares)),
+        candidates = structure_candidates(embedder.model, unit_plan(embedder.model, request.structure))
+    array = open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
+                             embedder.device, need_cosine=any(spec.reads_cosine() for _, spec in rows_asked),
                              model_name=args.model_path)
-    if args.structure == "unstructured" and calibration is not None:  # every row prunes the same dense model:
+    if request.structure == UNSTRUCTURED and calibration is not None:  # every row prunes the same dense model:
         calibration = measure_token_weights(embedder, candidates, calibration)  # one loss-gradient measurement
     dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
-                     if args.structure == "unstructured" else {})  # structures load each model afresh
+                     if request.structure == UNSTRUCTURED else {})  # structures load each model afresh
 
     def evaluate(model) -> tuple[dict, dict]:
         return ({p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
                 {p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in general.items()})
 
-    def pruned(scoring: str, config: DAIConfig, pct: float):
-        """The model pruned by ``scoring``, and the row entries of what was pruned."""
-        if args.structure == "unstructured":
+    def pruned(spec: PruneSpec):
+        """The model pruned as ``spec`` asks, and the row entries of what was pruned."""
+        if spec.structure == UNSTRUCTURED:
             with torch.no_grad():
                 for name, p in candidates.items():
                     p.copy_(dense_weights[name])
-            chosen = get_scorer(scoring)
-            if chosen.needs_activations or args.reconstruct:  # the flags of Wanda and SparseGPT go to them alone
-                result = prune_calibrated(embedder, candidates, scoring, pct, calibration, args.reconstruct,
-                                          parse_pattern(args.sparsity_pattern), array, config,
-                                          args.layer_budget_strategy, seed=args.seed,
-                                          layer_shares=args.layer_shares if chosen.needs_activations else UNIFORM_SHARES,
-                                          group_order=args.group_order if chosen.layer_pruner else NATURAL_ORDER,
-                                          reconstruction_target=args.reconstruction_target
-                                          if chosen.layer_pruner or args.reconstruct else OWN_TARGET)
+            if spec.calibrated:
+                result = prune_calibrated(embedder, candidates, spec, calibration, array)
             else:
-                result = prune_candidates(candidates, array, scoring, config, pct, args.layer_budget_strategy,
-                                          seed=args.seed, pattern=parse_pattern(args.sparsity_pattern))
+                result = prune_candidates(candidates, array, spec.scorer, spec.config, spec.share, spec.strategy,
+                                          seed=spec.seed, pattern=spec.parsed_pattern)
             world.broadcast_(p.data for p in candidates.values())
             return embedder, {"masked_params": result.masked, **result.diagnostics}
         fresh = load_embedder(args.model_path, args.device, args.dtype)
-        result = prune_structure(fresh.model, unit_plan(fresh.model, args.structure), array, scoring, config, pct,
-                                 args.seed)
+        result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), array, spec.scorer,
+                                 spec.config, spec.sparsity, spec.seed)
         world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
         return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
@@ -181,23 +184,21 @@ def main(argv: Sequence[str] | None = None) -> str | None:
              "general": mean_metrics(dense_general), "domain_change_percent": None, "general_change_percent": None,
              "files": {**dense_domain, **dense_general}}
     rows = [dense]
-    for pct in dict.fromkeys(shares):
-        for spec, scoring, config in scorers:
-            log.info("pruning %.0f%% by %s", 100 * pct, spec)
-            model, entries = pruned(scoring, config, pct)
-            by_domain, by_general = evaluate(model)
-            if model is not embedder:  # a fresh smaller model: free it before the next one loads
-                del model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            label = "".join(f", {words}" for words in option_words(entries))
-            row = {"method": spec + label, "scoring": scoring, "config": dataclasses.asdict(config), "sparsity": pct,
-                   "structure": args.structure, "sparsity_pattern": args.sparsity_pattern,
-                   "reconstruct": args.reconstruct, "domain": mean_metrics(by_domain), "general": mean_metrics(by_general),
-                   "files": {**by_domain, **by_general}, **entries}
-            for side in ("domain", "general"):
-                row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
-            rows.append(row)
+    for label, spec in rows_asked:
+        log.info("pruning %.0f%% by %s", 100 * spec.share, label)
+        model, entries = pruned(spec)
+        by_domain, by_general = evaluate(model)
+        if model is not embedder:  # a fresh smaller model: free it before the next one loads
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "scoring": spec.scorer,
+               "config": dataclasses.asdict(spec.config), "sparsity": spec.share, "structure": spec.structure,
+               "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct, "domain": mean_metrics(by_domain),
+               "general": mean_metrics(by_general), "files": {**by_domain, **by_general}, **entries}
+        for side in ("domain", "general"):
+            row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
+        rows.append(row)
 
     if not world.is_main:
         return None

@@ -1,0 +1,349 @@
+"""A pruning request as one value, checked whole when it is made.
+
+SparseModel.py and compare.py build a PruneSpec from their flags, the Python API takes one, and
+example_usage.sh checks one (``SparseModel.py --dry_run``) before its first stage. Construction refuses
+what cannot work (ranges, combinations, options of pruners that are not used) with the CLI's message;
+``notes()`` lists what is legal but useless or ignored, for the caller to log once. What needs the model
+(the N:M width of every candidate layer, the units a share removes) is ``check_model``, run before any
+weights are touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Sequence
+
+import torch
+
+from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
+from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
+from gaprune.errors import InputError
+from gaprune.layers import LAYER_TYPES, select_parameters
+from gaprune.masking import BUDGET_STRATEGIES, Pattern, parse_pattern
+from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
+from gaprune.scorefiles import FILE_KINDS
+from gaprune.scorers import SCORERS, get_scorer
+from gaprune.scoring import DAIConfig
+from gaprune.structure import CONFIG_FIELDS, STRUCTURES, unit_plan, units_to_remove
+
+UNSTRUCTURED = "unstructured"
+UNIFORM_SHARES = "uniform"  # layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
+OWN_TARGET = "own"  # reconstruction_target: each layer's own outputs on the pruned model's inputs (SparseGPT)
+RECONSTRUCTION_TARGETS = (OWN_TARGET, "dense")  # or the dense model's outputs (pruners.dense_target_weight)
+PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
+# The scorer coefficients each score-based scorer reads (DAIConfig's fields); the others read none.
+COEFFICIENTS_READ = {
+    "dai": ("beta", "compression_weight", "score_postproc", "score_temperature", "fusion_alpha", "fusion_beta"),
+    "dai_paper": ("beta", "compression_weight", "alignment_weight", "fisher_norm"),
+    "aligned_saliency": ("alignment_weight", "domain_weight", "general_weight", "fisher_norm"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreFiles:
+    """The results JSON paths of the scoring stages (fisher.py on each side, gradient.py); any may be absent."""
+
+    general_fisher: str | None = None
+    domain_fisher: str | None = None
+    alignment: str | None = None
+
+    def __post_init__(self):
+        for side in FILE_KINDS:
+            file_path(getattr(self, side), f"--{side}_scores", optional=True)
+
+    def paths(self) -> dict[str, str | None]:
+        return {side: getattr(self, side) for side in FILE_KINDS}
+
+    def given(self) -> set[str]:
+        return {side for side, path in self.paths().items() if path}
+
+
+def _file_or_texts(value: object, name: str) -> None:
+    if value is None or (isinstance(value, str) and value):
+        return
+    if isinstance(value, Sequence) and not isinstance(value, str) and value and all(isinstance(t, str) for t in value):
+        return
+    raise InputError(f"{name} must be a triple file's path or a list of texts, got {value!r:.80}")
+
+
+def calibration_source(value: str | Sequence[str] | None) -> str | None:
+    """How records name a calibration side: its file, or how many texts were given in Python."""
+    return value if value is None or isinstance(value, str) else f"{len(value)} texts given in Python"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationSpec:
+    """The calibration texts of Wanda, SparseGPT and reconstruction: for each side a triple file (its first
+    ``samples`` triples give 3 texts each) or a list of texts, and how they are used."""
+
+    domain_data: str | Sequence[str] | None = None
+    general_data: str | Sequence[str] | None = None
+    samples: int = 128  # triples per file; each gives 3 texts
+    mix: float | None = None  # share of the general side (None: 0.5 with both files, else the one given)
+    max_length: int | None = None  # tokens per text (None: the model's limit)
+    batch_size: int = 8
+    weighting: str = UNIFORM_WEIGHTING  # or "loss_gradient"
+
+    def __post_init__(self):
+        _file_or_texts(self.domain_data, "--calibration_data")
+        _file_or_texts(self.general_data, "--general_calibration_data")
+        if not (self.domain_data or self.general_data):
+            raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
+                             "--general_calibration_data")
+        whole_number(self.samples, "--calibration_samples")
+        whole_number(self.batch_size, "--calibration_batch_size")
+        if self.max_length is not None:
+            whole_number(self.max_length, "--calibration_max_length")
+        one_of(self.weighting, "--calibration_weighting", TOKEN_WEIGHTINGS)
+        if self.mix is not None:
+            mix = number_in(self.mix, "--calibration_mix")
+            if (mix > 0 and not self.general_data) or (mix < 1 and not self.domain_data):
+                raise InputError(f"--calibration_mix {mix:g} needs both --calibration_data and "
+                                 f"--general_calibration_data")
+
+    @property
+    def general_share(self) -> float:
+        """The general side's share of the blended statistics."""
+        if self.mix is not None:
+            return float(self.mix)
+        return 0.5 if self.domain_data and self.general_data else float(bool(self.general_data))
+
+    def files(self) -> dict[str, str | Sequence[str]]:
+        """side -> triple file or texts, for the sides blended at a share above 0 (a side at 0 is not run)."""
+        weights = {"domain": 1.0 - self.general_share, "general": self.general_share}
+        return {side: path for side, path in (("domain", self.domain_data), ("general", self.general_data))
+                if path and weights[side] > 0}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneSpec:
+    """What to prune and how. ``sparsity`` is the share of the candidate weights to zero (with an N:M
+    ``pattern`` it is N/M, and may be left at 0), or with a ``structure`` the share of every layer's
+    channels or heads to remove."""
+
+    scorer: str = "dai"
+    sparsity: float = 0.0
+    pattern: str = UNSTRUCTURED  # or "2:4", "4:8"
+    structure: str = UNSTRUCTURED  # or "channels", "heads"
+    layer_types: tuple[str, ...] = ("mlp",)
+    strategy: str = "global"  # the budget of score-based masks: global, or uniform (rho_min..rho_max per layer)
+    rho_min: float = 0.05
+    rho_max: float = 0.95
+    seed: int = 42
+    config: DAIConfig = dataclasses.field(default_factory=DAIConfig)
+    layer_shares: str = UNIFORM_SHARES
+    group_order: str = NATURAL_ORDER
+    reconstruct: bool = False
+    reconstruction_target: str = OWN_TARGET
+    calibration: CalibrationSpec | None = None
+
+    def __post_init__(self):
+        self._check_values()
+        if self.structure == UNSTRUCTURED:
+            self._check_masking()
+        else:
+            self._check_units()
+
+    @property
+    def amount_flag(self) -> str:
+        return "--unstructured_pct" if self.structure == UNSTRUCTURED else "--structured_pct"
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def share(self) -> float:
+        """The share pruned: ``sparsity``, or N/M under an N:M pattern."""
+        pattern = self.parsed_pattern
+        return pattern.n / pattern.m if pattern.structured else self.sparsity
+
+    @property
+    def chosen(self):
+        return get_scorer(self.scorer)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the request prunes layer by layer on calibration texts (Wanda, SparseGPT, reconstruction)."""
+        return self.structure == UNSTRUCTURED and (self.chosen.needs_activations or self.reconstruct)
+
+    def scorers_used(self) -> list[str]:
+        """The registered scorers whose score files this request reads: the scorer, and the one that sets the
+        layer shares of an activation-aware pruner."""
+        return [self.scorer] + ([self.layer_shares] if self.layer_shares != UNIFORM_SHARES else [])
+
+    def pruner_options(self) -> dict[str, str]:
+        """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
+        defaults, by name: what records, folder names and report rows mention (nothing at the defaults)."""
+        weighting = self.calibration.weighting if self.calibration else UNIFORM_WEIGHTING
+        options = dict(zip(PRUNER_OPTIONS, ((self.layer_shares, UNIFORM_SHARES), (self.group_order, NATURAL_ORDER),
+                                            (weighting, UNIFORM_WEIGHTING),
+                                            (self.reconstruction_target, OWN_TARGET))))
+        return {key: value for key, (value, default) in options.items() if value != default}
+
+    def _check_values(self) -> None:
+        """Each field on its own: types, ranges and names."""
+        if not isinstance(self.scorer, str):
+            raise InputError(f"scorer must be a scorer's name, got {self.scorer!r}")
+        get_scorer(self.scorer)
+        one_of(self.structure, "--structure", (UNSTRUCTURED, *STRUCTURES))
+        number_in(self.sparsity, self.amount_flag)
+        object.__setattr__(self, "layer_types", layer_type_list(self.layer_types, LAYER_TYPES))
+        one_of(self.strategy, "--layer_budget_strategy", BUDGET_STRATEGIES)
+        number_in(self.rho_min, "--rho_min")
+        if not self.rho_min <= number_in(self.rho_max, "--rho_max"):
+            raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {self.rho_min} and {self.rho_max}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise InputError(f"--seed must be a whole number, got {self.seed!r}")
+        if not isinstance(self.config, DAIConfig):
+            raise InputError(f"config must be a DAIConfig, got {type(self.config).__name__}")
+        self.config.check()
+        if not isinstance(self.reconstruct, bool):
+            raise InputError(f"reconstruct must be True or False, got {self.reconstruct!r}")
+        if self.calibration is not None and not isinstance(self.calibration, CalibrationSpec):
+            raise InputError(f"calibration must be a CalibrationSpec, got {type(self.calibration).__name__}")
+        self.parsed_pattern  # noqa: B018 (parsing is the check)
+        one_of(self.group_order, "--group_order", GROUP_ORDERS)
+        one_of(self.reconstruction_target, "--reconstruction_target", RECONSTRUCTION_TARGETS)
+
+    def _check_units(self) -> None:
+        """--structure channels/heads: whole units by a score-based scorer; mask options do not apply."""
+        if not 0.0 < self.sparsity < 1.0:
+            raise InputError(f"--structure {self.structure} needs --structured_pct between 0 and 1 (exclusive), "
+                             f"got {self.sparsity}")
+        if self.pattern != UNSTRUCTURED or self.reconstruct:
+            raise InputError(f"--structure {self.structure} removes whole units; --sparsity_pattern and --reconstruct "
+                             f"apply to masks")
+        for flag, value, default in (("--layer_shares", self.layer_shares, UNIFORM_SHARES),
+                                     ("--group_order", self.group_order, NATURAL_ORDER),
+                                     ("--reconstruction_target", self.reconstruction_target, OWN_TARGET)):
+            if value != default:
+                raise InputError(f"{flag} applies to masks; --structure {self.structure} removes whole units")
+        if self.chosen.needs_activations:
+            raise InputError(f"--structure {self.structure} needs a score-based scorer, not {self.scorer}")
+        if self.layer_types != ("mlp",):
+            raise InputError(f"--sparsify_layers chooses masked weights; --structure {self.structure} removes "
+                             f"{CONFIG_FIELDS[self.structure]} units from the tensors that carry them")
+        if self.strategy != "global":
+            raise InputError(f"--layer_budget_strategy applies to masks; --structure {self.structure} removes the "
+                             f"same count from every layer")
+        if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
+            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
+                             "--reconstruct; this run has none")
+
+    def _check_masking(self) -> None:
+        """Masks: the share against the pattern, the calibration the pruner needs, and the pruner options."""
+        pattern, chosen = self.parsed_pattern, self.chosen
+        if pattern.structured and self.sparsity not in (0.0, self.share):
+            raise InputError(f"--sparsity_pattern {self.pattern} prunes {self.share:g} of the weights; "
+                             f"--unstructured_pct {self.sparsity:g} contradicts it")
+        if chosen.updates_weights and self.reconstruct:
+            raise InputError(f"{self.scorer} already updates the kept weights; --reconstruct would add nothing")
+        if chosen.needs_activations and self.strategy != "global":
+            raise InputError(f"{self.scorer} takes its share of each {chosen.budget}; --layer_budget_strategy does "
+                             f"not apply")
+        if pattern.structured and self.strategy != "global":
+            raise InputError(f"--layer_budget_strategy spreads a share over layers; the {self.pattern} pattern "
+                             f"fixes it in every group of {pattern.m}")
+        if self.calibrated and self.share == 0:
+            raise InputError(f"{self.scorer}{' with --reconstruct' if self.reconstruct else ''} at a share of 0 "
+                             f"prunes nothing")
+        if self.calibrated and self.calibration is None:
+            raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
+                             "--general_calibration_data")
+        if not self.calibrated and self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
+            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
+                             "--reconstruct; this run has none")
+        self._check_layer_shares(pattern)
+        self._check_group_order(pattern)
+        if self.reconstruction_target != OWN_TARGET and not (self.reconstruct or chosen.layer_pruner is not None):
+            raise InputError(f"--reconstruction_target {self.reconstruction_target} sets what updated weights "
+                             f"reproduce: it needs sparsegpt or --reconstruct, not {self.scorer} alone")
+
+    def _check_layer_shares(self, pattern: Pattern) -> None:
+        if self.layer_shares == UNIFORM_SHARES:
+            return
+        if self.layer_shares not in SCORERS or get_scorer(self.layer_shares).needs_activations:
+            score_based = ", ".join(name for name, entry in SCORERS.items() if not entry.needs_activations)
+            raise InputError(f"--layer_shares takes {UNIFORM_SHARES} or a score-based scorer ({score_based}), "
+                             f"not {self.layer_shares!r}")
+        if not self.chosen.needs_activations:
+            raise InputError(f"--layer_shares sets the layer shares of wanda and sparsegpt, not of {self.scorer} "
+                             f"(score-based masks take a global or uniform budget)")
+        if pattern.structured:
+            raise InputError(f"--layer_shares {self.layer_shares} moves the share between layers; the {self.pattern} "
+                             f"pattern fixes it in every layer")
+
+    def _check_group_order(self, pattern: Pattern) -> None:
+        if self.group_order == NATURAL_ORDER:
+            return
+        if self.chosen.layer_pruner is None:
+            raise InputError(f"--group_order sets the order of sparsegpt's N:M groups, not of {self.scorer}")
+        if not pattern.structured:
+            raise InputError("--group_order orders the groups of an N:M pattern; give --sparsity_pattern 2:4 or 4:8")
+
+    def check_scores(self, scores: ScoreFiles) -> None:
+        """Every score file the scorers of this request cannot run without is among ``scores``."""
+        if not isinstance(scores, ScoreFiles):
+            raise InputError(f"scores must be a ScoreFiles, got {type(scores).__name__}")
+        for name in self.scorers_used():
+            get_scorer(name).check(self.config, scores.given())
+
+    def reads_cosine(self) -> bool:
+        """Whether a scorer of this request reads the cosine arrays of gradient.py's cosine modes."""
+        return any(get_scorer(name).reads_cosine(self.config) for name in self.scorers_used())
+
+    def notes(self) -> list[str]:
+        """What is legal but prunes nothing, everything, or ignores a setting: one warning line each."""
+        notes = []
+        if self.structure == UNSTRUCTURED and self.share == 0:
+            notes.append(f"{self.amount_flag} 0 prunes nothing: the folder will hold an unpruned copy (pass e.g. "
+                         f"{self.amount_flag} 0.5 to zero half of the {'/'.join(self.layer_types)} weights)")
+        if self.structure == UNSTRUCTURED and self.share == 1:
+            notes.append(f"{self.amount_flag} 1 zeroes every {'/'.join(self.layer_types)} weight")
+        if not self.calibrated and self.calibration is not None:
+            notes.append("calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored")
+        if self.strategy == "global" and (self.rho_min, self.rho_max) != (0.05, 0.95):
+            notes.append("--rho_min and --rho_max bound the uniform strategy's layer shares; the global budget "
+                         "ignores them")
+        read = set(COEFFICIENTS_READ.get(self.scorer, ()))
+        if self.layer_shares != UNIFORM_SHARES:
+            read |= set(COEFFICIENTS_READ.get(self.layer_shares, ()))
+        defaults = DAIConfig()
+        unread = [field.name for field in dataclasses.fields(DAIConfig)
+                  if getattr(self.config, field.name) != getattr(defaults, field.name) and field.name not in read]
+        if unread:
+            notes.append(f"{', '.join('--' + name for name in unread)}: not read by {self.scorer}; ignored")
+        return notes
+
+    def check_model(self, model: torch.nn.Module) -> list[str]:
+        """What needs the model's shapes (a model on the meta device will do): the candidate layers exist, an
+        N:M group fits every candidate row, a structure's share removes some units and keeps some. Returns
+        warnings (a share that rounds away from what was asked)."""
+        if self.structure != UNSTRUCTURED:
+            plan = unit_plan(model, self.structure)
+            count = units_to_remove(plan, self.sparsity)
+            if abs(count / plan.units - self.sparsity) > 0.5 / plan.units:
+                return [f"--structured_pct {self.sparsity:g} removes {count} of {plan.units} {self.structure} per "
+                        f"layer ({count / plan.units:.4g})"]
+            return []
+        candidates = select_parameters(model.named_parameters(), self.layer_types)
+        pattern = self.parsed_pattern
+        if pattern.structured:
+            for name, weight in candidates.items():
+                if weight.shape[-1] % pattern.m:
+                    raise InputError(f"the {self.pattern} pattern needs rows whose length is a multiple of "
+                                     f"{pattern.m}; {name} has {weight.shape[-1]}")
+        return []
+
+
+def applicable_options(scorer: str, reconstruct: bool, layer_shares: str, group_order: str,
+                       reconstruction_target: str) -> dict[str, str]:
+    """The pruner options a request for ``scorer`` keeps when one set of flags serves several scorers
+    (compare.py's rows): layer shares for Wanda and SparseGPT, the group order for SparseGPT, the reconstruction
+    target for SparseGPT or reconstruction; the others are reset to their defaults."""
+    chosen = get_scorer(scorer)
+    return {"layer_shares": layer_shares if chosen.needs_activations else UNIFORM_SHARES,
+            "group_order": group_order if chosen.layer_pruner else NATURAL_ORDER,
+            "reconstruction_target": reconstruction_target if chosen.layer_pruner or reconstruct else OWN_TARGET}
