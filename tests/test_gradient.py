@@ -246,3 +246,25 @@ def test_one_pass_fisher_files_in_bfloat16(capsys, tmp_path, qwen3_dir, data_fil
         gradient.main(["--model_name", qwen3_dir, "--output_dir", str(tmp_path), "--score_dtype", "bfloat16"])
     assert stop.value.code == 2
     assert "--score_dtype sets the dtype of the --fisher_output_dir files" in capsys.readouterr().err
+
+
+def test_default_general_data_is_the_file_sample_py_writes():
+    """[fix] The published default, data/sample/general-example.json, is a file no stage writes. sample.py names
+    its output <input stem>-output.json in data/sample/ (its own defaults: data/chem-example.json ->
+    data/sample/chem-example-output.json; example_usage.sh and the published README sample the general
+    data the same way), so the defaults of gradient.py name the two files sampling leaves behind."""
+    from gaprune.features import sample
+
+    def sampled(path):
+        return f"data/sample/{os.path.splitext(os.path.basename(path))[0]}-output.json"
+
+    sample_defaults = sample.build_parser().parse_args([])
+    assert sample_defaults.output_file == sampled(sample_defaults.input_file)
+    defaults = gradient.build_parser().parse_args(["--model_name", "m"])
+    assert defaults.domain_data_path == sample_defaults.output_file
+    assert defaults.general_data_path == sampled("data/general-example.json") == \
+        "data/sample/general-example-output.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert os.path.isfile(os.path.join(repo, "data", "general-example.json"))
+    script = open(os.path.join(repo, "example_usage.sh")).read()
+    assert 'GENERAL_SAMPLE="data/sample/$(basename "${GENERAL_DATA%.json}")-output.json"' in script

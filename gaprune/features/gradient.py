@@ -32,7 +32,11 @@ def build_parser() -> ArgumentParser:
                              "(in-batch negatives from every process); --no-use_distributed: every rank's "
                              "steps stand alone and the result equals one process (default: on)")
     parser.add_argument("--domain_data_path", default="data/sample/chem-example-output.json")
-    parser.add_argument("--general_data_path", default="data/sample/general-example.json")
+    # [fix] The published default, data/sample/general-example.json, is a file sample.py never writes: its
+    # README (and example_usage.sh) samples data/general-example.json into data/sample/general-example-output.json.
+    parser.add_argument("--general_data_path", default="data/sample/general-example-output.json",
+                        help="general triples (default: data/sample/general-example-output.json, what sample.py "
+                             "writes for data/general-example.json)")
     parser.add_argument("--output_dir", default="output")
     add_layer_args(parser, ["attention", "mlp"])
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffled loaders (default: 42)")

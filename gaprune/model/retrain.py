@@ -14,6 +14,7 @@ from gaprune.data import load_triples
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
 from gaprune.layers import select_parameters
+from gaprune.modelcard import model_card, write_model_card
 from gaprune.modeling import load_embedder, resolve_device, resolve_dtype
 from gaprune.retraining import sparse_finetune, zero_masks
 from gaprune.structure import STRUCTURES
@@ -94,14 +95,27 @@ def main(argv: Sequence[str] | None = None) -> str:
     folder = output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps")
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
-        write_json(os.path.join(tmp, "retrain_config.json"), {
-            "settings": {k: v for k, v in vars(args).items()},
-            "held_zero_weights": masked, "held_zero_weights_after": zeros_after,
-            "seconds": result.seconds, "loss_curve": result.losses})
+        record = {"settings": {k: v for k, v in vars(args).items()},
+                  "held_zero_weights": masked, "held_zero_weights_after": zeros_after,
+                  "seconds": result.seconds, "loss_curve": result.losses}
+        write_json(os.path.join(tmp, "retrain_config.json"), record)
+        # Last, so it replaces any README.md that saving the model wrote.
+        write_model_card(tmp, model_card(pruning if isinstance(pruning, dict) else None,
+                                         pruned_stats(embedder.model_dir), retrain=record))
     print(f"Loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {args.steps} steps in {result.seconds:.1f} s; "
           f"{zeros_after:,} of {masked:,} pruned weights still zero")
     print(describe_probe(embedding))
     return finish(folder)
+
+
+def pruned_stats(folder: str) -> dict | None:
+    """The pruned folder's unstructured_ or structured_prune_stats.json, for the model card (None if absent)."""
+    for name in ("unstructured_prune_stats.json", "structured_prune_stats.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            stats = read_json(path, f"pruned model's {name}")
+            return stats if isinstance(stats, dict) else None
+    return None
 
 
 if __name__ == "__main__":
