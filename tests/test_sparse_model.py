@@ -54,6 +54,8 @@ def test_pruned_checkpoint_reloads_with_the_printed_embedding_and_true_counts(ca
 
     stats = json.load(open(os.path.join(folder, "unstructured_prune_stats.json")))
     assert stats["masked_params"] == int(stats["total_params_considered"] * 0.5) == accounting["masked_params"]
+    card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()  # the model card, from the records
+    assert card.startswith("---\n") and "- dai\n" in card and f"{stats['masked_params']:,}" in card
     assert set(stats["per_param"]) == {n for n, w in weights.items() if w.dim() == 2 and (
         "mlp" in n or "intermediate" in n or re.search(r"layer\.\d+\.output\.dense", n))}
     for name, w in weights.items():

@@ -20,6 +20,7 @@ from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
 from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
 from gaprune.masking import BUDGET_STRATEGIES
+from gaprune.modelcard import model_card, write_model_card
 from gaprune.modeling import load_embedder, meta_model, resolve_model_dir
 from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, option_words, prune_stats,
                              structure_candidates, structure_evaluation_config, structure_stats)
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         save_model(embedder, tmp)
         for name, record in records.items():
             write_json(os.path.join(tmp, name), record)
+        write_model_card(tmp, model_card(*records.values()))  # README.md: after save_model, which may write one
     print(describe_result(result, spec, zeros if spec.structure == UNSTRUCTURED else None))
     print(describe_probe(embedding))
     return finish(folder)
