@@ -45,6 +45,7 @@ from gaprune.model import compare, retrain
 from gaprune.modeling import DEFAULT_MODEL
 from gaprune.fileio import model_dirname, write_json
 from gaprune.retraining import sparse_finetune
+from gaprune.spec import RetrainSpec
 from gaprune.toy_models import build_qwen3
 
 log = logging.getLogger("ablation")
@@ -156,7 +157,7 @@ def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict
         return {"method": method, "sparsity": share, **metrics, **extra}
 
     def retrained(embedder) -> None:  # retrain.py's defaults: lr 1e-5, batch 8, 10 warm-up steps, 25% general
-        sparse_finetune(embedder, domain, steps, 1e-5, 8, {}, general, 0.25, warmup_steps=10, seed=seed)
+        sparse_finetune(embedder, domain, RetrainSpec(steps=steps, seed=seed), {}, general)
 
     rows = [evaluated(dense, "dense", 0.0)]
     control = copy.deepcopy(dense)

@@ -15,42 +15,47 @@ The command-line stages are thin front ends over these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import random
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from gaprune.checks import file_path, layer_type_list, one_of, optional_whole_number, whole_number
-from gaprune.data import load_triples
+from gaprune.data import load_records, load_triples
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
+from gaprune.fileio import read_json
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult, FisherResult, fisher_information, gradient_alignment
 from gaprune.layers import GRADIENTS, LAYER_TYPES, gradients_of, select_parameters
 from gaprune.masking import MaskResult
 from gaprune.memory import (ACCUMULATE_ON, SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line,
                             warn_if_too_large)
-from gaprune.modeling import Embedder, load_embedder
+from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,
                              prune_structure, structure_candidates)
+from gaprune.retraining import sparse_finetune, zero_masks
+from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
 from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
 from gaprune.scoring import ArrayFn
-from gaprune.spec import UNSTRUCTURED, PruneSpec, ScoreFiles
-from gaprune.structure import unit_plan
+from gaprune.spec import UNSTRUCTURED, PruneSpec, RetrainSpec, ScoreFiles
+from gaprune.structure import STRUCTURES, unit_plan
 
 ModelLike = Embedder | str
 log = logging.getLogger("gaprune")
 
 
 def as_embedder(model: ModelLike, device: str = "auto", dtype: str = "auto",
-                native_cpu_bfloat16: bool = False) -> Embedder:
+                native_cpu_bfloat16: bool = False, max_length: int = 512) -> Embedder:
     """An Embedder as given, or loaded from a folder or hub id (``native_cpu_bfloat16``: see resolve_dtype)."""
     if not isinstance(model, (Embedder, str)):
         raise InputError(f"model must be a gaprune Embedder (gaprune.load_embedder) or a model folder or hub id, "
                          f"got {type(model).__name__}")
-    return model if isinstance(model, Embedder) else load_embedder(model, device, dtype,
+    return model if isinstance(model, Embedder) else load_embedder(model, device, dtype, max_length=max_length,
                                                                    native_cpu_bfloat16=native_cpu_bfloat16)
 
 
@@ -200,4 +205,88 @@ def evaluate(model: ModelLike, data_path: str, batch_size: int = 32, max_samples
     return evaluate_triples(embedder, load_triples(data_path, max_samples), batch_size, instructions)
 
 
-__all__ = ["as_embedder", "fisher", "alignment", "prune", "evaluate", "load_embedder"]
+MAX_CANDIDATES = 50_000  # sample(): k-means runs on a seeded random subset of a larger file
+
+
+def sample(model: ModelLike, data_path: str, size: int, text_key: str = "query", batch_size: int = 32,
+           kmeans_iterations: int = 20, seed: int = 42, streaming: bool = True, device: str = "auto",
+           dtype: str = "auto", max_length: int = 512) -> list[dict] | None:
+    """A diverse ``size`` records of ``data_path``: k-means on the embeddings of their ``text_key`` field, the
+    record nearest each centroid (fewer when centroids share one). A file of at most ``size`` records comes back
+    whole, and the model is then not loaded (``device``, ``dtype``, ``max_length``: how a model path is loaded).
+    ``streaming`` embeds in chunks through a temporary folder. Under torchrun every rank embeds its share and
+    rank 0 alone runs k-means: the other ranks get None."""
+    file_path(data_path, "--input_file")
+    for value, flag in ((size, "--target_sample_size"), (batch_size, "--batch_size"),
+                        (kmeans_iterations, "--kmeans_iterations"), (max_length, "--max_length")):
+        whole_number(value, flag)
+    records = load_records(data_path, required_keys=[text_key])
+    if len(records) <= size:
+        log.warning("%s has %d records, not more than --target_sample_size %d: keeping them all unchanged",
+                    data_path, len(records), size)
+        return records
+    if len(records) > MAX_CANDIDATES:
+        log.info("%d records: k-means runs on a seeded random subset of %d", len(records), MAX_CANDIDATES)
+        records = random.Random(seed).sample(records, MAX_CANDIDATES)
+    embedder = model if isinstance(model, Embedder) else as_embedder(model, device, dtype, max_length=max_length)
+    stream = streaming_dir() if streaming else None
+    try:
+        embeddings = embed_texts(embedder, [r[text_key] for r in records], batch_size, stream)
+    finally:
+        remove_dir(stream)
+    if not current_world().is_main:
+        return None
+    return [records[i] for i in select_diverse(embeddings, size, kmeans_iterations, seed)]
+
+
+@dataclasses.dataclass
+class RetrainResult:
+    losses: list[float]  # per step
+    seconds: float
+    held_zero_weights: int  # zeros of the pruned layers held at zero while training
+    held_zero_weights_after: int  # of those, still zero afterwards (all, unless something is wrong)
+
+
+def retrain(model: ModelLike, spec: RetrainSpec, data_path: str, general_data_path: str | None = None,
+            compute_dtype: str = "auto") -> RetrainResult:
+    """Retrain a pruned model in place as ``spec`` says, on the triples of ``data_path`` (and of
+    ``general_data_path`` mixed into each batch), holding its pruned weights at zero: those of the candidate
+    layers its SparseModel.py records name (none when whole units were removed), else every zero of a matrix.
+    A model path is loaded in float32; ``compute_dtype`` is the autocast dtype (auto: bfloat16 on CUDA)."""
+    if not isinstance(spec, RetrainSpec):
+        raise InputError(f"spec must be a gaprune.RetrainSpec, got {type(spec).__name__}")
+    file_path(data_path, "--data_path")
+    file_path(general_data_path, "--general_data_path", optional=True)
+    one_of(compute_dtype, "--dtype", ["auto", "float32", "bfloat16", "float16"])
+    spec.general_per_batch(general_data_path is not None)
+    for note in spec.notes():
+        log.warning("%s", note)
+    domain = load_triples(data_path)
+    general = load_triples(general_data_path) if general_data_path else []
+    embedder = as_embedder(model, dtype="float32")
+    masks = zero_masks(held_weights(embedder))
+    held = sum(int(torch.count_nonzero(mask)) for mask in masks.values())
+    log.info("%d zero weights in %d tensors are held at zero", held, len(masks))
+    compute = resolve_dtype(compute_dtype, embedder.device)
+    result = sparse_finetune(embedder, domain, spec, masks, general, None if compute == torch.float32 else compute)
+    named = dict(embedder.model.named_parameters())
+    after = held - sum(int(torch.count_nonzero(named[name][mask])) for name, mask in masks.items())
+    return RetrainResult(result.losses, result.seconds, held, after)
+
+
+def held_weights(embedder: Embedder) -> dict[str, torch.Tensor]:
+    """The tensors whose zeros retraining holds: the candidate layers of a SparseModel.py folder's records,
+    nothing when whole units were removed, every matrix when the folder has no records."""
+    config_file = os.path.join(embedder.model_dir, "evaluation_config.json")
+    named = dict(embedder.model.named_parameters())
+    if not os.path.isfile(config_file):
+        return {name: p for name, p in named.items() if p.dim() >= 2}
+    pruning = read_json(config_file, "pruned model's evaluation_config.json")
+    if isinstance(pruning, dict) and pruning.get("structure") in STRUCTURES:
+        log.info("%s were removed from this model; every weight trains", pruning["structure"])
+        return {}
+    layers = (pruning.get("sparsify_layers") if isinstance(pruning, dict) else None) or ["all"]
+    return select_parameters(named.items(), layers)
+
+
+__all__ = ["as_embedder", "fisher", "alignment", "prune", "evaluate", "load_embedder", "sample", "retrain"]

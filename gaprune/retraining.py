@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from gaprune.data import endless_batches
 from gaprune.loss import triplet_loss
 from gaprune.modeling import Embedder
+from gaprune.spec import RetrainSpec
 
 
 def zero_masks(parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,20 +28,19 @@ class TrainingResult:
     seconds: float
 
 
-def sparse_finetune(embedder: Embedder, domain: Sequence[dict], steps: int, lr: float, batch_size: int,
-                    masks: Mapping[str, torch.Tensor], general: Sequence[dict] = (), general_ratio: float = 0.0,
-                    warmup_steps: int = 0, grad_accum: int = 1, weight_decay: float = 0.0, seed: int = 42,
-                    autocast_dtype: torch.dtype | None = None) -> TrainingResult:
+def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpec, masks: Mapping[str, torch.Tensor],
+                    general: Sequence[dict] = (), autocast_dtype: torch.dtype | None = None) -> TrainingResult:
     """AdamW on the InfoNCE loss; each batch mixes round(batch_size * general_ratio) general triples into the
     domain ones. Masked gradients are zeroed before each step and masked weights re-zeroed after it."""
     model = embedder.model
     params = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
+    warmup_steps, grad_accum = spec.warmup_steps, spec.grad_accum
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-    rng = random.Random(seed)
-    n_general = round(batch_size * general_ratio) if general else 0
-    domain_batches = endless_batches(domain, batch_size - n_general, rng)
+    rng = random.Random(spec.seed)
+    n_general = spec.general_per_batch(bool(general))
+    domain_batches = endless_batches(domain, spec.batch_size - n_general, rng)
     general_batches = endless_batches(general, n_general, rng) if n_general else None
     autocast = (torch.autocast(device_type=embedder.device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
@@ -48,7 +48,7 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], steps: int, lr: 
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    progress = tqdm(range(steps), desc="retraining", unit="step")
+    progress = tqdm(range(spec.steps), desc="retraining", unit="step")
     for _ in progress:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0

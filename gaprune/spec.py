@@ -11,6 +11,7 @@ weights are touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Sequence
 
@@ -347,3 +348,50 @@ def applicable_options(scorer: str, reconstruct: bool, layer_shares: str, group_
     return {"layer_shares": layer_shares if chosen.needs_activations else UNIFORM_SHARES,
             "group_order": group_order if chosen.layer_pruner else NATURAL_ORDER,
             "reconstruction_target": reconstruction_target if chosen.layer_pruner or reconstruct else OWN_TARGET}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetrainSpec:
+    """How a pruned model is retrained: AdamW on the InfoNCE loss for ``steps`` steps, each batch mixing
+    ``round(batch_size * general_ratio)`` general triples (when general data is given) into the domain ones."""
+
+    steps: int = 100
+    lr: float = 1e-5
+    batch_size: int = 8
+    warmup_steps: int = 10
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    general_ratio: float = 0.25
+    seed: int = 42
+
+    def __post_init__(self):
+        whole_number(self.steps, "--steps")
+        if number_in(self.lr, "--lr", 0.0, math.inf) == 0:
+            raise InputError("--lr must be positive, got 0")
+        whole_number(self.batch_size, "--batch_size")
+        whole_number(self.warmup_steps, "--warmup_steps", 0)
+        whole_number(self.grad_accum, "--grad_accum")
+        number_in(self.weight_decay, "--weight_decay", 0.0, math.inf)
+        if not 0.0 <= number_in(self.general_ratio, "--general_ratio") < 1.0:
+            raise InputError(f"--general_ratio must be in [0, 1), got {self.general_ratio}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise InputError(f"--seed must be a whole number, got {self.seed!r}")
+
+    def general_per_batch(self, with_general: bool) -> int:
+        """General triples in each batch; refused when the ratio rounds to none, or to the whole batch."""
+        if not with_general:
+            return 0
+        count = round(self.batch_size * self.general_ratio)
+        if self.general_ratio > 0 and count == 0:
+            raise InputError(f"--general_ratio {self.general_ratio} of --batch_size {self.batch_size} rounds to no "
+                             f"general triple per batch; raise either")
+        if count >= self.batch_size:
+            raise InputError(f"--general_ratio {self.general_ratio} of --batch_size {self.batch_size} leaves no domain "
+                             f"triple per batch; lower the ratio or raise the batch size")
+        return count
+
+    def notes(self) -> list[str]:
+        if self.warmup_steps > self.steps:
+            return [f"--warmup_steps {self.warmup_steps} is more than --steps {self.steps}: the learning rate never "
+                    f"reaches --lr"]
+        return []

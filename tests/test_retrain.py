@@ -10,6 +10,7 @@ from gaprune.cli import run
 from gaprune.model import SparseModel, retrain
 from gaprune.modeling import load_embedder
 from gaprune.retraining import sparse_finetune, zero_masks
+from gaprune.spec import RetrainSpec
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,8 @@ def test_zeros_stay_zero_and_the_loss_falls_on_a_fixed_batch(pruned_dir, chem_tr
     before = {n: p.detach().clone() for n, p in params.items()}
     zeros = sum(int(m.sum()) for m in masks.values())
     assert zeros == int(sum(p.numel() for p in mlp.values()) * 0.5)
-    result = sparse_finetune(embedder, chem_triples[:4], steps=8, lr=3e-3, batch_size=4, masks=masks)
+    result = sparse_finetune(embedder, chem_triples[:4], RetrainSpec(steps=8, lr=3e-3, batch_size=4, warmup_steps=0),
+                             masks)
     assert result.losses[-1] < result.losses[0] * 0.8
     for name, mask in masks.items():
         assert int((params[name][mask] == 0).sum()) == int(mask.sum())  # every held zero is still zero
