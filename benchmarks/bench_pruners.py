@@ -20,11 +20,10 @@ import time
 import torch
 
 import gaprune
-from gaprune.calibration import UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.modeling import DEFAULT_MODEL
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import OWN_TARGET, UNIFORM_SHARES, Calibration, option_words, pruner_options
+from gaprune.options import NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES, UNIFORM_WEIGHTING
+from gaprune.pruning import Calibration, option_words, pruner_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = [("wanda", "unstructured", False, UNIFORM_WEIGHTING, OWN_TARGET),

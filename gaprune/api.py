@@ -29,13 +29,13 @@ from gaprune.layers import gradients_of, select_parameters
 from gaprune.errors import InputError
 from gaprune.masking import MaskResult, parse_pattern
 from gaprune.distributed import current_world
-from gaprune.memory import SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
+from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
+from gaprune.options import NATURAL_ORDER, OWN_TARGET, SCORE_DTYPES, SUM_PLACES, UNIFORM_SHARES
 from gaprune.modeling import Embedder, load_embedder
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, Calibration, StructureResult, check_group_order,
-                             check_layer_shares, check_reconstruction_target, prune_calibrated, prune_candidates,
-                             prune_structure, scorers_used, structure_candidates)
-from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
+from gaprune.pruning import (Calibration, StructureResult, check_group_order, check_layer_shares,
+                             check_reconstruction_target, prune_calibrated, prune_candidates, prune_structure,
+                             scorers_used, structure_candidates)
+from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scorers import get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import unit_plan

@@ -94,8 +94,6 @@ class LayerInputs:
         return dense_target_weight(weight, hessian, self.cross)
 
 
-UNIFORM_WEIGHTING = "uniform"  # every calibration token counts once (Wanda's and SparseGPT's statistics)
-TOKEN_WEIGHTINGS = (UNIFORM_WEIGHTING, "loss_gradient")  # or by the loss's gradient at the layer's output
 TokenWeights = dict[str, dict[str, list[torch.Tensor]]]  # side -> layer -> per text, its real tokens' weights
 
 

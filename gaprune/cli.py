@@ -10,17 +10,16 @@ import sys
 from typing import Callable, Sequence
 
 from gaprune import distributed
-from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.errors import InputError, first_line
-from gaprune.layers import GRADIENTS, LAYER_TYPES
-from gaprune.masking import SPARSITY_PATTERNS, parse_pattern
-from gaprune.memory import ACCUMULATE_ON
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, Calibration, check_group_order,
-                             check_layer_shares, check_reconstruct, check_reconstruction_target)
+from gaprune.options import (ACCUMULATE_ON, FISHER_NORMS, GRADIENTS, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER,
+                             OWN_TARGET, POSTPROCESSING, RECONSTRUCTION_TARGETS, SPARSITY_PATTERNS, TOKEN_WEIGHTINGS,
+                             UNIFORM_SHARES, UNIFORM_WEIGHTING)
+from gaprune.masking import parse_pattern
+from gaprune.pruning import (Calibration, check_group_order, check_layer_shares, check_reconstruct,
+                             check_reconstruction_target)
 from gaprune.scorers import SIDES, get_scorer
-from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
+from gaprune.scoring import DAIConfig
 
 log = logging.getLogger("gaprune")
 

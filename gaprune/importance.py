@@ -24,7 +24,8 @@ from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
 from gaprune.layers import embedding_weights, select_parameters, sparse_embedding_gradients
 from gaprune.loss import triplet_loss
-from gaprune.memory import SUM_PLACES, pinned_layouts, sharded_sums
+from gaprune.memory import pinned_layouts, sharded_sums
+from gaprune.options import SUM_PLACES
 from gaprune.modeling import Embedder
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,6 @@ from gaprune.errors import InputError
 from gaprune.layers import layer_key
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight) -> flat float32 scores
-BUDGET_STRATEGIES = ("global", "uniform")
-SPARSITY_PATTERNS = ("unstructured", "2:4", "4:8")
 
 
 @dataclass(frozen=True)

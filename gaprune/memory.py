@@ -35,8 +35,6 @@ from gaprune.modeling import Embedder, is_encoder
 log = logging.getLogger(__name__)
 GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
-SUM_PLACES = ("device", "sharded", "cpu")  # beside the model, one rank each, in (pinned) host memory: least GPU last
-ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
 WORKING_PARTS = ("gradients", "sums", "activations")  # allocated after loading, while scoring
 SCORE_CACHE_SHARE = 0.25  # of the available host memory, that masking may keep scores in
 PINNED_BLOCK = 1 << 30  # bytes per pinned block of gradients (a power of two, as the allocator rounds)

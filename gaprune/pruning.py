@@ -9,8 +9,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, TokenWeights, layer_widths,
-                                 loss_gradient_weights, prune_block_by_block)
+from gaprune.calibration import LayerInputs, TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
@@ -18,16 +17,15 @@ from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocati
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER, sparsegpt
+from gaprune.options import (GROUP_ORDERS, NATURAL_ORDER, OWN_TARGET, RECONSTRUCTION_TARGETS, TOKEN_WEIGHTINGS,
+                             UNIFORM_SHARES, UNIFORM_WEIGHTING)
+from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, SCORERS, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
 from gaprune.structure import CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores, units_to_remove
 
 
 log = logging.getLogger(__name__)
-UNIFORM_SHARES = "uniform"  # --layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
-OWN_TARGET = "own"  # --reconstruction_target: each layer's own outputs on the pruned model's inputs (SparseGPT)
-RECONSTRUCTION_TARGETS = (OWN_TARGET, "dense")  # or the dense model's outputs (pruners.dense_target_weight)
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 
 

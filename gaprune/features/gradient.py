@@ -16,7 +16,8 @@ from gaprune.fileio import check_output_dir
 from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
 from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import SCORE_DTYPES, alignment_statistics, tensor_file_for
+from gaprune.options import SCORE_DTYPES
+from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
 log = logging.getLogger("gaprune.gradient")
 

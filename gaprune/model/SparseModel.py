@@ -19,13 +19,13 @@ from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, a
                         effective_share, finish, finite_float, run, score_file_paths, scoring_config)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
-from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches
-from gaprune.masking import BUDGET_STRATEGIES
+from gaprune.layers import LAYER_PATTERNS, detect_family, name_matches
+from gaprune.options import BUDGET_STRATEGIES, LAYER_TYPES, STRUCTURES, UNIFORM_SHARES
 from gaprune.modeling import load_embedder, resolve_model_dir
-from gaprune.pruning import (UNIFORM_SHARES, ModelZeros, evaluation_config, option_words, prune_stats,
-                             pruner_options, structure_evaluation_config, structure_stats)
+from gaprune.pruning import (ModelZeros, evaluation_config, option_words, prune_stats, pruner_options,
+                             structure_evaluation_config, structure_stats)
 from gaprune.scorers import SCORERS, get_scorer
-from gaprune.structure import CONFIG_FIELDS, STRUCTURES
+from gaprune.structure import CONFIG_FIELDS
 
 log = logging.getLogger("gaprune.sparse")
 

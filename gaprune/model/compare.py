@@ -22,16 +22,15 @@ from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
 from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
 from gaprune.layers import select_parameters
-from gaprune.masking import BUDGET_STRATEGIES
+from gaprune.options import BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES
 from gaprune.modeling import load_embedder
 from gaprune.masking import parse_pattern
-from gaprune.pruners import NATURAL_ORDER
-from gaprune.pruning import (OWN_TARGET, UNIFORM_SHARES, measure_token_weights, option_words, prune_calibrated,
-                             prune_candidates, prune_structure, scorers_used, structure_candidates)
+from gaprune.pruning import (measure_token_weights, option_words, prune_calibrated, prune_candidates, prune_structure,
+                             scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
-from gaprune.structure import STRUCTURES, unit_plan, units_to_remove
+from gaprune.structure import unit_plan, units_to_remove
 
 log = logging.getLogger("gaprune.compare")
 

@@ -16,7 +16,7 @@ from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
 from gaprune.layers import select_parameters
 from gaprune.modeling import load_embedder, resolve_device, resolve_dtype
 from gaprune.retraining import sparse_finetune, zero_masks
-from gaprune.structure import STRUCTURES
+from gaprune.options import STRUCTURES
 
 log = logging.getLogger("gaprune.retrain")
 
