@@ -24,10 +24,13 @@ import torch
 
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples
-from gaprune.importance import AlignmentResult, FisherResult, fisher_information, gradient_alignment
+from gaprune.fisher_information import fisher_information
+from gaprune.gradient_alignment import gradient_alignment
+from gaprune.results import AlignmentResult, FisherResult
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.errors import InputError
-from gaprune.masking import MaskResult, parse_pattern
+from gaprune.masking import MaskResult
+from gaprune.patterns import parse_pattern
 from gaprune.distributed import current_world
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.options import NATURAL_ORDER, OWN_TARGET, SCORE_DTYPES, SUM_PLACES, UNIFORM_SHARES

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -24,74 +24,12 @@ from tqdm.auto import tqdm
 
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
-from gaprune.layers import parameter_owner
+from gaprune.input_stats import InputStats, LayerInputs
+from gaprune.layers import parameter_owner, transformer_blocks
 from gaprune.loss import info_nce
 from gaprune.modeling import Embedder
-from gaprune.pruners import dense_target_weight
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InputStats:
-    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T, and of
-    x_dense x^T with the same token's input in the dense model (``cross``); each token counted once or by its
-    weight."""
-
-    input_sq: torch.Tensor
-    hessian: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    tokens: int = 0
-
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
-        x = x.float()
-        dense = None if dense is None else dense.float()
-        if weight is not None:  # each token's x x^T counted weight times
-            scale = weight.to(x.device).sqrt().unsqueeze(1)
-            x = x * scale
-            dense = None if dense is None else dense * scale
-        self.input_sq += x.square().sum(dim=0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
-        if self.cross is not None:
-            self.cross.addmm_(dense.T, x)
-        self.tokens += x.shape[0]
-
-
-@dataclass
-class LayerInputs:
-    """A layer's input statistics on each side, blended: (1 - general_share) domain + general_share general."""
-
-    sides: dict[str, InputStats] = field(default_factory=dict)
-    general_share: float = 0.0
-
-    def _blend(self, pick: Callable[[InputStats], torch.Tensor]) -> torch.Tensor:
-        shares = {"domain": 1.0 - self.general_share, "general": self.general_share}
-        present = {side: stats for side, stats in self.sides.items() if stats.tokens and shares[side]}
-        if not present:
-            raise InputError("no calibration tokens reached a candidate layer (empty calibration texts?)")
-        total = sum(shares[side] for side in present)
-        return sum(pick(stats) * (shares[side] / total / stats.tokens) for side, stats in present.items())
-
-    @property
-    def input_sq(self) -> torch.Tensor:
-        return self._blend(lambda stats: stats.input_sq)
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return self._blend(lambda stats: stats.hessian)
-
-    @property
-    def cross(self) -> torch.Tensor:
-        """The blended sum of x_dense x^T (collected with the dense model's inputs)."""
-        return self._blend(lambda stats: stats.cross)
-
-    def start_weight(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-        """What the OBS update (SparseGPT, reconstruction) starts from, with ``hessian`` this layer's: the weight,
-        or with the dense model's inputs collected W*, from which it reproduces the dense model's outputs."""
-        if any(stats.cross is None for stats in self.sides.values()):
-            return weight
-        return dense_target_weight(weight, hessian, self.cross)
 
 
 TokenWeights = dict[str, dict[str, list[torch.Tensor]]]  # side -> layer -> per text, its real tokens' weights
@@ -219,18 +157,6 @@ def _normalised(values: list[torch.Tensor], name: str, side: str) -> list[torch.
 def _effective_share(weights: torch.Tensor) -> float:
     """Kish's effective sample size over the count: the share of the tokens that in effect carries the weight."""
     return (weights.sum() ** 2 / weights.square().sum() / weights.numel()).item()
-
-
-def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
-    for path in ("layers", "encoder.layer", "model.layers"):
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")
 
 
 class _Stop(Exception):

@@ -15,7 +15,7 @@ from gaprune.errors import InputError, first_line
 from gaprune.options import (ACCUMULATE_ON, FISHER_NORMS, GRADIENTS, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER,
                              OWN_TARGET, POSTPROCESSING, RECONSTRUCTION_TARGETS, SPARSITY_PATTERNS, TOKEN_WEIGHTINGS,
                              UNIFORM_SHARES, UNIFORM_WEIGHTING)
-from gaprune.masking import parse_pattern
+from gaprune.patterns import parse_pattern
 from gaprune.pruning import (Calibration, check_group_order, check_layer_shares, check_reconstruct,
                              check_reconstruction_target)
 from gaprune.scorers import SIDES, get_scorer

@@ -174,3 +174,15 @@ def parameter_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module,
     """The module holding a named parameter, and the parameter's attribute name on it."""
     path, _, attribute = name.rpartition(".")
     return model.get_submodule(path), attribute
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
+    for path in ("layers", "encoder.layer", "model.layers"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")

@@ -27,9 +27,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gaprune.calibration import transformer_blocks
 from gaprune.data import TRIPLE_KEYS, batched
-from gaprune.layers import embedding_weights
+from gaprune.layers import embedding_weights, transformer_blocks
 from gaprune.modeling import Embedder, is_encoder
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gaprune.errors import InputError
-from gaprune.masking import Pattern, lowest_in_groups, lowest_in_rows
+from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.options import GROUP_ORDERS, NATURAL_ORDER
 
 DAMPENING = 0.01  # SparseGPT: add 1% of the mean Hessian diagonal to the diagonal

@@ -9,11 +9,12 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from gaprune.calibration import LayerInputs, TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
+from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
+from gaprune.input_stats import LayerInputs
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
-from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
-                             lowest_in_rows, prune_lowest)
+from gaprune.masking import MaskResult, checked_scores, layer_allocations, prune_lowest
+from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder

@@ -23,14 +23,13 @@ from safetensors import safe_open
 from gaprune.errors import InputError, first_line
 from gaprune.fileio import (atomic_files, domain_name, model_dirname, read_json, release_stem, unique_stem, write_json,
                             write_tensors)
-from gaprune.importance import AlignmentResult, FisherResult
 from gaprune.layers import layer_key, strip_prefix
 from gaprune.masking import all_finite
+from gaprune.results import FILE_KINDS, AlignmentResult, FisherResult
 
 log = logging.getLogger(__name__)
 
 COSINE_PREFIX = "cosine::"  # gradient.py --alignment_mode local_cosine/row_cosine arrays, beside the published ones
-FILE_KINDS = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> kind
 
 
 def tensor_file_for(json_path: str) -> str:

@@ -13,7 +13,8 @@ from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_a
                          positive_int, run)
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
-from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
+from gaprune.alignment_maps import ALIGNMENT_MODES
+from gaprune.results import AlignmentResult
 from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
 from gaprune.options import SCORE_DTYPES

@@ -24,7 +24,7 @@ from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_jso
 from gaprune.layers import select_parameters
 from gaprune.options import BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES
 from gaprune.modeling import load_embedder
-from gaprune.masking import parse_pattern
+from gaprune.patterns import parse_pattern
 from gaprune.pruning import (measure_token_weights, option_words, prune_calibrated, prune_candidates, prune_structure,
                              scorers_used, structure_candidates)
 from gaprune.scorefiles import open_score_files
