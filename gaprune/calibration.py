@@ -134,6 +134,12 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     if len(per_text) != sum(map(len, texts.values())):
         raise RuntimeError(f"the ranks' loss-gradient weights cover {len(per_text)} texts, not "
                            f"{sum(map(len, texts.values()))}")
+    return _by_side(per_text, texts, names)
+
+
+def _by_side(per_text: Sequence[torch.Tensor], texts: Mapping[str, Sequence[str]],
+             names: Sequence[str]) -> TokenWeights:
+    """Every text's rows of per-layer token weights, split into sides and layers, each normalised."""
     weights: TokenWeights = {}
     for side, side_texts in texts.items():  # the jobs, hence the texts, come side after side
         side_rows, per_text = per_text[:len(side_texts)], per_text[len(side_texts):]
@@ -283,6 +289,58 @@ def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int
     return widths
 
 
+def _empty_inputs(width: int, device: torch.device, sides: Sequence[str], hessian: bool, dense_targets: bool,
+                  general_share: float) -> LayerInputs:
+    """Zeroed statistics of a layer with ``width`` inputs on each side: sum x^2, and X^T X (``hessian``) and
+    X_dense^T X (``dense_targets``)."""
+    return LayerInputs({side: InputStats(torch.zeros(width, device=device),
+                                         torch.zeros(width, width, device=device) if hessian else None,
+                                         torch.zeros(width, width, device=device) if dense_targets else None)
+                        for side in sides}, general_share)
+
+
+def _collect_stage(block: torch.nn.Module, dense_block: torch.nn.Module | None, first: torch.nn.Module,
+                   batches: Sequence[_Batch], dense_batches: Sequence[_Batch], inputs: dict[str, LayerInputs],
+                   token_weights: TokenWeights | None) -> None:
+    """Run every batch through ``block``, adding the stage's input (the input of its ``first`` layer, which the
+    others share) to ``inputs``: once per token, or weighted per layer by ``token_weights``. With a
+    ``dense_block`` (the block before any pruning) each batch's dense input to the stage comes along."""
+    current: list[_Batch] = []
+    dense_inputs: list[torch.Tensor] = []  # the current batch's input to the stage's layers in the dense model
+
+    def add(module, args):
+        batch = current[0]
+        x = args[0][batch.real]
+        dense = dense_inputs[0] if dense_inputs else None
+        if token_weights is None:
+            next(iter(inputs.values())).sides[batch.side].add(x, dense=dense)
+            return
+        lengths = batch.real.sum(1).tolist()
+        for name, layer_inputs in inputs.items():
+            per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
+            if [len(w) for w in per_text] != lengths:
+                raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
+            layer_inputs.sides[batch.side].add(x, torch.cat(per_text), dense)
+
+    def keep_dense(module, args):
+        dense_inputs[:] = [args[0][current[0].real]]
+        raise _Stop  # the rest of the dense block is not needed for this stage
+    handles = [first.register_forward_pre_hook(add)]
+    if dense_block is not None:
+        twins = dict(zip(block.modules(), dense_block.modules()))
+        handles.append(twins[first].register_forward_pre_hook(keep_dense))
+    try:
+        for index, batch in enumerate(batches):
+            current[:] = [batch]
+            if dense_block is not None:
+                with suppress(_Stop):  # keep_dense stops it at the stage's input
+                    _run_block(dense_block, dense_batches[index])
+            _run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                          texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
@@ -312,20 +370,14 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
         log.info("calibration shared among %d ranks: this rank runs %d batches", world.size, len(batches))
     dense_batches = [_Batch(b.side, b.first, b.real, tuple(b.args), dict(b.kwargs)) for b in batches] \
         if dense_targets else []
-    current: list[_Batch] = []
-    dense_inputs: list[torch.Tensor] = []  # the current batch's input to the stage's layers in the dense model
 
     def new_inputs(name: str) -> LayerInputs:
-        width, device = modules[name].in_features, candidates[name].device
-        return LayerInputs({side: InputStats(torch.zeros(width, device=device),
-                                             torch.zeros(width, width, device=device) if hessian else None,
-                                             torch.zeros(width, width, device=device) if dense_targets else None)
-                            for side in texts}, general_share)
+        return _empty_inputs(modules[name].in_features, candidates[name].device, texts, hessian, dense_targets,
+                             general_share)
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
                              disable=not world.is_main):
         dense_block = copy.deepcopy(block) if dense_targets and names else None  # the block before any pruning
-        twins = {} if dense_block is None else dict(zip(block.modules(), dense_block.modules()))
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
             if token_weights is None:  # the layers of a stage read one input: one set of statistics
                 statistics = [new_inputs(stage[0])]
@@ -333,48 +385,17 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             else:  # each layer weighs the tokens by its own output's gradients
                 inputs = {name: new_inputs(name) for name in stage}
                 statistics = list(inputs.values())
-
-            def add(module, args):
-                batch = current[0]
-                x = args[0][batch.real]
-                dense = dense_inputs[0] if dense_inputs else None
-                if token_weights is None:
-                    statistics[0].sides[batch.side].add(x, dense=dense)
-                    return
-                lengths = batch.real.sum(1).tolist()
-                for name in stage:
-                    per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
-                    if [len(w) for w in per_text] != lengths:
-                        raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
-                    inputs[name].sides[batch.side].add(x, torch.cat(per_text), dense)
-
-            def keep_dense(module, args):
-                dense_inputs[:] = [args[0][current[0].real]]
-                raise _Stop  # the rest of the dense block is not needed for this stage
-            handles = [modules[stage[0]].register_forward_pre_hook(add)]
-            if dense_block is not None:
-                handles.append(twins[modules[stage[0]]].register_forward_pre_hook(keep_dense))
-            try:
-                for index, batch in enumerate(batches):
-                    current[:] = [batch]
-                    if dense_block is not None:
-                        with suppress(_Stop):  # keep_dense stops it at the stage's input
-                            _run_block(dense_block, dense_batches[index])
-                    _run_block(block, batch)
-            finally:
-                for handle in handles:
-                    handle.remove()
-                dense_inputs.clear()
+            _collect_stage(block, dense_block, modules[stage[0]], batches, dense_batches, inputs, token_weights)
             if shared_out:
                 for layer_inputs in statistics:
                     _add_across_ranks(layer_inputs, world)
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)
-            del inputs, statistics, add  # freed before the next stage's are made
+            del inputs, statistics  # freed before the next stage's are made
         for index, batch in enumerate(batches):
             if dense_targets:
                 dense_batches[index].with_hidden(_run_block(block if dense_block is None else dense_block,
                                                               dense_batches[index]))
             batch.with_hidden(_run_block(block, batch))
-        del dense_block, twins
+        del dense_block
