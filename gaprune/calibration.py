@@ -8,7 +8,7 @@ give the next block its inputs. Every layer thus sees the outputs of the already
 boundary.
 
 Texts come in sides ("domain", "general"); statistics are kept per side and blended on request
-(cross-calibration): (1 - g) * domain mean + g * general mean, per token.
+(cross-calibration, gaprune.input_stats): (1 - g) * domain mean + g * general mean, per token.
 """
 
 from __future__ import annotations
