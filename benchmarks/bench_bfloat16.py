@@ -18,7 +18,7 @@ import time
 import torch
 
 from gaprune.data import load_triples
-from gaprune.importance import fisher_information
+from gaprune.fisher_information import fisher_information
 from gaprune.layers import select_parameters
 from gaprune.masking import prune_lowest
 from gaprune.modeling import DEFAULT_MODEL, cpu_has_native_bfloat16, load_embedder

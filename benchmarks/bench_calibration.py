@@ -23,7 +23,8 @@ import torch
 from bench_fisher import bare_forward_backward  # this folder is on the path when run as a script
 from gpu_check import LENGTHS, synthetic_triples
 from gaprune.data import load_triples
-from gaprune.importance import fisher_information, gradient_alignment
+from gaprune.fisher_information import fisher_information
+from gaprune.gradient_alignment import gradient_alignment
 from gaprune.modeling import DEFAULT_MODEL, load_embedder
 
 LAYERS = ["attention", "mlp"]

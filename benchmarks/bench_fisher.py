@@ -20,7 +20,7 @@ import torch
 
 from gaprune.data import batched, load_triples
 from gaprune.loss import triplet_loss
-from gaprune.importance import fisher_information
+from gaprune.fisher_information import fisher_information
 from gaprune.layers import sparse_embedding_gradients
 from gaprune.modeling import load_embedder
 from gaprune.toy_models import build_qwen3

@@ -20,11 +20,10 @@ import time
 import torch
 
 import gaprune
-from gaprune.calibration import UNIFORM_WEIGHTING
 from gaprune.data import load_triples, triple_texts
 from gaprune.modeling import DEFAULT_MODEL
+from gaprune.options import OWN_TARGET, UNIFORM_WEIGHTING
 from gaprune.pruning import option_words
-from gaprune.spec import OWN_TARGET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = [("wanda", "unstructured", False, UNIFORM_WEIGHTING, OWN_TARGET),

@@ -21,7 +21,7 @@ import torch
 
 from gaprune.layers import select_parameters
 from gaprune.checkpoint import checkpoint_shapes
-from gaprune.importance import AlignmentResult, FisherResult
+from gaprune.results import AlignmentResult, FisherResult
 from gaprune.scorefiles import save_alignment, save_fisher
 from gaprune.toy_models import build_qwen3
 

@@ -30,20 +30,24 @@ from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
 from gaprune.fileio import read_json
-from gaprune.importance import ALIGNMENT_MODES, AlignmentResult, FisherResult, fisher_information, gradient_alignment
-from gaprune.layers import GRADIENTS, LAYER_TYPES, gradients_of, select_parameters
+from gaprune.alignment_maps import ALIGNMENT_MODES
+from gaprune.fisher_information import fisher_information
+from gaprune.gradient_alignment import gradient_alignment
+from gaprune.layers import gradients_of, select_parameters
 from gaprune.masking import MaskResult
-from gaprune.memory import (ACCUMULATE_ON, SUM_PLACES, MemoryPlan, alignment_plan, fisher_plan, measured_line,
-                            warn_if_too_large)
+from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
+from gaprune.options import (ACCUMULATE_ON, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES, SUM_PLACES,
+                             UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,
                              prune_structure, structure_candidates)
 from gaprune.retraining import sparse_finetune, zero_masks
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
-from gaprune.scorefiles import SCORE_DTYPES, open_score_files, save_alignment, save_fisher
+from gaprune.results import AlignmentResult, FisherResult
+from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
 from gaprune.scoring import ArrayFn
-from gaprune.spec import UNSTRUCTURED, PruneSpec, RetrainSpec, ScoreFiles
-from gaprune.structure import STRUCTURES, unit_plan
+from gaprune.spec import PruneSpec, RetrainSpec, ScoreFiles
+from gaprune.structure import unit_plan
 
 ModelLike = Embedder | str
 log = logging.getLogger("gaprune")

@@ -8,7 +8,7 @@ give the next block its inputs. Every layer thus sees the outputs of the already
 boundary.
 
 Texts come in sides ("domain", "general"); statistics are kept per side and blended on request
-(cross-calibration): (1 - g) * domain mean + g * general mean, per token.
+(cross-calibration, gaprune.input_stats): (1 - g) * domain mean + g * general mean, per token.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -24,78 +24,14 @@ from tqdm.auto import tqdm
 
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
-from gaprune.layers import parameter_owner
+from gaprune.input_stats import InputStats, LayerInputs
+from gaprune.layers import parameter_owner, transformer_blocks
 from gaprune.loss import info_nce
 from gaprune.modeling import Embedder
-from gaprune.pruners import dense_target_weight
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class InputStats:
-    """One linear layer's inputs on one side: sum over tokens of x_j^2 and (optionally) of x x^T, and of
-    x_dense x^T with the same token's input in the dense model (``cross``); each token counted once or by its
-    weight."""
-
-    input_sq: torch.Tensor
-    hessian: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    tokens: int = 0
-
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
-        x = x.float()
-        dense = None if dense is None else dense.float()
-        if weight is not None:  # each token's x x^T counted weight times
-            scale = weight.to(x.device).sqrt().unsqueeze(1)
-            x = x * scale
-            dense = None if dense is None else dense * scale
-        self.input_sq += x.square().sum(dim=0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
-        if self.cross is not None:
-            self.cross.addmm_(dense.T, x)
-        self.tokens += x.shape[0]
-
-
-@dataclass
-class LayerInputs:
-    """A layer's input statistics on each side, blended: (1 - general_share) domain + general_share general."""
-
-    sides: dict[str, InputStats] = field(default_factory=dict)
-    general_share: float = 0.0
-
-    def _blend(self, pick: Callable[[InputStats], torch.Tensor]) -> torch.Tensor:
-        shares = {"domain": 1.0 - self.general_share, "general": self.general_share}
-        present = {side: stats for side, stats in self.sides.items() if stats.tokens and shares[side]}
-        if not present:
-            raise InputError("no calibration tokens reached a candidate layer (empty calibration texts?)")
-        total = sum(shares[side] for side in present)
-        return sum(pick(stats) * (shares[side] / total / stats.tokens) for side, stats in present.items())
-
-    @property
-    def input_sq(self) -> torch.Tensor:
-        return self._blend(lambda stats: stats.input_sq)
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return self._blend(lambda stats: stats.hessian)
-
-    @property
-    def cross(self) -> torch.Tensor:
-        """The blended sum of x_dense x^T (collected with the dense model's inputs)."""
-        return self._blend(lambda stats: stats.cross)
-
-    def start_weight(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-        """What the OBS update (SparseGPT, reconstruction) starts from, with ``hessian`` this layer's: the weight,
-        or with the dense model's inputs collected W*, from which it reproduces the dense model's outputs."""
-        if any(stats.cross is None for stats in self.sides.values()):
-            return weight
-        return dense_target_weight(weight, hessian, self.cross)
-
-
-UNIFORM_WEIGHTING = "uniform"  # every calibration token counts once (Wanda's and SparseGPT's statistics)
-TOKEN_WEIGHTINGS = (UNIFORM_WEIGHTING, "loss_gradient")  # or by the loss's gradient at the layer's output
 TokenWeights = dict[str, dict[str, list[torch.Tensor]]]  # side -> layer -> per text, its real tokens' weights
 
 
@@ -198,6 +134,12 @@ def loss_gradient_weights(embedder: Embedder, texts: Mapping[str, Sequence[str]]
     if len(per_text) != sum(map(len, texts.values())):
         raise RuntimeError(f"the ranks' loss-gradient weights cover {len(per_text)} texts, not "
                            f"{sum(map(len, texts.values()))}")
+    return _by_side(per_text, texts, names)
+
+
+def _by_side(per_text: Sequence[torch.Tensor], texts: Mapping[str, Sequence[str]],
+             names: Sequence[str]) -> TokenWeights:
+    """Every text's rows of per-layer token weights, split into sides and layers, each normalised."""
     weights: TokenWeights = {}
     for side, side_texts in texts.items():  # the jobs, hence the texts, come side after side
         side_rows, per_text = per_text[:len(side_texts)], per_text[len(side_texts):]
@@ -221,18 +163,6 @@ def _normalised(values: list[torch.Tensor], name: str, side: str) -> list[torch.
 def _effective_share(weights: torch.Tensor) -> float:
     """Kish's effective sample size over the count: the share of the tokens that in effect carries the weight."""
     return (weights.sum() ** 2 / weights.square().sum() / weights.numel()).item()
-
-
-def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
-    for path in ("layers", "encoder.layer", "model.layers"):
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")
 
 
 class _Stop(Exception):
@@ -359,6 +289,58 @@ def layer_widths(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int
     return widths
 
 
+def _empty_inputs(width: int, device: torch.device, sides: Sequence[str], hessian: bool, dense_targets: bool,
+                  general_share: float) -> LayerInputs:
+    """Zeroed statistics of a layer with ``width`` inputs on each side: sum x^2, and X^T X (``hessian``) and
+    X_dense^T X (``dense_targets``)."""
+    return LayerInputs({side: InputStats(torch.zeros(width, device=device),
+                                         torch.zeros(width, width, device=device) if hessian else None,
+                                         torch.zeros(width, width, device=device) if dense_targets else None)
+                        for side in sides}, general_share)
+
+
+def _collect_stage(block: torch.nn.Module, dense_block: torch.nn.Module | None, first: torch.nn.Module,
+                   batches: Sequence[_Batch], dense_batches: Sequence[_Batch], inputs: dict[str, LayerInputs],
+                   token_weights: TokenWeights | None) -> None:
+    """Run every batch through ``block``, adding the stage's input (the input of its ``first`` layer, which the
+    others share) to ``inputs``: once per token, or weighted per layer by ``token_weights``. With a
+    ``dense_block`` (the block before any pruning) each batch's dense input to the stage comes along."""
+    current: list[_Batch] = []
+    dense_inputs: list[torch.Tensor] = []  # the current batch's input to the stage's layers in the dense model
+
+    def add(module, args):
+        batch = current[0]
+        x = args[0][batch.real]
+        dense = dense_inputs[0] if dense_inputs else None
+        if token_weights is None:
+            next(iter(inputs.values())).sides[batch.side].add(x, dense=dense)
+            return
+        lengths = batch.real.sum(1).tolist()
+        for name, layer_inputs in inputs.items():
+            per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
+            if [len(w) for w in per_text] != lengths:
+                raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
+            layer_inputs.sides[batch.side].add(x, torch.cat(per_text), dense)
+
+    def keep_dense(module, args):
+        dense_inputs[:] = [args[0][current[0].real]]
+        raise _Stop  # the rest of the dense block is not needed for this stage
+    handles = [first.register_forward_pre_hook(add)]
+    if dense_block is not None:
+        twins = dict(zip(block.modules(), dense_block.modules()))
+        handles.append(twins[first].register_forward_pre_hook(keep_dense))
+    try:
+        for index, batch in enumerate(batches):
+            current[:] = [batch]
+            if dense_block is not None:
+                with suppress(_Stop):  # keep_dense stops it at the stage's input
+                    _run_block(dense_block, dense_batches[index])
+            _run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tensor],
                          texts: Mapping[str, Sequence[str]], prune_layers: Callable[[dict[str, LayerInputs]], None],
@@ -388,20 +370,14 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
         log.info("calibration shared among %d ranks: this rank runs %d batches", world.size, len(batches))
     dense_batches = [_Batch(b.side, b.first, b.real, tuple(b.args), dict(b.kwargs)) for b in batches] \
         if dense_targets else []
-    current: list[_Batch] = []
-    dense_inputs: list[torch.Tensor] = []  # the current batch's input to the stage's layers in the dense model
 
     def new_inputs(name: str) -> LayerInputs:
-        width, device = modules[name].in_features, candidates[name].device
-        return LayerInputs({side: InputStats(torch.zeros(width, device=device),
-                                             torch.zeros(width, width, device=device) if hessian else None,
-                                             torch.zeros(width, width, device=device) if dense_targets else None)
-                            for side in texts}, general_share)
+        return _empty_inputs(modules[name].in_features, candidates[name].device, texts, hessian, dense_targets,
+                             general_share)
 
     for block, names in tqdm(list(zip(blocks, by_block)), desc="calibrating blocks", unit="block",
                              disable=not world.is_main):
         dense_block = copy.deepcopy(block) if dense_targets and names else None  # the block before any pruning
-        twins = {} if dense_block is None else dict(zip(block.modules(), dense_block.modules()))
         for stage in (_stages(block, modules, names, batches[0]) if names else []):
             if token_weights is None:  # the layers of a stage read one input: one set of statistics
                 statistics = [new_inputs(stage[0])]
@@ -409,48 +385,17 @@ def prune_block_by_block(embedder: Embedder, candidates: Mapping[str, torch.Tens
             else:  # each layer weighs the tokens by its own output's gradients
                 inputs = {name: new_inputs(name) for name in stage}
                 statistics = list(inputs.values())
-
-            def add(module, args):
-                batch = current[0]
-                x = args[0][batch.real]
-                dense = dense_inputs[0] if dense_inputs else None
-                if token_weights is None:
-                    statistics[0].sides[batch.side].add(x, dense=dense)
-                    return
-                lengths = batch.real.sum(1).tolist()
-                for name in stage:
-                    per_text = token_weights[batch.side][name][batch.first:batch.first + len(batch.real)]
-                    if [len(w) for w in per_text] != lengths:
-                        raise RuntimeError(f"the token weights of {name} do not match the calibration tokens")
-                    inputs[name].sides[batch.side].add(x, torch.cat(per_text), dense)
-
-            def keep_dense(module, args):
-                dense_inputs[:] = [args[0][current[0].real]]
-                raise _Stop  # the rest of the dense block is not needed for this stage
-            handles = [modules[stage[0]].register_forward_pre_hook(add)]
-            if dense_block is not None:
-                handles.append(twins[modules[stage[0]]].register_forward_pre_hook(keep_dense))
-            try:
-                for index, batch in enumerate(batches):
-                    current[:] = [batch]
-                    if dense_block is not None:
-                        with suppress(_Stop):  # keep_dense stops it at the stage's input
-                            _run_block(dense_block, dense_batches[index])
-                    _run_block(block, batch)
-            finally:
-                for handle in handles:
-                    handle.remove()
-                dense_inputs.clear()
+            _collect_stage(block, dense_block, modules[stage[0]], batches, dense_batches, inputs, token_weights)
             if shared_out:
                 for layer_inputs in statistics:
                     _add_across_ranks(layer_inputs, world)
             prune_layers(inputs)
             if shared_out:  # rank 0's weights everywhere: the next layers calibrate on the same model
                 world.broadcast_(candidates[name].data for name in stage)
-            del inputs, statistics, add  # freed before the next stage's are made
+            del inputs, statistics  # freed before the next stage's are made
         for index, batch in enumerate(batches):
             if dense_targets:
                 dense_batches[index].with_hidden(_run_block(block if dense_block is None else dense_block,
                                                               dense_batches[index]))
             batch.with_hidden(_run_block(block, batch))
-        del dense_block, twins
+        del dense_block

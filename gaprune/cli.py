@@ -10,16 +10,13 @@ import sys
 from typing import Callable, Sequence
 
 from gaprune import distributed
-from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
 from gaprune.errors import InputError, first_line
-from gaprune.layers import GRADIENTS, LAYER_TYPES
-from gaprune.masking import SPARSITY_PATTERNS
-from gaprune.memory import ACCUMULATE_ON
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
-from gaprune.scorefiles import FILE_KINDS
-from gaprune.scoring import FISHER_NORMS, POSTPROCESSING, DAIConfig
-from gaprune.spec import (OWN_TARGET, RECONSTRUCTION_TARGETS, UNIFORM_SHARES, CalibrationSpec, PruneSpec, ScoreFiles,
-                          applicable_options)
+from gaprune.options import (ACCUMULATE_ON, FISHER_NORMS, GRADIENTS, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER,
+                             OWN_TARGET, POSTPROCESSING, RECONSTRUCTION_TARGETS, SPARSITY_PATTERNS, TOKEN_WEIGHTINGS,
+                             UNIFORM_SHARES, UNIFORM_WEIGHTING)
+from gaprune.results import FILE_KINDS
+from gaprune.scoring import DAIConfig
+from gaprune.spec import CalibrationSpec, PruneSpec, ScoreFiles, applicable_options
 
 log = logging.getLogger("gaprune")
 

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from gaprune.errors import InputError
+from gaprune.options import GRADIENTS, LAYER_TYPES
 
 _FINE_TYPES: dict[str, dict[str, list[str]]] = {
     "qwen3": {
@@ -66,7 +67,6 @@ def _family_patterns(family: str) -> dict[str, list[str]]:
 
 
 LAYER_PATTERNS: dict[str, dict[str, list[str]]] = {family: _family_patterns(family) for family in _FINE_TYPES}
-LAYER_TYPES: tuple[str, ...] = tuple(LAYER_PATTERNS["qwen3"])
 
 
 def strip_prefix(name: str) -> str:
@@ -119,7 +119,6 @@ def layer_key(name: str, fallback_parts: int) -> str:
     return ".".join(name.split(".")[:fallback_parts])
 
 
-GRADIENTS = ("all", "selected")  # which parameters the scoring stages take gradients of
 
 
 @contextmanager
@@ -175,3 +174,15 @@ def parameter_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module,
     """The module holding a named parameter, and the parameter's attribute name on it."""
     path, _, attribute = name.rpartition(".")
     return model.get_submodule(path), attribute
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
+    for path in ("layers", "encoder.layer", "model.layers"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")

@@ -15,52 +15,9 @@ import torch
 
 from gaprune.errors import InputError
 from gaprune.layers import layer_key
+from gaprune.patterns import Pattern, lowest_in_groups
 
 ScoreFn = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, weight) -> flat float32 scores
-BUDGET_STRATEGIES = ("global", "uniform")
-SPARSITY_PATTERNS = ("unstructured", "2:4", "4:8")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """unstructured, or exactly n pruned in every m consecutive input weights of a row."""
-
-    n: int = 0
-    m: int = 0
-
-    @property
-    def structured(self) -> bool:
-        return self.m > 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.m else "unstructured"
-
-
-def parse_pattern(text: str) -> Pattern:
-    if text == "unstructured":
-        return Pattern()
-    n, sep, m = text.partition(":")
-    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-        raise InputError(f"sparsity pattern must be 'unstructured' or N:M with 0 < N < M, got {text!r}")
-    return Pattern(int(n), int(m))
-
-
-def lowest_in_groups(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Mask of the n lowest of every m consecutive scores along the last axis (ties: the earlier one)."""
-    if scores.shape[-1] % m:
-        raise InputError(f"a {n}:{m} pattern needs rows whose length is a multiple of {m}, got {scores.shape[-1]}")
-    groups = scores.reshape(-1, m)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(1, torch.argsort(groups, dim=1, stable=True)[:, :n], True)
-    return mask.view(scores.shape)
-
-
-def lowest_in_rows(scores: torch.Tensor, share: float) -> torch.Tensor:
-    """Mask of the ``int(share * row length)`` lowest scores of every row (ties: the earlier one)."""
-    k = int(scores.shape[1] * share)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
-    return mask
 
 
 def ordered_keys(score: torch.Tensor) -> torch.Tensor:
@@ -218,6 +175,43 @@ def layer_allocations(per_param: Mapping[str, dict]) -> dict[str, dict]:
     return allocations
 
 
+def _budget_groups(candidates: Mapping[str, torch.Tensor], strategy: str) -> dict[str, list[str]]:
+    """The candidates a budget is taken over: all of them (global), or each layer's (uniform)."""
+    groups: dict[str, list[str]] = {}
+    for name in candidates:
+        groups.setdefault("all" if strategy == "global" else layer_key(name, fallback_parts=2), []).append(name)
+    return groups
+
+
+def _budgets(candidates: Mapping[str, torch.Tensor], groups: Mapping[str, list[str]], pct: float, strategy: str,
+             rho_min: float, rho_max: float, pattern: Pattern) -> dict[str, int]:
+    """How many weights each group masks: ``int(total * pct)`` in all, spread over the layers by
+    uniform_allocation (uniform); n of every m with an N:M ``pattern``."""
+    total = sum(p.numel() for p in candidates.values())
+    k = int(total * pct)
+    sizes = {g: sum(candidates[n].numel() for n in names) for g, names in groups.items()}
+    if pattern.structured:
+        return {g: sum(candidates[n].numel() // pattern.m * pattern.n for n in names) for g, names in groups.items()}
+    if strategy == "global":
+        return {"all": k}
+    if strategy == "uniform":
+        return uniform_allocation(sizes, k, rho_min, rho_max) if k > 0 else {g: 0 for g in groups}
+    raise ValueError(f"unknown budget strategy {strategy!r}")
+
+
+def _in_groups(score: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The flat N:M mask of a tensor's flat scores, groups taken along each row of ``weight``."""
+    return lowest_in_groups(score.view(weight.shape[0], -1), pattern.n, pattern.m).view(-1)
+
+
+def _param_info(score: torch.Tensor, masked: int, threshold: Threshold | None) -> dict:
+    """A tensor's line in MaskResult.per_param: its size, what was masked, its score statistics."""
+    stats = _score_stats(score)
+    stats.update(threshold=threshold.value if threshold else None, masked_ratio=masked / score.numel())
+    return {"numel": score.numel(), "masked": masked, "ratio": masked / score.numel(),
+            "mean_importance": stats["mean"], "score_stats": stats}
+
+
 @torch.no_grad()
 def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct: float, strategy: str = "global",
                  rho_min: float = 0.05, rho_max: float = 0.95, reference_fn: ScoreFn | None = None,
@@ -232,21 +226,8 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
     ``cache_bytes``: host memory that may keep scores between the passes instead of computing them again
     (0: one tensor's scores at a time).
     """
-    total = sum(p.numel() for p in candidates.values())
-    k = int(total * pct)
-    groups: dict[str, list[str]] = {}
-    for name in candidates:
-        groups.setdefault("all" if strategy == "global" else layer_key(name, fallback_parts=2), []).append(name)
-    sizes = {g: sum(candidates[n].numel() for n in names) for g, names in groups.items()}
-    if pattern.structured:
-        budgets = {g: sum(candidates[n].numel() // pattern.m * pattern.n for n in names) for g, names in groups.items()}
-    elif strategy == "global":
-        budgets = {"all": k}
-    elif strategy == "uniform":
-        budgets = uniform_allocation(sizes, k, rho_min, rho_max) if k > 0 else {g: 0 for g in groups}
-    else:
-        raise ValueError(f"unknown budget strategy {strategy!r}")
-
+    groups = _budget_groups(candidates, strategy)
+    budgets = _budgets(candidates, groups, pct, strategy, rho_min, rho_max, pattern)
     score_fn = _ScoreCache(checked_scores(score_fn), 0 if pattern.structured else cache_bytes)  # N:M: one pass
     reference_fn = reference_fn and checked_scores(reference_fn)
 
@@ -254,9 +235,6 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
         if pattern.structured or not budget:
             return None
         return kth_smallest(lambda: (fn(n, candidates[n]) for n in names), budget)
-
-    def in_groups(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return lowest_in_groups(score.view(weight.shape[0], -1), pattern.n, pattern.m).view(-1)
 
     per_param: dict[str, dict] = {}
     masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
@@ -269,11 +247,11 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
             weight = candidates[name]
             if build_reference is not None:
                 reference_score = reference_fn(name, weight)
-                reference_mask = (in_groups(reference_score, weight) if pattern.structured
+                reference_mask = (_in_groups(reference_score, weight, pattern) if pattern.structured
                                   else build_reference(reference_score))
             score = score_fn(name, weight)
             score_fn.release(name)  # the last pass over this tensor
-            mask = in_groups(score, weight) if pattern.structured else build_mask(score)
+            mask = _in_groups(score, weight, pattern) if pattern.structured else build_mask(score)
             if build_reference is not None:
                 overlap += int(torch.count_nonzero(mask & reference_mask))
             if masks is not None:
@@ -284,11 +262,7 @@ def prune_lowest(candidates: Mapping[str, torch.Tensor], score_fn: ScoreFn, pct:
                 flat[mask] = 0
             masked = int(torch.count_nonzero(mask))
             masked_total += masked
-            stats = _score_stats(score)
-            threshold = build_mask.threshold
-            stats.update(threshold=threshold.value if threshold else None, masked_ratio=masked / score.numel())
-            per_param[name] = {"numel": score.numel(), "masked": masked, "ratio": masked / score.numel(),
-                               "mean_importance": stats["mean"], "score_stats": stats}
+            per_param[name] = _param_info(score, masked, build_mask.threshold)
     if masked_total != sum(budgets.values()):  # exact counts are this module's promise
         raise RuntimeError(f"masked {masked_total} weights, but the budget was {sum(budgets.values())}")
     allocations = layer_allocations(per_param)

@@ -27,16 +27,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gaprune.calibration import transformer_blocks
 from gaprune.data import TRIPLE_KEYS, batched
-from gaprune.layers import embedding_weights
+from gaprune.layers import embedding_weights, transformer_blocks
 from gaprune.modeling import Embedder, is_encoder
 
 log = logging.getLogger(__name__)
 GB = 1024 ** 3
 DEVICE_SHARE = 0.9  # auto keeps the sums on the GPU while the plan stays under this share of its memory
-SUM_PLACES = ("device", "sharded", "cpu")  # beside the model, one rank each, in (pinned) host memory: least GPU last
-ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the plan chooses
 WORKING_PARTS = ("gradients", "sums", "activations")  # allocated after loading, while scoring
 SCORE_CACHE_SHARE = 0.25  # of the available host memory, that masking may keep scores in
 PINNED_BLOCK = 1 << 30  # bytes per pinned block of gradients (a power of two, as the allocator rounds)
@@ -215,6 +212,15 @@ def _available_host_memory() -> int | None:
     return None
 
 
+def _auto_place(plan: MemoryPlan, beside: int, sharded: int, ranks: int) -> str:
+    """Where auto puts the sums on a GPU: beside the model while the plan stays under ``DEVICE_SHARE`` of it,
+    else sharded when there are several ranks and that fits, else in host memory."""
+    plan.device["sums"] = sharded
+    shard_fits = ranks > 1 and plan.device_total <= DEVICE_SHARE * plan.capacity
+    plan.device["sums"] = beside
+    return "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else "sharded" if shard_fits else "cpu"
+
+
 def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tensor], batches: Sequence[Sequence[dict]],
                  sum_arrays_all: int, sum_arrays_selected: int, gradient_copies: int,
                  accumulate_on: str = "auto", runtime_rss: int = 0, capacity: int | None = None,
@@ -257,11 +263,7 @@ def plan_scoring(stage: str, embedder: Embedder, selected: dict[str, torch.Tenso
             plan.loading = sum(p.numel() for p in model.parameters()) * source.itemsize
         accumulate_on = "device" if accumulate_on == "auto" else accumulate_on
     elif accumulate_on == "auto":
-        plan.device["sums"] = sharded
-        shard_fits = ranks > 1 and plan.device_total <= DEVICE_SHARE * plan.capacity
-        plan.device["sums"] = beside
-        accumulate_on = "device" if plan.device_total <= DEVICE_SHARE * plan.capacity else \
-            "sharded" if shard_fits else "cpu"
+        accumulate_on = _auto_place(plan, beside, sharded, ranks)
     if accumulate_on == "sharded" and ranks == 1:
         log.info("--accumulate_on sharded needs several torchrun processes on a backend for the model's device "
                  "(nccl for CUDA, gloo for the CPU): the sums stay beside the model")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 
 from gaprune.errors import InputError
-from gaprune.masking import Pattern, lowest_in_groups, lowest_in_rows
+from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
+from gaprune.options import GROUP_ORDERS, NATURAL_ORDER
 
 DAMPENING = 0.01  # SparseGPT: add 1% of the mean Hessian diagonal to the diagonal
 BLOCK_SIZE = 128  # SparseGPT: columns per lazy-update block
-NATURAL_ORDER = "natural"  # N:M: SparseGPT's groups of M columns left to right
-GROUP_ORDERS = (NATURAL_ORDER, "hessian")  # or by decreasing sum of H_jj (input energy)
 
 
 def wanda_scores(weight: torch.Tensor, input_sq: torch.Tensor) -> torch.Tensor:

@@ -9,21 +9,21 @@ from typing import Iterator, Mapping
 
 import torch
 
-from gaprune.calibration import (TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING, LayerInputs, TokenWeights, layer_widths,
-                                 loss_gradient_weights, prune_block_by_block)
+from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
+from gaprune.input_stats import LayerInputs
 from gaprune.data import load_triples, triple_texts
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
-from gaprune.masking import (MaskResult, Pattern, checked_scores, layer_allocations, lowest_in_groups,
-                             lowest_in_rows, prune_lowest)
+from gaprune.masking import MaskResult, checked_scores, layer_allocations, prune_lowest
+from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
+from gaprune.options import OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn, DAIConfig
-from gaprune.spec import (OWN_TARGET, PRUNER_OPTIONS, UNIFORM_SHARES, CalibrationSpec, PruneSpec, ScoreFiles,
-                          calibration_source)
+from gaprune.spec import PRUNER_OPTIONS, CalibrationSpec, PruneSpec, ScoreFiles, calibration_source
 from gaprune.structure import (CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores,
                                units_to_remove)
 

@@ -23,15 +23,13 @@ from safetensors import safe_open
 from gaprune.errors import InputError, first_line
 from gaprune.fileio import (atomic_files, domain_name, model_dirname, read_json, release_stem, unique_stem, write_json,
                             write_tensors)
-from gaprune.importance import AlignmentResult, FisherResult
 from gaprune.layers import layer_key, strip_prefix
 from gaprune.masking import all_finite
+from gaprune.results import FILE_KINDS, AlignmentResult, FisherResult
 
 log = logging.getLogger(__name__)
 
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COSINE_PREFIX = "cosine::"  # gradient.py --alignment_mode local_cosine/row_cosine arrays, beside the published ones
-FILE_KINDS = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> kind
 
 
 def tensor_file_for(json_path: str) -> str:
@@ -105,7 +103,7 @@ def save_fisher(result: FisherResult, output_dir: str, data_path: str, model_nam
         "tensor_file": os.path.basename(tensor_path),
     }
     ranked = ranked_parameters(result.mean_scores)
-    _write_result(paths, result.per_weight, SCORE_DTYPES[score_dtype], {"model_name": model_name, "method": method},
+    _write_result(paths, result.per_weight, getattr(torch, score_dtype), {"model_name": model_name, "method": method},
                   results={
                       "metadata": metadata,
                       "summary_statistics": {name: {"mean_score": m} for name, m in result.mean_scores.items()},

@@ -18,10 +18,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from gaprune.calibration import LayerInputs
+from gaprune.input_stats import LayerInputs
 from gaprune.errors import InputError
-from gaprune.masking import Pattern, ScoreFn
-from gaprune.scorefiles import FILE_KINDS
+from gaprune.masking import ScoreFn
+from gaprune.patterns import Pattern
+from gaprune.results import FILE_KINDS
 from gaprune import pruners, scoring
 from gaprune.scoring import ArrayFn, DAIConfig
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gaprune.errors import InputError
+from gaprune.options import FISHER_NORMS, POSTPROCESSING
 
 # The constants of the published DAI formula.
 ALIGNMENT_GAIN = 0.2  # factor = clamp(1 + 0.2 a, 0.8, 1.2)
@@ -25,8 +26,6 @@ SQRT_EPS = 1e-8  # sqrt(|W| + 1e-8)
 FLAT_STD = 1e-6  # a score with a smaller std cannot rank
 NORM_EPS = 1e-8  # denominators of postprocessing and of the flat-score tie-break
 
-POSTPROCESSING = ("none", "zscore_sigmoid", "minmax", "rank")
-FISHER_NORMS = ("global", "tensor", "none")
 
 ArrayFn = Callable[[str, str], "torch.Tensor | None"]  # (side, parameter name) -> array on the device, or None
 

@@ -17,21 +17,18 @@ from typing import Sequence
 
 import torch
 
-from gaprune.calibration import TOKEN_WEIGHTINGS, UNIFORM_WEIGHTING
 from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
 from gaprune.errors import InputError
-from gaprune.layers import LAYER_TYPES, select_parameters
-from gaprune.masking import BUDGET_STRATEGIES, Pattern, parse_pattern
-from gaprune.pruners import GROUP_ORDERS, NATURAL_ORDER
-from gaprune.scorefiles import FILE_KINDS
+from gaprune.layers import select_parameters
+from gaprune.options import (BUDGET_STRATEGIES, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER, OWN_TARGET,
+                             RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING,
+                             UNSTRUCTURED)
+from gaprune.patterns import Pattern, parse_pattern
+from gaprune.results import FILE_KINDS
 from gaprune.scorers import SCORERS, get_scorer
 from gaprune.scoring import DAIConfig
-from gaprune.structure import CONFIG_FIELDS, STRUCTURES, unit_plan, units_to_remove
+from gaprune.structure import CONFIG_FIELDS, unit_plan, units_to_remove
 
-UNSTRUCTURED = "unstructured"
-UNIFORM_SHARES = "uniform"  # layer_shares: Wanda's and SparseGPT's own rule, the same share of every layer
-OWN_TARGET = "own"  # reconstruction_target: each layer's own outputs on the pruned model's inputs (SparseGPT)
-RECONSTRUCTION_TARGETS = (OWN_TARGET, "dense")  # or the dense model's outputs (pruners.dense_target_weight)
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 # The scorer coefficients each score-based scorer reads (DAIConfig's fields); the others read none.
 COEFFICIENTS_READ = {

@@ -21,8 +21,8 @@ import torch
 from gaprune.errors import InputError
 from gaprune.layers import detect_family, layer_key, name_matches, parameter_owner
 from gaprune.masking import ScoreFn
+from gaprune.options import STRUCTURES
 
-STRUCTURES = ("channels", "heads")
 
 # structure -> (layer type of gaprune.layers, axis along which the units lie): rows of the tensors that write
 # the units (with their biases), columns of the tensor that reads them (its bias is per output: kept)

@@ -7,7 +7,8 @@ import torch
 
 from gaprune import api
 from gaprune.data import triple_texts
-from gaprune.importance import fisher_information, gradient_alignment
+from gaprune.fisher_information import fisher_information
+from gaprune.gradient_alignment import gradient_alignment
 from gaprune.layers import select_parameters
 from gaprune.memory import fisher_plan, pinned_total
 from gaprune.modeling import load_embedder

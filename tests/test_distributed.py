@@ -266,7 +266,7 @@ def test_one_pass_fisher_refuses_gathered_embeddings(qwen3_dir, chem_triples, we
     rank's gradients: they are no longer one half-batch's own, so the one-pass Fisher would be wrong."""
     from gaprune.distributed import World
     from gaprune.errors import InputError
-    from gaprune.importance import gradient_alignment
+    from gaprune.gradient_alignment import gradient_alignment
     from gaprune.modeling import load_embedder
 
     embedder = load_embedder(qwen3_dir, "cpu", "float32")

@@ -9,7 +9,7 @@ from safetensors import safe_open
 import reference
 from conftest import last_line
 from gaprune.features import fisher
-from gaprune.importance import fisher_information
+from gaprune.fisher_information import fisher_information
 from gaprune.modeling import load_embedder
 
 

@@ -8,7 +8,9 @@ from safetensors import safe_open
 import reference
 from conftest import last_line
 from gaprune.features import gradient
-from gaprune.importance import _dot, _norms, fisher_information, gradient_alignment
+from gaprune.fisher_information import fisher_information
+from gaprune.gradient_alignment import gradient_alignment
+from gaprune.gradient_sums import gradient_dot, gradient_norms
 from gaprune.modeling import load_embedder
 
 
@@ -99,9 +101,9 @@ def test_sparse_gradients_meet_dense_ones_row_by_row():
     sparse_a, sparse_b = dense_a.to_sparse(1), dense_b.to_sparse(1)
     expected = torch.dot(dense_a.flatten(), dense_b.flatten())
     for a, b in ((sparse_a, sparse_b), (dense_a, sparse_b), (sparse_a, dense_b)):
-        assert _dot(a, b, torch.float64).item() == pytest.approx(expected.item(), rel=1e-12)
-    assert _dot(torch.zeros(6, 3, dtype=torch.float64).to_sparse(1), sparse_b, torch.float64).item() == 0
-    torch.testing.assert_close(_norms([sparse_a, dense_b], torch.float64),
+        assert gradient_dot(a, b, torch.float64).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert gradient_dot(torch.zeros(6, 3, dtype=torch.float64).to_sparse(1), sparse_b, torch.float64).item() == 0
+    torch.testing.assert_close(gradient_norms([sparse_a, dense_b], torch.float64),
                                torch.stack([dense_a.norm(), dense_b.norm()]))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gaprune.data import load_triples
-from gaprune.importance import fisher_information
+from gaprune.fisher_information import fisher_information
 from gaprune.layers import select_parameters
 from gaprune.memory import (DEVICE_SHARE, MemoryPlan, activation_bytes_per_token, alignment_plan, fisher_plan,
                             pinned_bytes, pinned_layout, pinned_total, sharded_sums)
@@ -242,13 +242,13 @@ def test_pinned_layout_packs_every_tensor_once_into_few_blocks():
 def test_pinned_staging_gives_each_gradient_its_own_slot(monkeypatch):
     """The host copies of the gradients (model on another device, here "meta"; pinning needs CUDA, so plain
     memory stands in): every dense parameter gets a view of its shape and dtype that no other overlaps."""
-    from gaprune.importance import _PinnedStaging
+    from gaprune.gradient_sums import PinnedStaging
 
     plain_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: plain_empty(*args, **kwargs))
     shapes = [((64, 32), torch.bfloat16), ((7,), torch.bfloat16), ((3, 5), torch.float32), ((10, 4), torch.bfloat16)]
     params = [torch.nn.Parameter(plain_empty(shape, dtype=dtype, device="meta")) for shape, dtype in shapes]
-    staging = _PinnedStaging(params, "cpu", sparse=params[3:])  # the last one stands for an embedding
+    staging = PinnedStaging(params, "cpu", sparse=params[3:])  # the last one stands for an embedding
     assert staging.device == torch.device("cpu") and staging.buffers[3] is None
     buffers = staging.buffers[:3]
     for param, buffer in zip(params, buffers):
@@ -292,7 +292,8 @@ def test_calibration_plan_counts_what_calibration_holds(qwen3_dir, bert_dir, dat
     one batch's output; every rank runs every batch when there are fewer batches than ranks), the token weights
     and the loss-gradient graph, against what the calibration code really builds; the statistics and
     SparseGPT's working copies by hand."""
-    from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights, transformer_blocks
+    from gaprune.calibration import _first_block_inputs, layer_widths, loss_gradient_weights
+    from gaprune.layers import transformer_blocks
     from gaprune.data import triple_texts
     from gaprune.distributed import World
     from gaprune.memory import plan_calibration

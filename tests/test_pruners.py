@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import hooked_inputs
-from gaprune.calibration import prune_block_by_block, transformer_blocks
+from gaprune.calibration import prune_block_by_block
 from gaprune.errors import InputError
-from gaprune.layers import select_parameters
+from gaprune.layers import select_parameters, transformer_blocks
 from gaprune.modeling import load_embedder
-from gaprune.masking import Pattern, lowest_in_groups, parse_pattern
+from gaprune.patterns import Pattern, lowest_in_groups, parse_pattern
 from gaprune.pruners import dense_target_weight, hessian_group_order, sparsegpt, wanda_mask
 
 TEXTS = {"domain": ["acid reacts with a base in water", "benzene is aromatic", "salt"],

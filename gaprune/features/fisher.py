@@ -10,10 +10,11 @@ from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_a
                          positive_int, run)
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
-from gaprune.importance import FisherResult
+from gaprune.results import FisherResult
 from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import SCORE_DTYPES, ranked_parameters, tensor_file_for
+from gaprune.options import SCORE_DTYPES
+from gaprune.scorefiles import ranked_parameters, tensor_file_for
 
 log = logging.getLogger("gaprune.fisher")
 

@@ -13,10 +13,12 @@ from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_a
                          positive_int, run)
 from gaprune.data import load_triples
 from gaprune.fileio import check_output_dir
-from gaprune.importance import ALIGNMENT_MODES, AlignmentResult
+from gaprune.alignment_maps import ALIGNMENT_MODES
+from gaprune.results import AlignmentResult
 from gaprune.memory import process_rss
 from gaprune.modeling import load_embedder
-from gaprune.scorefiles import SCORE_DTYPES, alignment_statistics, tensor_file_for
+from gaprune.options import SCORE_DTYPES
+from gaprune.scorefiles import alignment_statistics, tensor_file_for
 
 log = logging.getLogger("gaprune.gradient")
 

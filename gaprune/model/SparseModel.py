@@ -18,16 +18,16 @@ from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, a
                          finish, finite_float, run, score_files_from_args, scoring_config, spec_from_args)
 from gaprune.errors import InputError
 from gaprune.fileio import atomic_dir, check_output_dir, write_json
-from gaprune.layers import LAYER_PATTERNS, LAYER_TYPES, detect_family, name_matches, select_parameters
-from gaprune.masking import BUDGET_STRATEGIES
+from gaprune.layers import LAYER_PATTERNS, detect_family, name_matches, select_parameters
+from gaprune.options import BUDGET_STRATEGIES, LAYER_TYPES, STRUCTURES, UNIFORM_SHARES, UNSTRUCTURED
 from gaprune.modelcard import model_card, write_model_card
 from gaprune.modeling import load_embedder, meta_model, resolve_model_dir
 from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, option_words, prune_stats,
                              structure_candidates, structure_evaluation_config, structure_stats)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS
-from gaprune.spec import UNIFORM_SHARES, UNSTRUCTURED, PruneSpec, ScoreFiles
-from gaprune.structure import CONFIG_FIELDS, STRUCTURES, unit_plan
+from gaprune.spec import PruneSpec, ScoreFiles
+from gaprune.structure import CONFIG_FIELDS, unit_plan
 
 log = logging.getLogger("gaprune.sparse")
 

@@ -21,16 +21,16 @@ from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
 from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
 from gaprune.layers import select_parameters
-from gaprune.masking import BUDGET_STRATEGIES
 from gaprune.modeling import load_embedder
-from gaprune.pruners import NATURAL_ORDER
+from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES,
+                             UNSTRUCTURED)
 from gaprune.pruning import (load_calibration, measure_token_weights, option_words, prune_calibrated,
                              prune_candidates, prune_structure, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS
 from gaprune.scoring import DAIConfig
-from gaprune.spec import OWN_TARGET, UNIFORM_SHARES, UNSTRUCTURED, PruneSpec
-from gaprune.structure import STRUCTURES, unit_plan
+from gaprune.spec import PruneSpec
+from gaprune.structure import unit_plan
 
 log = logging.getLogger("gaprune.compare")
 
