@@ -14,6 +14,7 @@ import shutil
 import torch
 from safetensors import safe_open
 
+from gaprune.fileio import writing
 from gaprune.modeling import Embedder
 
 PROBE_SENTENCE = "What is the capital of France?"  # embedded and printed after pruning or retraining
@@ -55,19 +56,22 @@ def write_sentence_transformers_files(folder: str, dim: int, pooling: str) -> No
 def save_model(embedder: Embedder, folder: str) -> None:
     """save_pretrained in the checkpoint's own dtype, the tokenizer, and the source's sentence-transformers
     files (modules.json, pooling and other module folders, prompts), so AutoModel and SentenceTransformer load it.
-    A source without them gets ones naming the pooling gaprune used, so SentenceTransformer embeds the same."""
-    embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
-    embedder.tokenizer.save_pretrained(folder)
-    source = embedder.model_dir
-    if not os.path.isfile(os.path.join(source, "modules.json")):
-        write_sentence_transformers_files(folder, embedder.model.config.hidden_size, embedder.pooling)
-    for name in SENTENCE_TRANSFORMERS_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), folder)
-    for entry in sorted(os.listdir(source)):
-        path = os.path.join(source, entry)
-        if os.path.isdir(path) and re.fullmatch(r"\d+_\w+", entry):  # 1_Pooling, 2_Normalize, ...
-            shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
+    A source without them gets ones naming the pooling gaprune used, so SentenceTransformer embeds the same.
+    A failure to write (a full disk: safetensors raises its own error class) is an OutputError naming
+    ``folder``; inside fileio.atomic_dir it names the final folder, and the partial one is removed."""
+    with writing(folder):
+        embedder.model.to(embedder.source_dtype).save_pretrained(folder, safe_serialization=True)
+        embedder.tokenizer.save_pretrained(folder)
+        source = embedder.model_dir
+        if not os.path.isfile(os.path.join(source, "modules.json")):
+            write_sentence_transformers_files(folder, embedder.model.config.hidden_size, embedder.pooling)
+        for name in SENTENCE_TRANSFORMERS_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copy2(os.path.join(source, name), folder)
+        for entry in sorted(os.listdir(source)):
+            path = os.path.join(source, entry)
+            if os.path.isdir(path) and re.fullmatch(r"\d+_\w+", entry):  # 1_Pooling, 2_Normalize, ...
+                shutil.copytree(path, os.path.join(folder, entry), dirs_exist_ok=True)
 
 
 def probe_embedding(embedder: Embedder) -> torch.Tensor:

@@ -194,20 +194,37 @@ def finish(path: str) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's main(); user errors become one line on stderr and exit code 1."""
+    """Run a script's main(); user errors, and files or folders that cannot be written, become one line on
+    stderr and exit code 1. Under torchrun every rank meets the same refusal and rank 0 alone prints it (the
+    rank comes from the environment, so this holds before the process group exists): another rank first
+    waits, and torchrun stops it when rank 0 exits; one that is still running then met a refusal of its
+    own, and says it with its rank."""
+    import time
+
+    from safetensors import SafetensorError
+
+    from gaprune.errors import OutputError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+
+    def refuse(message: str, code: int = 1) -> None:
+        if not distributed.reports_errors():
+            time.sleep(distributed.QUIET_RANK_WAIT_S)
+            message = f"{message} (rank {distributed.env_rank()})"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
+
     try:
         main(argv)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (InputError, OutputError) as err:  # OutputError: names the file or folder, the partial one removed
+        refuse(str(err))
     except OSError as err:  # a path that cannot be read or written, a full disk: name the path, no traceback
         where = err.filename if err.filename is not None else ""
-        print(f"error: {err.strerror or first_line(err)}{f': {where}' if where else ''}", file=sys.stderr)
-        sys.exit(1)
+        refuse(f"{err.strerror or first_line(err)}{f': {where}' if where else ''}")
+    except SafetensorError as err:  # safetensors' own class (not an OSError), from a write gaprune did not wrap
+        refuse(f"safetensors: {first_line(err)}")
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        refuse("interrupted", 130)
     finally:
         distributed.shutdown()

@@ -143,6 +143,28 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# How long a rank other than 0 waits before it prints a refusal (cli.run): torchrun stops every rank within
+# a tenth of a second (its --monitor-interval) of rank 0's exit, so a refusal that rank 0 also met and
+# printed is never printed twice, and one that was this rank's alone is still printed.
+QUIET_RANK_WAIT_S = 3.0
+
+
+def env_rank() -> int:
+    """This process's rank: the process group's, else RANK from the environment (torchrun sets it before
+    the group exists), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    except ValueError:  # a malformed WORLD_SIZE or RANK
+        return 0
+
+
+def reports_errors() -> bool:
+    """Whether this process prints a refusal at once: every process outside torchrun, rank 0 under it."""
+    return env_rank() == 0
+
+
 _joined: World | None = None  # set by init_from_env: gaprune shares work only among ranks that asked for it
 _initialised_here = False  # whether init_from_env created the process group (and shutdown may end it)
 
@@ -167,7 +189,8 @@ def init_from_env(device: str = "auto") -> World:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if max(local_rank + 1, local_size) > torch.cuda.device_count():  # every rank refuses, so rank 0 says it
             raise InputError(f"torchrun started more processes per node than there are GPUs "
                              f"({torch.cuda.device_count()}); lower --nproc_per_node")
         torch.cuda.set_device(local_rank)

@@ -10,13 +10,15 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 from datetime import datetime
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 
-from gaprune.errors import InputError
+from gaprune.errors import InputError, OutputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,122 @@ def read_json(path: str, what: str = "file") -> Any:
         raise InputError(f"{path} is not UTF-8 text") from None
 
 
+def _host() -> str:
+    """This machine's name as it appears in temporary names: letters, digits and '_' only."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
 def _temporary_name(path: str, kind: str = "tmp") -> str:
+    """``.<name>.<kind>-<host>-<pid>`` beside ``path``: kind tmp (being written) or old (an output being
+    replaced). The host and pid tell a later run whether the writer may still be running."""
     folder = os.path.dirname(path) or "."
-    return os.path.join(folder, f".{os.path.basename(path)}.{kind}-{os.getpid()}")
+    return os.path.join(folder, f".{os.path.basename(path)}.{kind}-{_host()}-{os.getpid()}")
+
+
+# .<target>.<kind>-<host>-<pid>; the host is missing in names written before it was recorded
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: alive, another user's; anything else: assume alive
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def clear_stale_temporaries(path: str) -> None:
+    """Before writing ``path``: remove the temporaries that a writer killed midway left in its folder, and
+    name in a warning those that may belong to a writer still running.
+
+    A temporary is stale when its writer ran on this machine and its pid no longer runs, or when it is
+    ``path``'s own and carries this process's pid (a process with the same number wrote it before, as
+    happens in containers; this one has not started writing ``path``). Another machine's temporaries
+    (a shared file system), a live pid's, and names without a host are left alone; those of ``path`` are
+    named in a warning. An ``old`` folder (a previous output being swapped out) is removed only while its
+    target exists: without the target it is the only copy of that output, and is named instead."""
+    folder = os.path.dirname(path) or "."
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:  # no folder yet, or not listable: nothing of ours can be there
+        return
+    me, host = os.getpid(), _host()
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry)
+        if match is None:
+            continue
+        own_target = match["target"] == os.path.basename(path)
+        ours = match["host"] == host  # written on this machine, so its pid can be looked up
+        if not (own_target or ours):
+            continue  # another output's, from another machine or an older gaprune: not this run's to judge
+        full, target, pid = os.path.join(folder, entry), os.path.join(folder, match["target"]), int(match["pid"])
+        if match["kind"] == "old" and not os.path.lexists(target):
+            log.warning("%s holds the previous %s, which is missing: move it back if you need it", full, target)
+        elif ours and (own_target if pid == me else not _pid_alive(pid)):
+            try:
+                _remove(full)
+            except FileNotFoundError:  # another run cleared it first
+                continue
+            except OSError as err:
+                log.warning("cannot remove %s, left by a run that stopped midway: %s", full,
+                            err.strerror or first_line(err))
+                continue
+            log.warning("removed %s, left by a run that stopped midway (pid %d)", full, pid)
+        elif own_target:
+            writer = f"pid {pid} on {match['host']}" if match["host"] else f"pid {pid}"
+            log.warning("%s exists: another run (%s) may be writing %s now; if none is, remove it", full,
+                        writer, target)
+
+
+def _write_failure(err: BaseException) -> str:
+    """What went wrong, in words: an OSError's strerror, or the I/O error inside safetensors' own message
+    ('Error while serializing: I/O error: No space left on device (os error 28)')."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = first_line(err)
+    if isinstance(err, SafetensorError):
+        io = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+        return io.group(1) if io else f"safetensors: {text}"
+    return text
+
+
+def _within(name, roots: Sequence[str]) -> bool:
+    if not isinstance(name, (str, bytes, os.PathLike)):  # a file descriptor
+        return False
+    name = os.path.abspath(os.fsdecode(name))
+    return any(name == root or name.startswith(root + os.sep) for root in roots)
+
+
+@contextlib.contextmanager
+def writing(path: str, *scratch: str, claim_unnamed: bool = True) -> Iterator[None]:
+    """Turn a failure to write ``path`` into one OutputError naming ``path``: safetensors' own error, and an
+    OSError that names a file in ``path`` or in a ``scratch`` name (a temporary for ``path``), or names no
+    file (unless not ``claim_unnamed``). An OutputError about a scratch name is renamed to the same place
+    under ``path``. An OSError about another file (a source being read) passes unchanged."""
+    roots = [os.path.abspath(p) for p in (path, *scratch)]
+    try:
+        yield
+    except OutputError as err:
+        inner = os.path.abspath(err.path)
+        for root in roots[1:]:
+            if _within(inner, [root]):
+                raise OutputError(os.path.join(path, os.path.relpath(inner, root)) if inner != root else path,
+                                  err.reason) from err.__cause__
+        raise
+    except (SafetensorError, OSError) as err:
+        names = [n for n in (getattr(err, "filename", None), getattr(err, "filename2", None)) if n is not None]
+        if (names and not any(_within(n, roots) for n in names)) or (not names and not claim_unnamed):
+            raise
+        raise OutputError(path, _write_failure(err)) from err
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:
@@ -73,14 +188,25 @@ def check_output_file(path: str, flag: str = "--output_file", inputs: Sequence[s
 @contextlib.contextmanager
 def atomic_files(*paths: str) -> Iterator[list[str]]:
     """Temporary names beside ``paths``; on success each is renamed to its path in the order given (put the
-    file that makes the set usable last), on failure all are removed."""
+    file that makes the set usable last), on failure all are removed. Stale temporaries of earlier runs
+    are cleared first (clear_stale_temporaries); a failure to write is an OutputError naming the file."""
     for path in paths:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with writing(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        clear_stale_temporaries(path)
     tmps = [_temporary_name(path) for path in paths]
     try:
-        yield tmps
-        for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
+        with contextlib.ExitStack() as stack:
+            for path, tmp in zip(paths, tmps):  # each names its own file; one that names no file, all of them
+                stack.enter_context(writing(path, tmp, claim_unnamed=len(paths) == 1))
+            try:
+                yield tmps
+                for tmp, path in zip(tmps, paths):
+                    os.replace(tmp, path)
+            except (SafetensorError, OSError) as err:
+                if isinstance(err, OutputError) or (isinstance(err, OSError) and err.filename is not None):
+                    raise
+                raise OutputError(", ".join(paths), _write_failure(err)) from err
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
@@ -135,13 +261,17 @@ def replace_dir(new: str, path: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` (replace_dir), on failure
-    it is removed."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    it is removed. Stale temporaries of earlier runs are cleared first (clear_stale_temporaries); a failure
+    to write is an OutputError naming ``path`` (or the file in it), the temporary's name replaced."""
+    with writing(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    clear_stale_temporaries(path)
     tmp = _temporary_name(path)
     try:
-        os.makedirs(tmp, exist_ok=True)
-        yield tmp
-        replace_dir(tmp, path)
+        with writing(path, tmp):
+            os.makedirs(tmp)
+            yield tmp
+            replace_dir(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

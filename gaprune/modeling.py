@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 POOLING_CONFIG_KEYS = {"lasttoken": "pooling_mode_lasttoken", "mean": "pooling_mode_mean_tokens",
                        "cls": "pooling_mode_cls_token"}
+# transformers 4.56 renamed from_pretrained's torch_dtype and PretrainedConfig.torch_dtype to dtype; the old
+# names still work there but warn "`torch_dtype` is deprecated! Use `dtype` instead!" (requirements: >= 4.51)
+DTYPE_KEY = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "2_Normalize/*"]
 
 
@@ -203,8 +208,9 @@ def load_tokenizer(model_dir: str, padding_side: str) -> PreTrainedTokenizerBase
 
 
 def _config_dtype(config) -> torch.dtype:
-    """The dtype the checkpoint was saved in (``dtype``; ``torch_dtype`` in older configs), float32 if unnamed."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """The dtype the checkpoint was saved in, float32 if unnamed (a config.json's ``torch_dtype`` arrives as
+    ``dtype`` from transformers 4.56 on, where reading ``config.torch_dtype`` would print a deprecation)."""
+    value = getattr(config, DTYPE_KEY, None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32
@@ -224,7 +230,7 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
     encoder = is_encoder(config)
     tokenizer = load_tokenizer(model_dir, padding_side="right" if encoder else "left")
     try:
-        model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype)
+        model = AutoModel.from_pretrained(model_dir, **{DTYPE_KEY: torch_dtype})
     except Exception as err:  # missing, truncated or foreign weight files: transformers raises many types
         raise InputError(f"cannot load the model weights in {model_dir}: {first_line(err)}") from None
     model = model.to(torch_device)

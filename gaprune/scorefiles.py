@@ -12,6 +12,7 @@ folders of float16 ``.npy`` files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from datetime import datetime
 from typing import Callable, Mapping, Sequence
@@ -24,7 +25,6 @@ from gaprune.errors import InputError, first_line
 from gaprune.fileio import (atomic_files, domain_name, model_dirname, read_json, release_stem, unique_stem, write_json,
                             write_tensors)
 from gaprune.layers import layer_key, strip_prefix
-from gaprune.masking import all_finite
 from gaprune.results import FILE_KINDS, AlignmentResult, FisherResult
 
 log = logging.getLogger(__name__)
@@ -284,20 +284,52 @@ class ScoreArrays:
 
     def get(self, name: str, cosine: bool = False) -> torch.Tensor:
         """The float32 array of one parameter; with ``cosine``, its local_cosine / row_cosine array instead.
-        Non-finite values are an error: a NaN would silently leave weights out of the mask."""
+        Checked as it is read (check_values): a NaN would silently leave weights out of the mask, and a
+        negative Fisher value or a cosine outside [-1, 1] comes from no computation of ours."""
         key = strip_prefix(name)
         if cosine:
             self.require_cosine()
-            array = self._read_tensor_file(lambda handle: handle.get_tensor(self._cosine[key])).float()
+            stored = self._cosine[key]
+            array = self._read_tensor_file(lambda handle: handle.get_tensor(stored))
+            where = f"{self._tensor_path}: the {self.alignment_mode} array {stored}"
         elif self._tensor_path is not None:
-            array = self._read_tensor_file(lambda handle: handle.get_tensor(self._names[key])).float()
+            stored = self._names[key]
+            array = self._read_tensor_file(lambda handle: handle.get_tensor(stored))
+            where = f"{self._tensor_path}: the {self.kind} array {stored}"
         else:
-            array = torch.from_numpy(np.asarray(self._read_npy(key, mmap=False), dtype=np.float32))
-        if not all_finite(array):
-            bad = int((~torch.isfinite(array)).sum())
-            raise InputError(f"{self.path}: the {'cosine ' if cosine else ''}array of {key} holds {bad} non-finite "
-                             f"value(s) (NaN or inf)")
+            loaded = self._read_npy(key, mmap=False)
+            where = f"{os.path.join(self._npy_folder, self._names[key])}: the {self.kind} array of {key}"
+            if not np.issubdtype(loaded.dtype, np.floating):
+                raise InputError(f"{where} holds {loaded.dtype} values; {self.kind} scores are floating-point")
+            array = torch.from_numpy(np.asarray(loaded, dtype=np.float32))
+        if not array.is_floating_point():
+            raise InputError(f"{where} holds {str(array.dtype).removeprefix('torch.')} values; "
+                             f"{self.kind} scores are floating-point")
+        array = array.float()
+        check_values(array, where, fisher=self.kind == "fisher" and not cosine, cosine=cosine)
         return array
+
+
+COSINE_TOLERANCE = 1e-3  # a cosine stored in float32 or bfloat16 may round a little past +-1
+
+
+def check_values(array: torch.Tensor, where: str, fisher: bool = False, cosine: bool = False) -> None:
+    """Every value finite; with ``fisher`` none below 0 (means of squared gradients); with ``cosine`` all in
+    [-1, 1] up to COSINE_TOLERANCE. One min/max pass (a NaN carries through both) unless something is wrong;
+    an InputError starting with ``where`` (the file and the array) otherwise."""
+    if not array.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(array))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int((~torch.isfinite(array)).sum())
+        raise InputError(f"{where} holds {bad} non-finite value(s) (NaN or inf)")
+    if fisher and low < 0:
+        raise InputError(f"{where} holds {int((array < 0).sum())} negative value(s) (down to {low:.3g}); "
+                         f"Fisher scores are means of squared gradients, never below 0")
+    if cosine and (low < -1 - COSINE_TOLERANCE or high > 1 + COSINE_TOLERANCE):
+        outside = int(((array < -1 - COSINE_TOLERANCE) | (array > 1 + COSINE_TOLERANCE)).sum())
+        raise InputError(f"{where} holds {outside} value(s) outside [-1, 1] (from {low:.3g} to {high:.3g}); "
+                         f"a cosine lies in [-1, 1]")
 
 
 def _warn_on_mixed_up_files(arrays: Mapping[str, ScoreArrays | None], model_name: str | None) -> None:

@@ -263,6 +263,25 @@ def test_non_finite_fisher_values(capsys, tmp_path, bert_dir, bert_scores, value
     assert listing(out) == []
 
 
+@pytest.mark.parametrize("side, damage, message", [
+    ("domain", lambda a: -a, "negative value(s)"),  # Fisher scores are means of squares
+    ("alignment", lambda a: a + 1.5, "outside [-1, 1]"),  # the local_cosine array
+    ("general", lambda a: (a * 1e6).int(), "holds int32 values"),
+])
+def test_impossible_values_in_score_files(capsys, tmp_path, bert_dir, bert_scores, side, damage, message):
+    files = dict(bert_scores)
+    files[side] = copy_result(bert_scores[side], tmp_path / "scores")
+    arrays = load_file(tensor_path(files[side]))
+    name = next(n for n in arrays if (n.startswith("cosine::") if side == "alignment" else True))
+    arrays[name] = damage(arrays[name])
+    save_file(arrays, tensor_path(files[side]))
+    out = tmp_path / "out"
+    line = fail(capsys, SparseModel.main, prune_args(bert_dir, out, files["general"], files["domain"],
+                                                     files["alignment"]))
+    assert message in line and tensor_path(files[side]) in line and name in line
+    assert listing(out) == []
+
+
 @pytest.mark.parametrize("flag", [["--beta", "nan"], ["--unstructured_pct", "inf"], ["--alignment_weight=-inf"]])
 def test_non_finite_flags(capsys, tmp_path, bert_dir, bert_scores, flag):
     line = fail(capsys, SparseModel.main, [*prune_args(bert_dir, tmp_path / "out", bert_scores["general"],
