@@ -41,7 +41,7 @@ import torch
 import gaprune
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples, relative_change
-from gaprune.model import compare, retrain
+from gaprune.model import compare
 from gaprune.modeling import DEFAULT_MODEL
 from gaprune.fileio import model_dirname, write_json
 from gaprune.retraining import sparse_finetune
@@ -259,10 +259,12 @@ def train_tiny_qwen3(folder: str, calibration: dict[str, str], steps: int) -> st
     texts = [t[key] for path in calibration.values() for t in load_triples(path) for key in ("query", "positive")]
     build_qwen3(os.path.join(folder, "tiny-qwen3-init"), hidden_size=128, intermediate_size=384, num_layers=4,
                 num_heads=4, num_kv_heads=2, extra_text=texts)
-    return retrain.main(["--model_path", os.path.join(folder, "tiny-qwen3-init"), "--data_path",
-                         calibration["domain"], "--general_data_path", calibration["general"], "--general_ratio", "0.5",
-                         "--steps", str(steps), "--lr", "1e-3", "--batch_size", "32", "--warmup_steps", "20",
-                         "--max_length", "96", "--output_dir", folder])
+    embedder = gaprune.load_embedder(os.path.join(folder, "tiny-qwen3-init"), dtype="float32", max_length=96)
+    gaprune.retrain(embedder, RetrainSpec(steps=steps, lr=1e-3, batch_size=32, warmup_steps=20, general_ratio=0.5),
+                    calibration["domain"], calibration["general"])
+    trained = os.path.join(folder, f"tiny-qwen3-init_retrained_{steps}steps")  # the folder retrain.py would write
+    gaprune.save_model(embedder, trained)
+    return trained
 
 
 def report(rows_per_seed: list[list[dict]], args: argparse.Namespace, out: str, model: str,
