@@ -129,3 +129,24 @@ def published_layout(json_path: str, folder) -> str:
     target = str(folder / os.path.basename(json_path))
     json.dump(data, open(target, "w"))
     return target
+
+
+def fail(capsys, main, argv) -> str:
+    """Run a script's main through the CLI edge and return its one error line: a non-zero exit, no traceback,
+    nothing else on stderr but logged warnings and the loading bars of transformers."""
+    from gaprune.cli import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line
+             and "Writing model shards" not in line and " WARNING " not in line]
+    assert exit_info.value.code not in (0, None)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def no_temporaries(folder) -> bool:
+    return not any(".tmp-" in name or ".old-" in name or name.endswith(".claimed")
+                   for _, dirs, files in os.walk(folder) for name in dirs + files)

@@ -7,20 +7,10 @@ import sys
 
 import pytest
 
-from conftest import listing
-from gaprune.cli import run
+from conftest import fail, listing
 from gaprune.features import fisher, gradient
 
 
-def fail(capsys, main, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert exit_info.value.code not in (0, None)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from conftest import listing
+from conftest import fail, listing
 from gaprune import distributed, fileio
 from gaprune.cli import run
 from gaprune.errors import InputError, OutputError
@@ -30,22 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_DISK_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"  # as 0.8 says it
 
 
-def fail(capsys, main, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line
-             and "Writing model shards" not in line
-             and " WARNING " not in line]
-    assert exit_info.value.code not in (0, None)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
-def no_temporaries(folder) -> bool:
-    return not any(".tmp-" in name or ".old-" in name or name.endswith(".claimed")
-                   for _, dirs, files in os.walk(folder) for name in dirs + files)
 
 
 def dead_pid() -> int:

@@ -10,30 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import listing, published_layout
+from conftest import fail, listing, no_temporaries, published_layout
 from gaprune import fileio
-from gaprune.cli import run
 from gaprune.features import fisher, gradient, sample
 from gaprune.model import SparseModel, compare, evaluate, retrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fail(capsys, main, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line
-             and " WARNING " not in line]
-    assert exit_info.value.code not in (0, None)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
-def no_temporaries(folder) -> bool:
-    return not any(".tmp-" in name or ".old-" in name or name.endswith(".claimed")
-                   for _, dirs, files in os.walk(folder) for name in dirs + files)
 
 
 @pytest.fixture(scope="module")

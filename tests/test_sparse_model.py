@@ -8,8 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import last_line, listing, published_layout
-from gaprune.cli import run
+from conftest import fail, last_line, listing, published_layout
 from gaprune.features import fisher, gradient
 from gaprune.model import SparseModel
 from gaprune.modeling import load_embedder
@@ -137,14 +136,6 @@ def test_show_layer_types_prints_and_writes_nothing(capsys, tmp_path, bert_dir):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-def fail(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run(SparseModel.main, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert exit_info.value.code not in (0, None)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -176,23 +167,24 @@ def test_bad_inputs(capsys, tmp_path, qwen3_dir, bert_dir, score_files, other_mo
         (["--unstructured_pct", "0.5", "--sparsify_layers", "layernorm"], "no parameter with 2+ dimensions matches"),
     ]
     for argv, message in cases:
-        line = fail(capsys, base + argv)
+        line = fail(capsys, SparseModel.main, base + argv)
         assert message in line, (argv, line)
         assert listing(out) == []
-    line = fail(capsys, ["--model_path", bert_dir, "--output_dir", str(out), "--sparsify_layers", "mlp_gate",
-                         "--unstructured_pct", "0.5"])
+    line = fail(capsys, SparseModel.main, ["--model_path", bert_dir, "--output_dir", str(out), "--sparsify_layers",
+                                           "mlp_gate", "--unstructured_pct", "0.5"])
     assert "mlp_gate" in line and listing(out) == []
 
 
 def test_aligned_saliency_on_a_real_score_file(capsys, tmp_path, qwen3_dir, data_files, score_files):
     files = dict(score_files["qwen3"])
-    line = fail(capsys, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "x"), "--unstructured_pct", "0.5",
-                         "--unstructured_scoring", "aligned_saliency", "--alignment_scores", files["alignment"],
-                         "--general_fisher_scores", files["general"], "--domain_fisher_scores", files["domain"]])
+    base = ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "x"), "--unstructured_pct", "0.5",
+            "--unstructured_scoring", "aligned_saliency"]
+    line = fail(capsys, SparseModel.main, [*base, "--alignment_scores", files["alignment"],
+                                           "--general_fisher_scores", files["general"], "--domain_fisher_scores",
+                                           files["domain"]])
     assert "rerun gradient.py with --alignment_mode local_cosine" in line
     assert listing(tmp_path) == []
-    line = fail(capsys, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "x"), "--unstructured_pct", "0.5",
-                         "--unstructured_scoring", "aligned_saliency", "--domain_fisher_scores", files["domain"]])
+    line = fail(capsys, SparseModel.main, [*base, "--domain_fisher_scores", files["domain"]])
     assert "scorer aligned_saliency needs --general_fisher_scores" in line
 
     files["alignment"] = gradient.main(["--model_name", qwen3_dir, "--max_samples", "6", "--batch_size", "2",

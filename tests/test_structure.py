@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModel
 
 import gaprune
-from conftest import last_line, listing
+from conftest import fail, last_line, listing
 from gaprune.checkpoint import PROBE_SENTENCE
 from gaprune.cli import run
 from gaprune.errors import InputError
@@ -163,12 +163,6 @@ def test_retrain_fine_tunes_the_smaller_model(capsys, tmp_path, qwen3_dir, data_
     assert json.load(open(os.path.join(folder, "retrain_config.json")))["held_zero_weights"] == 0
 
 
-def fail(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(SparseModel.main, argv)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
-    assert exit_info.value.code not in (0, None) and len(err) == 1 and err[0].startswith("error: ")
-    return err[0]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -179,15 +173,15 @@ def fail(capsys, argv) -> str:
     (["--structure", "channels", "--structured_pct", "0.5", "--unstructured_pct", "0.5"], "cannot be combined"),
 ])
 def test_bad_structure_requests(capsys, tmp_path, qwen3_dir, extra, message):
-    line = fail(capsys, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "out"),
+    line = fail(capsys, SparseModel.main, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "out"),
                          "--unstructured_scoring", "magnitude", *extra])
     assert message in line
     assert listing(tmp_path / "out") == []
 
 
 def test_heads_of_a_bert_and_channels_of_an_unknown_family(capsys, tmp_path, bert_dir):
-    line = fail(capsys, ["--model_path", bert_dir, "--output_dir", str(tmp_path), "--structure", "heads",
-                         "--structured_pct", "0.5", "--unstructured_scoring", "magnitude"])
+    line = fail(capsys, SparseModel.main, ["--model_path", bert_dir, "--output_dir", str(tmp_path), "--structure",
+                                           "heads", "--structured_pct", "0.5", "--unstructured_scoring", "magnitude"])
     assert "not available for bert-family models" in line
     model = torch.nn.Module()
     model.add_module("blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
