@@ -5,6 +5,7 @@ encodes its share of the evaluation texts; rank 0 writes and prints."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -21,15 +22,15 @@ from gaprune.errors import InputError
 from gaprune.evaluation import METRICS, evaluate_triples, relative_change
 from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
 from gaprune.layers import select_parameters
-from gaprune.modeling import load_embedder
+from gaprune.modeling import Embedder, load_embedder
 from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES,
                              UNSTRUCTURED)
-from gaprune.pruning import (load_calibration, measure_token_weights, option_words, prune_calibrated,
+from gaprune.pruning import (Calibration, load_calibration, measure_token_weights, option_words, prune_calibrated,
                              prune_candidates, prune_structure, structure_candidates)
 from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS
-from gaprune.scoring import DAIConfig
-from gaprune.spec import PruneSpec
+from gaprune.scoring import ArrayFn, DAIConfig
+from gaprune.spec import PruneSpec, ScoreFiles
 from gaprune.structure import unit_plan
 
 log = logging.getLogger("gaprune.compare")
@@ -129,77 +130,94 @@ def _options_asked(args) -> list[str]:
     return [key for key, default in defaults.items() if getattr(args, key) != default]
 
 
+@dataclasses.dataclass
+class DenseModel:
+    """The dense model every row prunes afresh, and what the rows share: the candidate weights (and a copy of
+    them to restore), the score files, the calibration texts with their loss-gradient weights."""
+
+    args: argparse.Namespace
+    embedder: Embedder
+    candidates: dict[str, torch.Tensor]
+    arrays: ArrayFn
+    calibration: Calibration | None
+    dense_weights: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, args: argparse.Namespace, specs: list[PruneSpec], scores: ScoreFiles,
+             calibration: Calibration | None) -> DenseModel:
+        embedder = load_embedder(args.model_path, args.device, args.dtype)
+        for note in {note for spec in specs for note in spec.notes() + spec.check_model(embedder.model)}:
+            log.warning("%s", note)
+        structure = specs[0].structure
+        if structure == UNSTRUCTURED:
+            candidates = select_parameters(embedder.model.named_parameters(), specs[0].layer_types)
+        else:
+            candidates = structure_candidates(embedder.model, unit_plan(embedder.model, structure))
+        arrays = open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
+                                  embedder.device, need_cosine=any(spec.reads_cosine() for spec in specs),
+                                  model_name=args.model_path)
+        if structure == UNSTRUCTURED and calibration is not None:  # every row prunes the same dense model:
+            calibration = measure_token_weights(embedder, candidates, calibration)  # one loss-gradient measurement
+        dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
+                         if structure == UNSTRUCTURED else {})  # structures load each model afresh
+        return cls(args, embedder, candidates, arrays, calibration, dense_weights)
+
+    def pruned(self, spec: PruneSpec, world: distributed.World) -> tuple[Embedder, dict]:
+        """The model pruned as ``spec`` asks, and the row entries of what was pruned."""
+        if spec.structure == UNSTRUCTURED:
+            with torch.no_grad():
+                for name, p in self.candidates.items():
+                    p.copy_(self.dense_weights[name])
+            if spec.calibrated:
+                result = prune_calibrated(self.embedder, self.candidates, spec, self.calibration, self.arrays)
+            else:
+                result = prune_candidates(self.candidates, self.arrays, spec.scorer, spec.config, spec.share,
+                                          spec.strategy, seed=spec.seed, pattern=spec.parsed_pattern)
+            world.broadcast_(p.data for p in self.candidates.values())
+            return self.embedder, {"masked_params": result.masked, **result.diagnostics}
+        fresh = load_embedder(self.args.model_path, self.args.device, self.args.dtype)
+        result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), self.arrays, spec.scorer,
+                                 spec.config, spec.sparsity, spec.seed)
+        world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
+        return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
+
+
+def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args: argparse.Namespace) -> dict:
+    """The row's metrics: the mean over each side's files, and every file's own."""
+    results = {side: {path: evaluate_triples(model, triples, args.batch_size, args.query_instructions)
+                      for path, triples in files.items()} for side, files in held_out.items()}
+    return {"domain": mean_metrics(results["domain"]), "general": mean_metrics(results["general"]),
+            "files": {**results["domain"], **results["general"]}}
+
+
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
     rows_asked = row_specs(args)
     scores = score_files_from_args(args)
     for _, spec in rows_asked:
         spec.check_scores(scores)
-    request = rows_asked[0][1]
     calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.calibrated), None)
     check_output_dir(args.output_dir)
     world = distributed.init_from_env(args.device)
-    domain = {p: load_triples(p, args.max_samples) for p in args.domain_data_paths}
-    general = {p: load_triples(p, args.max_samples) for p in args.general_data_paths}
-    embedder = load_embedder(args.model_path, args.device, args.dtype)
-    for note in {note for _, spec in rows_asked for note in spec.notes() + spec.check_model(embedder.model)}:
-        log.warning("%s", note)
-    if request.structure == UNSTRUCTURED:
-        candidates = select_parameters(embedder.model.named_parameters(), request.layer_types)
-    else:
-        candidates = structure_candidates(embedder.model, unit_plan(embedder.model, request.structure))
-    array = open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
-                             embedder.device, need_cosine=any(spec.reads_cosine() for _, spec in rows_asked),
-                             model_name=args.model_path)
-    if request.structure == UNSTRUCTURED and calibration is not None:  # every row prunes the same dense model:
-        calibration = measure_token_weights(embedder, candidates, calibration)  # one loss-gradient measurement
-    dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
-                     if request.structure == UNSTRUCTURED else {})  # structures load each model afresh
-
-    def evaluate(model) -> tuple[dict, dict]:
-        return ({p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in domain.items()},
-                {p: evaluate_triples(model, t, args.batch_size, args.query_instructions) for p, t in general.items()})
-
-    def pruned(spec: PruneSpec):
-        """The model pruned as ``spec`` asks, and the row entries of what was pruned."""
-        if spec.structure == UNSTRUCTURED:
-            with torch.no_grad():
-                for name, p in candidates.items():
-                    p.copy_(dense_weights[name])
-            if spec.calibrated:
-                result = prune_calibrated(embedder, candidates, spec, calibration, array)
-            else:
-                result = prune_candidates(candidates, array, spec.scorer, spec.config, spec.share, spec.strategy,
-                                          seed=spec.seed, pattern=spec.parsed_pattern)
-            world.broadcast_(p.data for p in candidates.values())
-            return embedder, {"masked_params": result.masked, **result.diagnostics}
-        fresh = load_embedder(args.model_path, args.device, args.dtype)
-        result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), array, spec.scorer,
-                                 spec.config, spec.sparsity, spec.seed)
-        world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
-        return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
-
-    dense_domain, dense_general = evaluate(embedder)
-    dense = {"method": "dense", "sparsity": 0.0, "domain": mean_metrics(dense_domain),
-             "general": mean_metrics(dense_general), "domain_change_percent": None, "general_change_percent": None,
-             "files": {**dense_domain, **dense_general}}
-    rows = [dense]
+    held_out = {"domain": {p: load_triples(p, args.max_samples) for p in args.domain_data_paths},
+                "general": {p: load_triples(p, args.max_samples) for p in args.general_data_paths}}
+    dense = DenseModel.load(args, [spec for _, spec in rows_asked], scores, calibration)
+    rows = [{"method": "dense", "sparsity": 0.0, **evaluated(dense.embedder, held_out, args),
+             "domain_change_percent": None, "general_change_percent": None}]
     for label, spec in rows_asked:
         log.info("pruning %.0f%% by %s", 100 * spec.share, label)
-        model, entries = pruned(spec)
-        by_domain, by_general = evaluate(model)
-        if model is not embedder:  # a fresh smaller model: free it before the next one loads
+        model, entries = dense.pruned(spec, world)
+        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "scoring": spec.scorer,
+               "config": dataclasses.asdict(spec.config), "sparsity": spec.share, "structure": spec.structure,
+               "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
+               **evaluated(model, held_out, args), **entries}
+        if model is not dense.embedder:  # a fresh smaller model: free it before the next one loads
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "scoring": spec.scorer,
-               "config": dataclasses.asdict(spec.config), "sparsity": spec.share, "structure": spec.structure,
-               "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct, "domain": mean_metrics(by_domain),
-               "general": mean_metrics(by_general), "files": {**by_domain, **by_general}, **entries}
         for side in ("domain", "general"):
-            row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"])
+            row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"])
         rows.append(row)
-
     if not world.is_main:
         return None
     table = markdown_table(rows)
