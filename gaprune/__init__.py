@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {"load_embedder": "gaprune.api", "fisher": "gaprune.api", "alignment": "gaprune.api",
             "prune": "gaprune.api", "evaluate": "gaprune.api", "save_model": "gaprune.checkpoint",
-            "DAIConfig": "gaprune.scoring", "PruneSpec": "gaprune.spec", "CalibrationSpec": "gaprune.spec",
+            "DAIConfig": "gaprune.coefficients", "PruneSpec": "gaprune.spec", "CalibrationSpec": "gaprune.spec",
             "ScoreFiles": "gaprune.spec", "InputError": "gaprune.errors", "sample": "gaprune.api",
             "retrain": "gaprune.api", "RetrainSpec": "gaprune.spec"}
 __all__ = list(_EXPORTS)

@@ -58,4 +58,4 @@ def row_cosine(avg_general: torch.Tensor, avg_domain: torch.Tensor) -> torch.Ten
     return cosine.masked_fill_(denominator <= 0, 0).clamp_(-1, 1)
 
 
-ALIGNMENT_MODES = {"product": None, "local_cosine": local_cosine, "row_cosine": row_cosine}
+COSINE_MAPS = {"product": None, "local_cosine": local_cosine, "row_cosine": row_cosine}  # by options.ALIGNMENT_MODES

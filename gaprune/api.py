@@ -30,13 +30,12 @@ from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
 from gaprune.fileio import read_json
-from gaprune.alignment_maps import ALIGNMENT_MODES
 from gaprune.fisher_information import fisher_information
 from gaprune.gradient_alignment import gradient_alignment
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.masking import MaskResult
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
-from gaprune.options import (ACCUMULATE_ON, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES, SUM_PLACES,
+from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES, SUM_PLACES,
                              UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,

@@ -1,28 +1,54 @@
-"""What the four command-line scripts share: common flags, logging, and the error edge."""
+"""What the command-line scripts share: common flags, help that shows every default and a recipe, logging,
+and the error edge. Torch-free, like every module a script imports before parsing: --help loads no torch."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
 from typing import Callable, Sequence
 
-from gaprune import distributed
+from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError, first_line
 from gaprune.options import (ACCUMULATE_ON, FISHER_NORMS, GRADIENTS, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER,
                              OWN_TARGET, POSTPROCESSING, RECONSTRUCTION_TARGETS, SPARSITY_PATTERNS, TOKEN_WEIGHTINGS,
                              UNIFORM_SHARES, UNIFORM_WEIGHTING)
-from gaprune.results import FILE_KINDS
-from gaprune.scoring import DAIConfig
-from gaprune.spec import CalibrationSpec, PruneSpec, ScoreFiles, applicable_options
 
 log = logging.getLogger("gaprune")
 
 
+def shows_default(action: argparse.Action) -> bool:
+    """A default worth printing: not None, not a switch's False, not suppressed (0 and 0.0 are)."""
+    return action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help (unless the help names it already); the description and the recipe
+    (epilog) keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not shows_default(action) or not action.option_strings:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})".lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (plus a pointer to --help) and exits with 2."""
+    """argparse that shows defaults and a recipe in --help, and reports a bad flag as one line (plus a pointer
+    to --help) with exit code 2."""
+
+    def __init__(self, *args, recipe: str | None = None, **kwargs):
+        if recipe:
+            kwargs["epilog"] = f"example:\n  {recipe}"
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def format_help(self) -> str:
+        for action in self._actions:  # a flag without help text still shows its default
+            if action.help is None and shows_default(action):
+                action.help = "(default: %(default)s)"
+        return super().format_help()
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -147,46 +173,6 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
                             "(loss_gradient: one extra backward pass over the calibration triples)")
 
 
-def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
-    """The calibration the flags name (None when they name no file)."""
-    if not (args.calibration_data or args.general_calibration_data):
-        if args.calibration_weighting != UNIFORM_WEIGHTING:
-            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
-                             "--reconstruct; this run has none")
-        if args.calibration_mix is not None:
-            log.warning("--calibration_mix blends calibration files; none was given: ignored")
-        return None
-    return CalibrationSpec(domain_data=args.calibration_data, general_data=args.general_calibration_data,
-                           samples=args.calibration_samples, mix=args.calibration_mix,
-                           max_length=args.calibration_max_length, batch_size=args.calibration_batch_size,
-                           weighting=args.calibration_weighting)
-
-
-def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, config: DAIConfig,
-                   for_this_scorer: bool = False) -> PruneSpec:
-    """The pruning request the flags of SparseModel.py and compare.py make, checked whole; with
-    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py)."""
-    options = {"layer_shares": args.layer_shares, "group_order": args.group_order,
-               "reconstruction_target": args.reconstruction_target}
-    if for_this_scorer:
-        options = applicable_options(scorer, args.reconstruct, **options)
-    return PruneSpec(scorer=scorer, sparsity=sparsity, pattern=args.sparsity_pattern, structure=args.structure,
-                     layer_types=tuple(args.sparsify_layers), strategy=args.layer_budget_strategy,
-                     rho_min=getattr(args, "rho_min", 0.05), rho_max=getattr(args, "rho_max", 0.95), seed=args.seed,
-                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options)
-
-
-def scoring_config(args: argparse.Namespace) -> DAIConfig:
-    config = DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
-    config.check()
-    return config
-
-
-def score_files_from_args(args: argparse.Namespace) -> ScoreFiles:
-    """The score files given as ``--<side>_scores``."""
-    return ScoreFiles(**{side: getattr(args, f"{side}_scores") for side in FILE_KINDS})
-
-
 def finish(path: str) -> str:
     """Print the path of the main file a stage wrote, as its last line (the next stage takes it), and return it."""
     print(path)
@@ -209,6 +195,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
                         datefmt="%H:%M:%S")
 
     def refuse(message: str, code: int = 1) -> None:
+        from gaprune import distributed
+
         if not distributed.reports_errors():
             time.sleep(distributed.QUIET_RANK_WAIT_S)
             message = f"{message} (rank {distributed.env_rank()})"
@@ -227,4 +215,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         refuse("interrupted", 130)
     finally:
-        distributed.shutdown()
+        distributed = sys.modules.get("gaprune.distributed")  # none to leave when the stage never loaded it
+        if distributed is not None:
+            distributed.shutdown()

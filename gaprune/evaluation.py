@@ -6,7 +6,9 @@ Each triple's query is searched against a corpus made of every positive and nega
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import os
+from typing import Mapping, Sequence
 
 import torch
 
@@ -78,3 +80,54 @@ def evaluate_triples(embedder: Embedder, triples: Sequence[dict], batch_size: in
 def relative_change(value: float, baseline: float) -> float | None:
     """Percent change against the baseline (None when the baseline is 0)."""
     return None if baseline == 0 else 100.0 * (value - baseline) / baseline
+
+
+def seen_data(model_dir: str) -> list[str]:
+    """The triple files a gaprune folder was scored, calibrated or retrained on, as its records name them:
+    evaluation_config.json's score files (their data) and calibration files, and retrain_config.json's
+    training files and the pruned folder it started from."""
+    def record(folder: str, name: str) -> dict:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                found = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    files: list[str] = []
+    settings = record(model_dir, "retrain_config.json").get("settings", {})
+    files += [settings.get("data_path"), settings.get("general_data_path")]
+    folders = [model_dir] + ([settings["model_path"]] if isinstance(settings.get("model_path"), str) else [])
+    for folder in folders:
+        meta = record(folder, "evaluation_config.json").get("meta", {})
+        for score_file in meta.get("score_files", {}).values():
+            if isinstance(score_file, str):
+                data = record(os.path.dirname(score_file) or ".", os.path.basename(score_file)).get("metadata", {})
+                files += [data.get("data_path"), data.get("general_data_path"), data.get("domain_data_path")]
+        calibration = next((part.get("calibration", {}) for part in meta.values() if isinstance(part, dict)
+                            and "calibration" in part), {})
+        files += [calibration.get("domain_data"), calibration.get("general_data")]
+    return list(dict.fromkeys(f for f in files if isinstance(f, str) and os.path.isfile(f)))
+
+
+def overlap_warnings(model_dir: str, files: Mapping[str, Sequence[dict]]) -> list[str]:
+    """One line per evaluated file whose queries the folder saw while it was pruned or retrained: such a
+    figure is not a held-out measurement."""
+    seen: dict[str, set[str]] = {}
+    for path in seen_data(model_dir):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                records = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        seen[path] = {r.get("query") for r in records if isinstance(r, dict)} if isinstance(records, list) else set()
+    lines = []
+    for path, triples in files.items():
+        for source, queries in seen.items():
+            shared = sum(triple["query"] in queries for triple in triples)
+            if shared:
+                lines.append(f"{shared} of the {len(triples)} queries of {path} are in {source}, which "
+                             f"{os.path.basename(os.path.normpath(model_dir))} was pruned or retrained on: "
+                             f"not a held-out measurement")
+    return lines

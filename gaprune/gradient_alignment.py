@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from gaprune.alignment_maps import ALIGNMENT_MODES, NORM_EPS, elementwise_alignment
+from gaprune.alignment_maps import COSINE_MAPS, NORM_EPS, elementwise_alignment
 from gaprune.data import shuffled_batches
 from gaprune.distributed import World, current_world
 from gaprune.errors import InputError
@@ -177,7 +177,7 @@ def gradient_alignment(embedder: Embedder, general: Sequence[dict], domain: Sequ
     result is no longer the single-process one; without it the result equals one process.
     """
     world = world or current_world()
-    cosine_fn = ALIGNMENT_MODES[alignment_mode]
+    cosine_fn = COSINE_MAPS[alignment_mode]
     general_half, domain_half = batch_size // 2, batch_size - batch_size // 2
     if general_half < 1:
         raise InputError(f"--batch_size must be at least 2 (one general and one domain triple), got {batch_size}")

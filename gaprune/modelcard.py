@@ -9,19 +9,19 @@ replacing any README.md that saving the model left there; call it after the mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Mapping
 
+from gaprune.coefficients import DAIConfig
+
 README = "README.md"
 PAPER = "https://arxiv.org/abs/2509.10844"
 PROJECT = "gaprune"
 METRIC_NAMES = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@1": "Recall@1", "recall@10": "Recall@10"}
-# Coefficient defaults (gaprune.scoring.DAIConfig); a flag is listed on the card only where it differs.
-COEFFICIENT_DEFAULTS = {"beta": 1.0, "compression_weight": 0.5, "score_postproc": "none", "score_temperature": 1.0,
-                        "fusion_alpha": 0.0, "fusion_beta": 1.0, "alignment_weight": 0.5, "domain_weight": 1.0,
-                        "general_weight": 1.0, "fisher_norm": "global"}
+COEFFICIENT_DEFAULTS = dataclasses.asdict(DAIConfig())  # a flag is listed on the card only where it differs
 PRUNER_FLAGS = ("sparsity_pattern", "layer_shares", "group_order", "calibration_weighting", "reconstruction_target")
 UNIT_WORDS = {"channels": "MLP channels", "heads": "query heads"}
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./:@+-]*")

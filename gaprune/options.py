@@ -12,6 +12,8 @@ GRADIENTS = ("all", "selected")  # which parameters the scoring stages take grad
 SUM_PLACES = ("device", "sharded", "cpu")  # beside the model, one rank each, in (pinned) host memory: least GPU last
 ACCUMULATE_ON = ("auto", *SUM_PLACES)  # auto: the memory plan chooses
 SCORE_DTYPES = ("float32", "bfloat16")  # the per-weight arrays of the score files
+# gradient.py: the published element-wise product, or cosines of the two sides' gradients (gaprune.alignment_maps)
+ALIGNMENT_MODES = ("product", "local_cosine", "row_cosine")
 
 POSTPROCESSING = ("none", "zscore_sigmoid", "minmax", "rank")
 FISHER_NORMS = ("global", "tensor", "none")

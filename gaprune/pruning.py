@@ -22,7 +22,8 @@ from gaprune.modeling import Embedder
 from gaprune.options import OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
-from gaprune.scoring import ArrayFn, DAIConfig
+from gaprune.coefficients import DAIConfig
+from gaprune.scoring import ArrayFn
 from gaprune.spec import PRUNER_OPTIONS, CalibrationSpec, PruneSpec, ScoreFiles, calibration_source
 from gaprune.structure import (CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores,
                                units_to_remove)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FILE_KINDS = {"domain_fisher": "fisher", "general_fisher": "fisher", "alignment": "alignment"}  # side -> kind
 

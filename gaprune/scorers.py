@@ -14,17 +14,19 @@ while it updates the weights, so it is a ``layer_pruner`` rather than a score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-import torch
-
-from gaprune.input_stats import LayerInputs
+from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
-from gaprune.masking import ScoreFn
-from gaprune.patterns import Pattern
 from gaprune.results import FILE_KINDS
-from gaprune import pruners, scoring
-from gaprune.scoring import ArrayFn, DAIConfig
+
+if TYPE_CHECKING:  # the registry itself loads without torch, so that the scripts' --help needs none
+    import torch
+
+    from gaprune.input_stats import LayerInputs
+    from gaprune.masking import ScoreFn
+    from gaprune.patterns import Pattern
+    from gaprune.scoring import ArrayFn
 
 SIDES = tuple(FILE_KINDS)  # the score files a scorer may read: domain_fisher, general_fisher, alignment
 
@@ -79,6 +81,8 @@ def _side_or(arrays: ArrayFn, side: str, name: str, absent: float) -> torch.Tens
 
 
 def _build_dai(context: ScoringContext) -> ScoreFn:
+    from gaprune import scoring
+
     arrays, config = context.arrays, context.config
 
     def score(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -89,12 +93,16 @@ def _build_dai(context: ScoringContext) -> ScoreFn:
 
 
 def _cosine_factor(context: ScoringContext, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    from gaprune import scoring
+
     alpha = context.config.alignment_weight
     cosine = context.arrays("alignment_cosine", name) if alpha else None
     return scoring.alignment_factor(cosine, weight, alpha)
 
 
 def _build_dai_paper(context: ScoringContext) -> ScoreFn:
+    from gaprune import scoring
+
     fisher = scoring.normalized_fisher(context.arrays, context.candidates, context.config.fisher_norm)
 
     def score(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -105,6 +113,8 @@ def _build_dai_paper(context: ScoringContext) -> ScoreFn:
 
 
 def _build_aligned_saliency(context: ScoringContext) -> ScoreFn:
+    from gaprune import scoring
+
     fisher = scoring.normalized_fisher(context.arrays, context.candidates, context.config.fisher_norm)
     config = context.config
 
@@ -127,30 +137,42 @@ def _reads_cosine_when_weighted(config: DAIConfig) -> bool:
 
 def _fisher_saliency(side: str) -> Scorer:
     def build(context: ScoringContext) -> ScoreFn:
+        from gaprune import scoring
+
         return lambda name, weight: scoring.fisher_saliency(weight, context.arrays(side, name))
     return Scorer(side, f"Fisher saliency F*w^2 of the {side.split('_')[0]} side (needs its file)", build,
                   required_files=lambda config: (side,))
 
 
 def _build_random(context: ScoringContext) -> ScoreFn:
+    from gaprune import scoring
+
     return lambda name, weight: scoring.random_score(name, weight, context.seed)
 
 
 def _build_magnitude(context: ScoringContext) -> ScoreFn:
+    from gaprune import scoring
+
     return lambda name, weight: scoring.magnitude(weight)
 
 
 def _build_wanda(context: ScoringContext) -> ScoreFn:
+    from gaprune import pruners
+
     return lambda name, weight: pruners.wanda_scores(weight, context.inputs[name].input_sq).reshape(-1)
 
 
 def _sparsegpt_layer(weight: torch.Tensor, inputs: LayerInputs, share: float, pattern: Pattern,
                      group_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from gaprune import pruners
+
     hessian = inputs.hessian
     return pruners.sparsegpt(inputs.start_weight(weight, hessian), hessian, share, pattern, group_order=group_order)
 
 
 def _dai_diagnostics(context: ScoringContext) -> dict:
+    from gaprune import scoring
+
     return {"median_fisher_to_compression_ratio":
             scoring.fisher_to_compression_ratio(context.candidates, context.arrays, context.config)}
 

@@ -10,7 +10,9 @@ weights are touched.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import math
 import numbers
 from typing import Sequence
@@ -26,8 +28,10 @@ from gaprune.options import (BUDGET_STRATEGIES, GROUP_ORDERS, LAYER_TYPES, NATUR
 from gaprune.patterns import Pattern, parse_pattern
 from gaprune.results import FILE_KINDS
 from gaprune.scorers import SCORERS, get_scorer
-from gaprune.scoring import DAIConfig
+from gaprune.coefficients import DAIConfig
 from gaprune.structure import CONFIG_FIELDS, unit_plan, units_to_remove
+
+log = logging.getLogger(__name__)
 
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 # The scorer coefficients each score-based scorer reads (DAIConfig's fields); the others read none.
@@ -392,3 +396,45 @@ class RetrainSpec:
             return [f"--warmup_steps {self.warmup_steps} is more than --steps {self.steps}: the learning rate never "
                     f"reaches --lr"]
         return []
+
+
+# The requests the command-line flags make (SparseModel.py, compare.py), checked as the API's are.
+
+def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
+    """The calibration the flags name (None when they name no file)."""
+    if not (args.calibration_data or args.general_calibration_data):
+        if args.calibration_weighting != UNIFORM_WEIGHTING:
+            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
+                             "--reconstruct; this run has none")
+        if args.calibration_mix is not None:
+            log.warning("--calibration_mix blends calibration files; none was given: ignored")
+        return None
+    return CalibrationSpec(domain_data=args.calibration_data, general_data=args.general_calibration_data,
+                           samples=args.calibration_samples, mix=args.calibration_mix,
+                           max_length=args.calibration_max_length, batch_size=args.calibration_batch_size,
+                           weighting=args.calibration_weighting)
+
+
+def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, config: DAIConfig,
+                   for_this_scorer: bool = False) -> PruneSpec:
+    """The pruning request the flags of SparseModel.py and compare.py make, checked whole; with
+    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py)."""
+    options = {"layer_shares": args.layer_shares, "group_order": args.group_order,
+               "reconstruction_target": args.reconstruction_target}
+    if for_this_scorer:
+        options = applicable_options(scorer, args.reconstruct, **options)
+    return PruneSpec(scorer=scorer, sparsity=sparsity, pattern=args.sparsity_pattern, structure=args.structure,
+                     layer_types=tuple(args.sparsify_layers), strategy=args.layer_budget_strategy,
+                     rho_min=getattr(args, "rho_min", 0.05), rho_max=getattr(args, "rho_max", 0.95), seed=args.seed,
+                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options)
+
+
+def coefficients_from_args(args: argparse.Namespace) -> DAIConfig:
+    config = DAIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAIConfig)})
+    config.check()
+    return config
+
+
+def score_files_from_args(args: argparse.Namespace) -> ScoreFiles:
+    """The score files given as ``--<side>_scores``."""
+    return ScoreFiles(**{side: getattr(args, f"{side}_scores") for side in FILE_KINDS})

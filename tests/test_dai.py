@@ -5,7 +5,8 @@ import torch
 
 from gaprune.masking import all_finite, kth_smallest, prune_lowest, uniform_allocation
 from gaprune.scorers import score_function as make_score_fn
-from gaprune.scoring import DAIConfig, dai_score
+from gaprune.coefficients import DAIConfig
+from gaprune.scoring import dai_score
 
 
 def softplus(x):

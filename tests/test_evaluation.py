@@ -9,7 +9,7 @@ from conftest import last_line
 from gaprune.cli import run
 from gaprune.pruning import prune_candidates
 from gaprune.scorers import score_function as make_score_fn
-from gaprune.scoring import DAIConfig
+from gaprune.coefficients import DAIConfig
 from gaprune.evaluation import build_corpus, query_text, ranking_metrics, relevant_ranks
 from gaprune.features import fisher
 from gaprune.model import compare, evaluate

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import fail, listing, no_temporaries, published_layout
-from gaprune import fileio
+from gaprune import api, evaluation, fileio
 from gaprune.features import fisher, gradient, sample
 from gaprune.model import SparseModel, compare, evaluate, retrain
 
@@ -217,7 +217,7 @@ def test_os_errors_become_one_line_naming_the_path(capsys, tmp_path):
 ])
 def test_compare_overrides_fail_before_the_dense_run(capsys, tmp_path, bert_dir, data_files, bert_scores,
                                                      scorer, message, monkeypatch):
-    monkeypatch.setattr(compare, "evaluate_triples", lambda *a, **k: pytest.fail("evaluated before checking"))
+    monkeypatch.setattr(evaluation, "evaluate_triples", lambda *a, **k: pytest.fail("evaluated before checking"))
     line = fail(capsys, compare.main, ["--model_path", bert_dir, "--domain_data_paths", data_files["chem"],
                                        "--general_data_paths", data_files["general"], "--domain_fisher_scores",
                                        bert_scores["domain"], "--general_fisher_scores", bert_scores["general"],
@@ -226,7 +226,7 @@ def test_compare_overrides_fail_before_the_dense_run(capsys, tmp_path, bert_dir,
 
 
 def test_unwritable_output_fails_before_fisher_runs(capsys, tmp_path, bert_dir, data_files, monkeypatch):
-    monkeypatch.setattr(fisher.api, "fisher_information", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr(api, "fisher_information", lambda *a, **k: pytest.fail("computed before checking"))
     (tmp_path / "blocker").write_text("")
     line = fail(capsys, fisher.main, ["--model_name", bert_dir, "--data_path", data_files["chem"],
                                       "--output_dir", str(tmp_path / "blocker" / "inside")])

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from conftest import last_line
+from gaprune import checkpoint
 from gaprune.model import SparseModel, retrain
 from gaprune.modelcard import folder_model_card, model_card, write_model_card
 
@@ -124,7 +125,7 @@ def test_retrain_writes_the_card_over_the_savers_readme(capsys, tmp_path, qwen3_
         with open(os.path.join(folder, "README.md"), "w") as handle:
             handle.write("generic card\n")
 
-    monkeypatch.setattr(retrain, "save_model", save_with_readme)
+    monkeypatch.setattr(checkpoint, "save_model", save_with_readme)
     folder = retrain.main(["--model_path", pruned, "--data_path", data_files["chem"], "--output_dir",
                            str(tmp_path / "re"), "--steps", "2", "--batch_size", "4", "--warmup_steps", "0"])
     assert last_line(capsys.readouterr().out) == folder

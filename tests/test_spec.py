@@ -2,16 +2,19 @@
 but useless, and the API, SparseModel.py, compare.py and example_usage.sh all go through it."""
 
 import dataclasses
+import json
 import math
 import os
+import re
 import subprocess
+import sys
 import time
 
 import pytest
 
 import gaprune
 from conftest import listing
-from gaprune import api
+from gaprune import api, modeling
 from gaprune.cli import run
 from gaprune.errors import InputError
 from gaprune.model import SparseModel, compare
@@ -159,7 +162,7 @@ def test_dry_run_checks_the_request_against_the_shapes_without_weights(monkeypat
     def no_weights(*args, **kwargs):
         raise AssertionError("a dry run loaded the model")
 
-    monkeypatch.setattr(SparseModel, "load_embedder", no_weights)
+    monkeypatch.setattr(modeling, "load_embedder", no_weights)
     out = tmp_path / "out"
     folder = SparseModel.main(["--model_path", bert_dir, "--output_dir", str(out), "--unstructured_pct", "0.5",
                                "--unstructured_scoring", "aligned_saliency", "--dry_run"])
@@ -200,3 +203,44 @@ def test_example_usage_refuses_a_request_the_last_stage_would_refuse_before_stag
                           text=True, env={**os.environ, "DEVICE": "cpu", "MODEL": bert_dir, **env})
     assert proc.returncode != 0 and message in proc.stderr and "==> " not in proc.stderr, proc.stderr[-2000:]
     assert "no stage was run" in proc.stderr and time.monotonic() - start < 60
+
+
+SCRIPTS = ["gaprune.features.sample", "gaprune.features.fisher", "gaprune.features.gradient",
+           "gaprune.model.SparseModel", "gaprune.model.compare", "gaprune.model.evaluate", "gaprune.model.retrain"]
+
+
+def test_help_shows_defaults_and_a_recipe_without_importing_torch():
+    probe = ("import contextlib, io, runpy, sys\n"
+             "out = io.StringIO()\n"
+             "for module in sys.argv[1:]:\n"
+             "    sys.argv = [module, '--help']\n"
+             "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+             "        runpy.run_module(module, run_name='__main__')\n"
+             "    print(module, 'torch' in sys.modules, 'example:' in out.getvalue(), file=sys.stderr)\n"
+             "print(out.getvalue())\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *SCRIPTS], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.stderr.splitlines() == [f"{module} False True" for module in SCRIPTS], proc.stderr
+    assert re.search(r"--unstructured_pct UNSTRUCTURED_PCT\s+share of candidate weights to zero, 0..1\s+"
+                     r"\(default:\s+0.0\)", proc.stdout)
+    assert re.search(r"--steps STEPS\s+\(default: 100\)", proc.stdout)  # a flag with no help shows its default too
+
+
+def test_evaluate_warns_when_the_queries_were_in_the_pruning_data(caplog, capsys, tmp_path, bert_dir, data_files,
+                                                                  score_files):
+    from gaprune.model import evaluate
+
+    files = score_files["bert"]
+    folder = SparseModel.main(["--model_path", bert_dir, "--output_dir", str(tmp_path / "model"), "--unstructured_pct",
+                               "0.5", "--domain_fisher_scores", files["domain"], "--unstructured_scoring",
+                               "domain_fisher"])
+    fisher_data = json.load(open(files["domain"]))["metadata"]["data_path"]
+    held_out = tmp_path / "held-out.json"
+    held_out.write_text(json.dumps([{"query": "a query nobody scored", "positive": "p", "negative": "n"}] * 2))
+    with caplog.at_level("WARNING"):
+        evaluate.main(["--model_path", folder, "--data_paths", fisher_data, str(held_out), "--output_file",
+                       str(tmp_path / "eval.json")])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    triples = len(json.load(open(fisher_data)))
+    assert warnings == [f"{triples} of the {triples} queries of {fisher_data} are in {fisher_data}, which "
+                        f"{os.path.basename(folder)} was pruned or retrained on: not a held-out measurement"]

@@ -1,26 +1,26 @@
-"""Stage 2: Fisher information of every weight on one triple file (run it for general and for domain data)."""
+"""Stage 2: Fisher information of every weight on one triple file (run it for general and for domain data).
+The library is imported after parsing: --help needs no torch."""
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from gaprune import api, distributed
 from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args,
                          positive_int, run)
-from gaprune.data import load_triples
-from gaprune.fileio import check_output_dir
-from gaprune.results import FisherResult
-from gaprune.memory import process_rss
-from gaprune.modeling import load_embedder
 from gaprune.options import SCORE_DTYPES
-from gaprune.scorefiles import ranked_parameters, tensor_file_for
+
+if TYPE_CHECKING:
+    from gaprune.results import FisherResult
 
 log = logging.getLogger("gaprune.fisher")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Fisher information of each weight on the contrastive loss of one data set.")
+    parser = ArgumentParser(description="Fisher information of each weight on the contrastive loss of one data set.",
+                            recipe="python gaprune/features/fisher.py --model_name Qwen/Qwen3-Embedding-4B "
+                                   "--data_path data/sample/chem-example-output.json --batch_size 4 "
+                                   "--max_samples 5000 --output_dir output/fisher")
     parser.add_argument("--model_name", required=True, help="model folder or hub id, e.g. Qwen/Qwen3-Embedding-4B")
     parser.add_argument("--data_path", required=True, help="JSON list of {query, positive, negative} triples")
     parser.add_argument("--batch_size", type=positive_int, default=1)
@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
 
 
 def print_report(result: FisherResult) -> None:
+    from gaprune.scorefiles import ranked_parameters
+
     ranked = ranked_parameters(result.mean_scores)
     print(f"Mean loss over {result.num_samples} samples: {result.mean_loss:.6f}")
     print("Top 10 most important parameter groups (mean Fisher score):")
@@ -48,6 +50,13 @@ def print_report(result: FisherResult) -> None:
 def main(argv: Sequence[str] | None = None) -> str | None:
     """Under torchrun every rank scores its share of the batches; rank 0 writes and prints."""
     args = build_parser().parse_args(argv)
+    from gaprune import api, distributed
+    from gaprune.data import load_triples
+    from gaprune.fileio import check_output_dir
+    from gaprune.memory import process_rss
+    from gaprune.modeling import load_embedder
+    from gaprune.scorefiles import tensor_file_for
+
     world = distributed.init_from_env(args.device)
     triples = load_triples(args.data_path, args.max_samples)  # bad data or output locations fail before the model loads
     check_output_dir(args.output_dir)

@@ -1,30 +1,28 @@
-"""Stage 3: how general-data and domain-data gradients agree, per parameter and per weight."""
+"""Stage 3: how general-data and domain-data gradients agree, per parameter and per weight.
+The library is imported after parsing: --help needs no torch."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-
-from gaprune import api, distributed
 from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args,
                          positive_int, run)
-from gaprune.data import load_triples
-from gaprune.fileio import check_output_dir
-from gaprune.alignment_maps import ALIGNMENT_MODES
-from gaprune.results import AlignmentResult
-from gaprune.memory import process_rss
-from gaprune.modeling import load_embedder
-from gaprune.options import SCORE_DTYPES
-from gaprune.scorefiles import alignment_statistics, tensor_file_for
+from gaprune.options import ALIGNMENT_MODES, SCORE_DTYPES
+
+if TYPE_CHECKING:
+    from gaprune.results import AlignmentResult
 
 log = logging.getLogger("gaprune.gradient")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Gradient alignment between general and domain data.")
+    parser = ArgumentParser(description="Gradient alignment between general and domain data.",
+                            recipe="python gaprune/features/gradient.py --model_name Qwen/Qwen3-Embedding-4B "
+                                   "--general_data_path data/sample/general-example-output.json "
+                                   "--domain_data_path data/sample/chem-example-output.json --batch_size 4 "
+                                   "--max_samples 5000 --output_dir output/gradient --alignment_mode local_cosine")
     parser.add_argument("--model_name", required=True, help="model folder or hub id, e.g. Qwen/Qwen3-Embedding-4B")
     parser.add_argument("--batch_size", type=positive_int, default=2,
                         help="triples per step: batch_size // 2 general, the rest domain (default: 2)")
@@ -59,6 +57,10 @@ def build_parser() -> ArgumentParser:
 
 
 def print_report(result: AlignmentResult) -> None:
+    import numpy as np
+
+    from gaprune.scorefiles import alignment_statistics
+
     scores, rates, losses = result.alignment_scores, result.conflict_rates, result.losses
     stats = alignment_statistics(scores)
     total = len(scores)
@@ -85,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     args = parser.parse_args(argv)
     if args.score_dtype != "float32" and args.fisher_output_dir is None:
         parser.error("--score_dtype sets the dtype of the --fisher_output_dir files: give --fisher_output_dir too")
+    from gaprune import api, distributed
+    from gaprune.data import load_triples
+    from gaprune.fileio import check_output_dir
+    from gaprune.memory import process_rss
+    from gaprune.modeling import load_embedder
+    from gaprune.scorefiles import tensor_file_for
+
     world = distributed.init_from_env(args.device)
     general = load_triples(args.general_data_path)  # bad data or output locations fail before the model loads
     domain = load_triples(args.domain_data_path)

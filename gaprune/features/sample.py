@@ -1,16 +1,18 @@
-"""Stage 1: pick a diverse subset of a large triple file (k-means on query embeddings)."""
+"""Stage 1: pick a diverse subset of a large triple file (k-means on query embeddings).
+The library is imported after parsing: --help needs no torch."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from gaprune import api, distributed
 from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run, str2bool
-from gaprune.fileio import check_output_file, write_json
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Diversity sampling of a triple file by k-means on embeddings.")
+    parser = ArgumentParser(description="Diversity sampling of a triple file by k-means on embeddings.",
+                            recipe="python gaprune/features/sample.py --input_file data/chem-example.json "
+                                   "--output_file data/sample/chem-example-output.json "
+                                   "--model_name Qwen/Qwen3-Embedding-0.6B --target_sample_size 5000")
     parser.add_argument("--input_file", default="data/chem-example.json")
     parser.add_argument("--output_file", default="data/sample/chem-example-output.json")
     parser.add_argument("--model_name", default="Qwen/Qwen3-Embedding-0.6B")
@@ -29,6 +31,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str | None:
     """Under torchrun every rank embeds its share of the records; rank 0 runs k-means and writes."""
     args = build_parser().parse_args(argv)
+    from gaprune import api, distributed
+    from gaprune.fileio import check_output_file, write_json
+
     world = distributed.init_from_env(args.device)
     check_output_file(args.output_file, inputs=[args.input_file])
     chosen = api.sample(args.model_name, args.input_file, args.target_sample_size, args.text_key, args.batch_size,

@@ -1,39 +1,35 @@
 """Stage 4: DAI scores from the Fisher and alignment files, a mask of the lowest ones, and the pruned model.
 
 With --structure channels (or heads) whole MLP channels (query heads) are removed instead: the saved
-model is smaller and runs faster in any engine."""
+model is smaller and runs faster in any engine. The library is imported where it is used, after parsing:
+--help needs no torch."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from gaprune import api, distributed
-from gaprune.checkpoint import checkpoint_shapes, count_zeros, describe_probe, output_folder, probe_embedding, save_model
 from gaprune.checks import whole_number
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                         finish, finite_float, run, score_files_from_args, scoring_config, spec_from_args)
+                         finish, finite_float, run)
 from gaprune.errors import InputError
-from gaprune.fileio import atomic_dir, check_output_dir, write_json
-from gaprune.layers import LAYER_PATTERNS, detect_family, name_matches, select_parameters
 from gaprune.options import BUDGET_STRATEGIES, LAYER_TYPES, STRUCTURES, UNIFORM_SHARES, UNSTRUCTURED
-from gaprune.modelcard import model_card, write_model_card
-from gaprune.modeling import load_embedder, meta_model, resolve_model_dir
-from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, option_words, prune_stats,
-                             structure_candidates, structure_evaluation_config, structure_stats)
-from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS
-from gaprune.spec import PruneSpec, ScoreFiles
-from gaprune.structure import CONFIG_FIELDS, unit_plan
+
+if TYPE_CHECKING:
+    from gaprune.pruning import ModelZeros
+    from gaprune.spec import PruneSpec, ScoreFiles
 
 log = logging.getLogger("gaprune.sparse")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Prune the lowest-DAI weights and save the pruned model.")
+    parser = ArgumentParser(description="Prune the lowest-DAI weights and save the pruned model.",
+                            recipe="python gaprune/model/SparseModel.py --model_path Qwen/Qwen3-Embedding-4B "
+                                   "--output_dir output/model --unstructured_scoring aligned_saliency "
+                                   "--unstructured_pct 0.5 --general_fisher_scores G.json --domain_fisher_scores "
+                                   "D.json --alignment_scores A.json")
     parser.add_argument("--model_path", required=True, help="model folder or hub id")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--general_fisher_scores", help="fisher.py JSON on general data (absent: 1.0 everywhere)")
@@ -68,13 +64,15 @@ def build_parser() -> ArgumentParser:
 
 def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
     """The whole request the flags make, checked once (nothing is read yet)."""
+    from gaprune.spec import coefficients_from_args, score_files_from_args, spec_from_args
+
     if args.structure == UNSTRUCTURED and args.structured_pct:
         raise InputError(f"--structured_pct needs --structure {' or '.join(STRUCTURES)}")
     if args.structure != UNSTRUCTURED and args.unstructured_pct:
         raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
     whole_number(args.batch_size, "--batch_size")
     amount = args.unstructured_pct if args.structure == UNSTRUCTURED else args.structured_pct
-    spec = spec_from_args(args, args.unstructured_scoring, amount, scoring_config(args))
+    spec = spec_from_args(args, args.unstructured_scoring, amount, coefficients_from_args(args))
     scores = score_files_from_args(args)
     if not (args.dry_run and not scores.given()):  # a dry run before the scoring stages: their files come later
         spec.check_scores(scores)
@@ -82,6 +80,9 @@ def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
 
 
 def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
+    from gaprune.checkpoint import output_folder
+    from gaprune.pruning import option_words
+
     if spec.structure != UNSTRUCTURED:
         return output_folder(output_dir, model_path,
                              f"{spec.scorer}_{spec.structure}_{round(spec.sparsity * 100, 2):g}%")
@@ -94,6 +95,12 @@ def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
 
 
 def show_layer_types(model_path: str) -> None:
+    import torch
+
+    from gaprune.checkpoint import checkpoint_shapes
+    from gaprune.layers import LAYER_PATTERNS, detect_family, name_matches
+    from gaprune.modeling import resolve_model_dir
+
     shapes = checkpoint_shapes(resolve_model_dir(model_path))
     family = detect_family(shapes)
     print(f"Layer types for {model_path} ({family or 'unknown'} naming); candidates need 2+ dimensions:")
@@ -107,6 +114,14 @@ def show_layer_types(model_path: str) -> None:
 def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     """Everything that can be checked without the weights: the request against the model's shapes (a model
     built on the meta device), the score files' headers, the calibration files, the output folder."""
+    import torch
+
+    from gaprune.layers import select_parameters
+    from gaprune.modeling import meta_model
+    from gaprune.pruning import load_calibration, structure_candidates
+    from gaprune.scorefiles import open_score_files
+    from gaprune.structure import unit_plan
+
     model = meta_model(args.model_path)
     for note in spec.notes() + spec.check_model(model):
         log.warning("%s", note)
@@ -129,11 +144,27 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if args.show_layer_types:
         show_layer_types(args.model_path)
         return None
+    from gaprune.fileio import check_output_dir
+
     folder = pruned_folder(args.output_dir, args.model_path, spec)
     check_output_dir(args.output_dir)
     check_output_dir(folder, "the pruned model's folder")
     if args.dry_run:
         return dry_run(args, spec, scores)
+    return prune_and_save(args, spec, scores, folder)
+
+
+def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> str | None:
+    """Prune as ``spec`` asks and write the folder: the model, its records and its model card. Under torchrun
+    every rank prunes (the calibration texts shared out) and rank 0 saves."""
+    from gaprune import api, distributed
+    from gaprune.checkpoint import count_zeros, describe_probe, probe_embedding, save_model
+    from gaprune.fileio import atomic_dir, write_json
+    from gaprune.modelcard import model_card, write_model_card
+    from gaprune.modeling import load_embedder
+    from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, prune_stats,
+                                 structure_evaluation_config, structure_stats)
+
     calibration = load_calibration(spec.calibration) if spec.calibrated else None
     world = distributed.init_from_env(args.device)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
@@ -142,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     zeros_before = count_zeros(embedder.model)
     result = api.prune(embedder, spec, scores, calibration)
     embedding = probe_embedding(embedder)
-    if not world.is_main:  # under torchrun every rank prunes (the calibration texts shared out); rank 0 saves
+    if not world.is_main:
         return None
     if spec.structure == UNSTRUCTURED:
         zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
@@ -174,6 +205,8 @@ def describe_request(spec: PruneSpec) -> str:
 
 
 def describe_result(result, spec: PruneSpec, zeros: ModelZeros | None) -> str:
+    from gaprune.structure import CONFIG_FIELDS
+
     if zeros is None:
         return (f"Removed {result.units_before - result.units_after} of {result.units_before} {spec.structure} in "
                 f"each of {len(result.removed)} layers ({CONFIG_FIELDS[spec.structure]} {result.units_before} -> "

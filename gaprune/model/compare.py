@@ -1,7 +1,8 @@
 """Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table.
 
 Under torchrun every rank prunes (rank 0's weights are then given to all, so they cannot drift apart) and
-encodes its share of the evaluation texts; rank 0 writes and prints."""
+encodes its share of the evaluation texts; rank 0 writes and prints. The library is imported where it is
+used, after parsing: --help needs no torch."""
 
 from __future__ import annotations
 
@@ -10,34 +11,34 @@ import dataclasses
 import logging
 import os
 from datetime import datetime
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from gaprune import distributed
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                         finish, finite_float, positive_int, run, score_files_from_args, scoring_config, spec_from_args)
-from gaprune.data import load_triples
+                         finish, finite_float, positive_int, run)
+from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
-from gaprune.evaluation import METRICS, evaluate_triples, relative_change
-from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
-from gaprune.layers import select_parameters
-from gaprune.modeling import Embedder, load_embedder
 from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES,
                              UNSTRUCTURED)
-from gaprune.pruning import (Calibration, load_calibration, measure_token_weights, option_words, prune_calibrated,
-                             prune_candidates, prune_structure, structure_candidates)
-from gaprune.scorefiles import open_score_files
 from gaprune.scorers import SCORERS
-from gaprune.scoring import ArrayFn, DAIConfig
-from gaprune.spec import PruneSpec, ScoreFiles
-from gaprune.structure import unit_plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from gaprune.distributed import World
+    from gaprune.modeling import Embedder
+    from gaprune.pruning import Calibration
+    from gaprune.scoring import ArrayFn
+    from gaprune.spec import PruneSpec, ScoreFiles
 
 log = logging.getLogger("gaprune.compare")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Compare pruning scorers on domain and general retrieval.")
+    parser = ArgumentParser(description="Compare pruning scorers on domain and general retrieval.",
+                            recipe="python gaprune/model/compare.py --model_path sentence-transformers/all-MiniLM-L6-v2 "
+                                   "--domain_data_paths heldout-chem.json --general_data_paths heldout-web.json "
+                                   "--scorers magnitude aligned_saliency --sparsity 0.5 0.6 "
+                                   "--general_fisher_scores G.json --domain_fisher_scores D.json --alignment_scores A.json")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--domain_data_paths", nargs="+", required=True, help="held-out domain triple files")
     parser.add_argument("--general_data_paths", nargs="+", required=True, help="held-out general triple files")
@@ -91,6 +92,8 @@ def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig]:
 
 
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
+    from gaprune.evaluation import METRICS
+
     return {m: sum(r["metrics"][m] for r in results.values()) / len(results) for m in METRICS}
 
 
@@ -111,12 +114,14 @@ def markdown_table(rows: list[dict]) -> str:
 def row_specs(args) -> list[tuple[str, PruneSpec]]:
     """One checked request per row (each share, each scorer with its coefficient overrides); the options of
     Wanda and SparseGPT go to them alone, and an option no row takes is refused."""
+    from gaprune.spec import coefficients_from_args, spec_from_args
+
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
     calibrated = bool(args.calibration_data or args.general_calibration_data)
     names = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
-    scorers = [(name, *parse_scorer(name, scoring_config(args))) for name in names]
+    scorers = [(name, *parse_scorer(name, coefficients_from_args(args))) for name in names]
     rows = [(label, spec_from_args(args, scoring, pct, config, for_this_scorer=True))
             for pct in dict.fromkeys(args.sparsity) for label, scoring, config in scorers]
     taken = {key for _, spec in rows for key in spec.pruner_options()}
@@ -145,6 +150,12 @@ class DenseModel:
     @classmethod
     def load(cls, args: argparse.Namespace, specs: list[PruneSpec], scores: ScoreFiles,
              calibration: Calibration | None) -> DenseModel:
+        from gaprune.layers import select_parameters
+        from gaprune.modeling import load_embedder
+        from gaprune.pruning import measure_token_weights, structure_candidates
+        from gaprune.scorefiles import open_score_files
+        from gaprune.structure import unit_plan
+
         embedder = load_embedder(args.model_path, args.device, args.dtype)
         for note in {note for spec in specs for note in spec.notes() + spec.check_model(embedder.model)}:
             log.warning("%s", note)
@@ -162,8 +173,14 @@ class DenseModel:
                          if structure == UNSTRUCTURED else {})  # structures load each model afresh
         return cls(args, embedder, candidates, arrays, calibration, dense_weights)
 
-    def pruned(self, spec: PruneSpec, world: distributed.World) -> tuple[Embedder, dict]:
+    def pruned(self, spec: PruneSpec, world: World) -> tuple[Embedder, dict]:
         """The model pruned as ``spec`` asks, and the row entries of what was pruned."""
+        import torch
+
+        from gaprune.modeling import load_embedder
+        from gaprune.pruning import prune_calibrated, prune_candidates, prune_structure
+        from gaprune.structure import unit_plan
+
         if spec.structure == UNSTRUCTURED:
             with torch.no_grad():
                 for name, p in self.candidates.items():
@@ -184,6 +201,8 @@ class DenseModel:
 
 def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args: argparse.Namespace) -> dict:
     """The row's metrics: the mean over each side's files, and every file's own."""
+    from gaprune.evaluation import evaluate_triples
+
     results = {side: {path: evaluate_triples(model, triples, args.batch_size, args.query_instructions)
                       for path, triples in files.items()} for side, files in held_out.items()}
     return {"domain": mean_metrics(results["domain"]), "general": mean_metrics(results["general"]),
@@ -192,6 +211,15 @@ def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args:
 
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from gaprune import distributed
+    from gaprune.data import load_triples
+    from gaprune.evaluation import relative_change
+    from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
+    from gaprune.pruning import load_calibration, option_words
+    from gaprune.spec import score_files_from_args
+
     rows_asked = row_specs(args)
     scores = score_files_from_args(args)
     for _, spec in rows_asked:

@@ -1,4 +1,7 @@
-"""Retrieval quality of a model folder (dense or pruned) on triple files, optionally against a baseline."""
+"""Retrieval quality of a model folder (dense or pruned) on triple files, optionally against a baseline.
+
+A folder that gaprune pruned or retrained on the evaluated queries gets a warning: that is no held-out
+measurement. The library is imported after parsing: --help needs no torch."""
 
 from __future__ import annotations
 
@@ -7,18 +10,16 @@ import os
 from datetime import datetime
 from typing import Sequence
 
-from gaprune import distributed
 from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, run
-from gaprune.data import load_triples
-from gaprune.evaluation import METRICS, evaluate_triples, relative_change
-from gaprune.modeling import load_embedder
-from gaprune.fileio import check_output_file, model_dirname, timestamp, write_json
 
 log = logging.getLogger("gaprune.evaluate")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="nDCG@10, MRR@10, Recall@1/@10 of a model on triple files.")
+    parser = ArgumentParser(description="nDCG@10, MRR@10, Recall@1/@10 of a model on triple files.",
+                            recipe="python gaprune/model/evaluate.py --model_path output/model/FOLDER "
+                                   "--baseline_model sentence-transformers/all-MiniLM-L6-v2 "
+                                   "--data_paths heldout-chem.json heldout-web.json")
     parser.add_argument("--model_path", required=True, help="model folder (dense or pruned) or hub id")
     parser.add_argument("--data_paths", nargs="+", required=True, help="triple files to evaluate on")
     parser.add_argument("--baseline_model", help="also evaluate this model and report the change against it")
@@ -34,6 +35,9 @@ def build_parser() -> ArgumentParser:
 
 
 def evaluate_model(model_path: str, files: dict[str, list[dict]], args) -> dict[str, dict]:
+    from gaprune.evaluation import evaluate_triples
+    from gaprune.modeling import load_embedder
+
     embedder = load_embedder(model_path, args.device, args.dtype, max_length=args.max_length)
     results = {}
     for path, triples in files.items():
@@ -43,6 +47,8 @@ def evaluate_model(model_path: str, files: dict[str, list[dict]], args) -> dict[
 
 
 def format_table(report: dict) -> str:
+    from gaprune.evaluation import METRICS
+
     lines = [f"{'file':<40} {'model':<10} " + " ".join(f"{m:>10}" for m in METRICS)]
     for path, result in report["results"].items():
         name = os.path.basename(path)[:40]
@@ -59,8 +65,16 @@ def format_table(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> str | None:
     """Under torchrun every rank encodes its share of the texts; rank 0 writes and prints."""
     args = build_parser().parse_args(argv)
+    from gaprune import distributed
+    from gaprune.data import load_triples
+    from gaprune.evaluation import METRICS, overlap_warnings, relative_change
+    from gaprune.fileio import check_output_file, model_dirname, timestamp, write_json
+
     world = distributed.init_from_env(args.device)
     files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
+    if os.path.isdir(args.model_path):
+        for warning in overlap_warnings(args.model_path, files):
+            log.warning("%s", warning)
     output = args.output_file or os.path.join("output", "eval",
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
     check_output_file(output, inputs=args.data_paths)

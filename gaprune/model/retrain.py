@@ -6,19 +6,16 @@ import logging
 import os
 from typing import Sequence
 
-from gaprune import api
-from gaprune.checkpoint import describe_probe, output_folder, probe_embedding, save_model
 from gaprune.cli import ArgumentParser, finite_float, finish, add_runtime_args, positive_int, run
-from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
-from gaprune.modelcard import model_card, write_model_card
-from gaprune.modeling import load_embedder
-from gaprune.spec import RetrainSpec
 
 log = logging.getLogger("gaprune.retrain")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Sparse recovery fine-tuning of a pruned embedding model.")
+    parser = ArgumentParser(description="Sparse recovery fine-tuning of a pruned embedding model.",
+                            recipe="python gaprune/model/retrain.py --model_path output/model/FOLDER "
+                                   "--data_path data/sample/chem-example-output.json "
+                                   "--general_data_path data/sample/general-example-output.json --steps 100")
     parser.add_argument("--model_path", required=True, help="pruned model folder (SparseModel.py output)")
     parser.add_argument("--data_path", required=True, help="domain triples to train on")
     parser.add_argument("--output_dir", default="output/retrain")
@@ -41,6 +38,13 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    from gaprune import api
+    from gaprune.checkpoint import describe_probe, output_folder, probe_embedding, save_model
+    from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
+    from gaprune.modelcard import model_card, write_model_card
+    from gaprune.modeling import load_embedder
+    from gaprune.spec import RetrainSpec
+
     spec = RetrainSpec(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                        grad_accum=args.grad_accum, weight_decay=args.weight_decay, general_ratio=args.general_ratio,
                        seed=args.seed)
@@ -73,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 def pruned_stats(folder: str) -> dict | None:
     """The pruned folder's unstructured_ or structured_prune_stats.json, for the model card (None if absent)."""
+    from gaprune.fileio import read_json
+
     for name in ("unstructured_prune_stats.json", "structured_prune_stats.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
