@@ -20,7 +20,7 @@ import logging
 import os
 import random
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from gaprune.distributed import current_world
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
 from gaprune.fileio import read_json
-from gaprune.fisher_information import fisher_information
+from gaprune.fisher_information import FISHER_EPS, fisher_information
 from gaprune.gradient_alignment import gradient_alignment
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.masking import MaskResult
@@ -97,6 +97,22 @@ def _check_scoring_args(data_path: object, flag: str, batch_size: object, max_sa
     one_of(gradients, "--gradients", GRADIENTS)
 
 
+VANISHING_LOSS = 1e-4  # a contrastive loss this small has gradients at the level of rounding noise
+
+
+def vanishing_gradients(mean_loss: float, fisher_means: Mapping[str, float] | None = None) -> list[str]:
+    """Warnings for a scoring pass whose gradients cannot rank weights: the loss is almost 0 (the model already
+    separates every triple), or every parameter's Fisher is within a factor of 2 of the 1e-8 floor."""
+    warnings = []
+    if mean_loss < VANISHING_LOSS:
+        warnings.append(f"the contrastive loss is {mean_loss:.2g} on these triples: its gradients are rounding noise "
+                        f"and cannot rank the weights (harder negatives or larger batches give a signal)")
+    if fisher_means and max(fisher_means.values()) <= 2 * FISHER_EPS:
+        warnings.append(f"every parameter's Fisher information is within 2x of the {FISHER_EPS:g} floor: the "
+                        f"squared gradients are rounding noise and the scores rank nothing")
+    return warnings
+
+
 def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batch_size: int = 1,
            max_samples: int | None = 1000, layer_types: Sequence[str] = ("attention", "mlp"),
            score_dtype: str = "float32", on_first_loss=None, accumulate_on: str = "auto",
@@ -115,6 +131,8 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
             embedder, selected, triples, batch_size, place, runtime_rss, ranks=ranks)) as plan:
         result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
                                     accumulate_on=plan.accumulate_on)
+    for warning in vanishing_gradients(result.mean_loss, result.mean_scores):
+        log.warning("%s", warning)
     if output_dir is not None:
         result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
     return result
@@ -151,6 +169,9 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
             cosine=alignment_mode != "product")) as plan:
         result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
                                     use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
+    losses = [loss for loss in result.losses.values() if loss is not None]
+    for warning in vanishing_gradients(max(losses, default=0.0)):
+        log.warning("%s", warning)
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
             result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name,

@@ -193,6 +193,21 @@ def _layer_mask(spec: PruneSpec, name: str, weight: torch.Tensor, layer_inputs: 
                     else lowest_in_rows(score, share))
 
 
+MIN_CALIBRATION_TOKENS = 4  # fewer per text on average, and a layer's statistics are mostly special tokens
+
+
+def _warn_if_short(embedder: Embedder, calibration: Calibration) -> None:
+    """A warning when the calibration texts, cut to the calibration length, average under 4 tokens."""
+    texts = [text for side in calibration.texts.values() for text in side]
+    if not texts:
+        return
+    ids = embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"]
+    mean = sum(map(len, ids)) / len(ids)
+    if mean < MIN_CALIBRATION_TOKENS:
+        log.warning("the calibration texts average %.1f tokens (special tokens included, at most %d each): "
+                    "each layer's statistics come from little more than the special tokens", mean, embedder.max_length)
+
+
 def _calibrate(embedder: Embedder, candidates: Mapping[str, torch.Tensor], spec: PruneSpec,
                calibration: Calibration, token_weights: TokenWeights | None, prune_layers) -> None:
     """Run the calibration block by block, ``prune_layers`` taking each block's layer inputs, with the memory
@@ -201,6 +216,7 @@ def _calibrate(embedder: Embedder, candidates: Mapping[str, torch.Tensor], spec:
     dense_targets = spec.reconstruction_target != OWN_TARGET
     weighted = calibration.token_weighting != UNIFORM_WEIGHTING
     with calibration_length(embedder, calibration):
+        _warn_if_short(embedder, calibration)
         plan = _logged_plan(embedder, candidates, calibration, hessian, dense_targets)
         if embedder.device.type == "cuda":  # the peak of calibration, from the model up
             torch.cuda.reset_peak_memory_stats(embedder.device)

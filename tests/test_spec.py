@@ -244,3 +244,21 @@ def test_evaluate_warns_when_the_queries_were_in_the_pruning_data(caplog, capsys
     triples = len(json.load(open(fisher_data)))
     assert warnings == [f"{triples} of the {triples} queries of {fisher_data} are in {fisher_data}, which "
                         f"{os.path.basename(folder)} was pruned or retrained on: not a held-out measurement"]
+
+
+def test_gradients_that_are_rounding_noise_are_named():
+    assert api.vanishing_gradients(0.3, {"a": 1e-5, "b": 1.0e-8}) == []  # a normal pass: one layer above the floor
+    assert "the contrastive loss is 2e-05" in api.vanishing_gradients(2e-5, {"a": 1e-3})[0]
+    flat = api.vanishing_gradients(0.3, {"a": 1.01e-8, "b": 1.9e-8})
+    assert len(flat) == 1 and "within 2x of the 1e-08 floor" in flat[0]
+
+
+def test_calibration_texts_cut_to_a_token_or_two_are_named(caplog, bert_dir):
+    embedder = gaprune.load_embedder(bert_dir, "cpu")
+    for max_length, warned in ((2, True), (None, False)):
+        spec = PruneSpec(scorer="wanda", sparsity=0.5, calibration=CalibrationSpec(domain_data=TEXTS,
+                                                                                   max_length=max_length))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            gaprune.prune(embedder, spec)
+        assert ("the calibration texts average 2.0 tokens" in caplog.text) == warned, caplog.text
