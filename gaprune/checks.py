@@ -15,7 +15,8 @@ def number_in(value: object, name: str, low: float = 0.0, high: float = 1.0) -> 
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value!r}")
     if not low <= value <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}, got {value}")
+        bounds = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+        raise InputError(f"{name} must be {bounds}, got {value}")
     return float(value)
 
 

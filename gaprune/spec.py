@@ -368,7 +368,7 @@ class RetrainSpec:
     def __post_init__(self):
         whole_number(self.steps, "--steps")
         if number_in(self.lr, "--lr", 0.0, math.inf) == 0:
-            raise InputError("--lr must be positive, got 0")
+            raise InputError("--lr must be above 0, got 0")
         whole_number(self.batch_size, "--batch_size")
         whole_number(self.warmup_steps, "--warmup_steps", 0)
         whole_number(self.grad_accum, "--grad_accum")
