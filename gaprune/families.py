@@ -125,17 +125,20 @@ BERT = Family(
                           "so fewer heads cannot be written as a standard checkpoint"},
 )
 
+# ModernBERT's fused tensors: q, k and v stacked along the rows of attn.Wqkv; the GLU's input half, then its
+# gate half, along the rows of mlp.Wi (so channel c is rows c and c + intermediate_size)
+_MODERNBERT_FUSED = {"attn.Wqkv": ("attn_q", "attn_k", "attn_v"), "mlp.Wi": ("mlp_up", "mlp_gate")}
+
 MODERNBERT = Family(
     name="modernbert", style="ModernBERT-style", signature=r"(^|\.)layers\.\d+\.(attn|mlp)\.W",
     model_types=("modernbert",), encoder=True, blocks="layers", gated_mlp=True,
     fine_types={
-        "mlp_gate": (r"mlp\.Wi",), "mlp_up": (r"mlp\.Wi",), "mlp_down": (r"mlp\.Wo",),
-        "attn_q": (r"attn\.Wqkv",), "attn_k": (r"attn\.Wqkv",), "attn_v": (r"attn\.Wqkv",), "attn_o": (r"attn\.Wo",),
-        "norm_input": (r"attn_norm",), "norm_post_attn": (r"mlp_norm",), "norm_qk": (),
-        "embed": (r"tok_embeddings",), "final_norm": (r"^final_norm\.weight$",),
+        **{part: (re.escape(tensor),) for tensor, parts in _MODERNBERT_FUSED.items() for part in parts},
+        "mlp_down": (r"mlp\.Wo",), "attn_o": (r"attn\.Wo",), "norm_input": (r"attn_norm",),
+        "norm_post_attn": (r"mlp_norm",), "norm_qk": (), "embed": (r"tok_embeddings",),
+        "final_norm": (r"^final_norm\.weight$",),
     },
-    fused={"mlp.Wi": ("mlp_up", "mlp_gate"), "attn.Wqkv": ("attn_q", "attn_k", "attn_v")},
-    # Wi's rows are the GLU's input half, then its gate half: channel c is rows c and c + intermediate_size
+    fused=_MODERNBERT_FUSED,
     units={"channels": Units((UnitSlice("mlp_up", 0, stacked=2), UnitSlice("mlp_down", 1)), "intermediate_size")},
     unavailable={"heads": "a ModernBERT config derives the head size from hidden_size / num_attention_heads, "
                           "so fewer heads cannot be written as a standard checkpoint"},
