@@ -177,6 +177,12 @@ class _Catcher(torch.nn.Module):
         self.block = block
         self.calls: list[tuple[tuple, dict]] = []
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model reads off its blocks (ModernBERT: attention_type)
+            return getattr(self._modules["block"], name)
+
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         raise _Stop

@@ -1,94 +1,47 @@
-"""Layer types (mlp, attention, ...) as parameter-name patterns, per model family.
+"""Layer types (mlp, attention, ...) as parameter names, and the parameters and modules they select.
 
-Two naming families are known: Qwen3/Llama-style decoders (``layers.N.mlp.gate_proj``) and
-BERT-style encoders (``encoder.layer.N.intermediate.dense``). Names are matched with any leading
-``model.`` removed, so checkpoints saved with or without the wrapper prefix agree.
+The names of each layer type come from the model's family adapter (gaprune.families): Qwen3/Llama-style
+decoders (``layers.N.mlp.gate_proj``), BERT-style encoders (``encoder.layer.N.intermediate.dense``),
+ModernBERT (``layers.N.mlp.Wi``).
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from gaprune.errors import InputError
+from gaprune.families import families, family_named, family_of_names, known_styles, strip_prefix
 from gaprune.options import GRADIENTS, LAYER_TYPES
 
-_FINE_TYPES: dict[str, dict[str, list[str]]] = {
-    "qwen3": {
-        "mlp_gate": [r"gate_proj"],
-        "mlp_up": [r"up_proj"],
-        "mlp_down": [r"down_proj"],
-        "attn_q": [r"q_proj"],
-        "attn_k": [r"k_proj"],
-        "attn_v": [r"v_proj"],
-        "attn_o": [r"o_proj"],
-        "norm_input": [r"input_layernorm"],
-        "norm_post_attn": [r"post_attention_layernorm"],
-        "norm_qk": [r"q_norm", r"k_norm"],
-        "embed": [r"embed_tokens"],
-        "final_norm": [r"^norm\.weight$"],
-    },
-    "bert": {
-        "mlp_gate": [],
-        "mlp_up": [r"intermediate\.dense"],
-        "mlp_down": [r"(?<!attention\.)output\.dense"],  # the layer's own output, not attention.output
-        "attn_q": [r"attention\.self\.query"],
-        "attn_k": [r"attention\.self\.key"],
-        "attn_v": [r"attention\.self\.value"],
-        "attn_o": [r"attention\.output\.dense"],
-        "norm_input": [r"(?<!attention\.)output\.LayerNorm"],
-        "norm_post_attn": [r"attention\.output\.LayerNorm"],
-        "norm_qk": [],
-        "embed": [r"word_embeddings"],
-        "final_norm": [],
-    },
-}
 
-_GROUPS = {
-    "mlp": ["mlp_gate", "mlp_up", "mlp_down"],
-    "attention": ["attn_q", "attn_k", "attn_v", "attn_o"],
-    "layernorm": ["norm_input", "norm_post_attn", "norm_qk"],
-    "linear": ["mlp_gate", "mlp_up", "mlp_down", "attn_q", "attn_k", "attn_v", "attn_o"],
-}
+class _LayerPatterns(Mapping[str, dict[str, tuple[str, ...]]]):
+    """family name -> layer type -> its name patterns, for every registered family."""
+
+    def __getitem__(self, family: str) -> dict[str, tuple[str, ...]]:
+        return family_named(family).layer_patterns()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([family.name for family in families()])
+
+    def __len__(self) -> int:
+        return len(families())
 
 
-def _family_patterns(family: str) -> dict[str, list[str]]:
-    fine = _FINE_TYPES[family]
-    types = dict(fine)
-    for group, members in _GROUPS.items():
-        types[group] = [p for member in members for p in fine[member]]
-    if family == "bert":
-        types["layernorm"] = [r"LayerNorm"]
-    types["all"] = [p for name, pats in fine.items() if name != "final_norm" for p in pats]
-    return types
-
-
-LAYER_PATTERNS: dict[str, dict[str, list[str]]] = {family: _family_patterns(family) for family in _FINE_TYPES}
-
-
-def strip_prefix(name: str) -> str:
-    return name[len("model."):] if name.startswith("model.") else name
+LAYER_PATTERNS = _LayerPatterns()
 
 
 def detect_family(names: Iterable[str]) -> str | None:
-    """'qwen3' for Qwen3/Llama-style names, 'bert' for BERT-style names, None when neither."""
-    names = [strip_prefix(n) for n in names]
-    if any(re.search(r"(^|\.)layers\.\d+\.(mlp|self_attn)\.", n) for n in names):
-        return "qwen3"
-    if any(re.search(r"(^|\.)encoder\.layer\.\d+\.", n) for n in names):
-        return "bert"
-    return None
+    """The name of the family whose parameter names these are ('qwen3', 'bert', 'modernbert'), None when unknown."""
+    family = family_of_names(names)
+    return family.name if family else None
 
 
 def name_matches(name: str, family: str | None, layer_types: Sequence[str]) -> bool:
-    if family is None:
-        return False
-    name = strip_prefix(name)
-    patterns = LAYER_PATTERNS[family]
-    return any(re.search(p, name) for t in layer_types for p in patterns[t])
+    return family is not None and family_named(family).matches(name, layer_types)
 
 
 def select_parameters(named_parameters: Iterable[tuple[str, torch.Tensor]], layer_types: Sequence[str],
@@ -101,12 +54,14 @@ def select_parameters(named_parameters: Iterable[tuple[str, torch.Tensor]], laye
     if unknown:
         raise InputError(f"unknown layer type(s) {', '.join(unknown)}; choose from {', '.join(LAYER_TYPES)}")
     named = list(named_parameters)
-    family = detect_family(n for n, _ in named)
-    chosen = {n: p for n, p in named if p.dim() >= 2 and name_matches(n, family, layer_types)}
+    family = family_of_names(n for n, _ in named)
+    if family is not None:
+        family.check_whole_tensors(layer_types)
+    chosen = {n: p for n, p in named if p.dim() >= 2 and family is not None and family.matches(n, layer_types)}
     if require and not chosen:
-        known = "Qwen3/Llama-style or BERT-style" if family is None else f"{family}-style"
+        looks = f"{family.name}-style" if family else f"unknown; supported: {known_styles()}"
         raise InputError(f"no parameter with 2+ dimensions matches --sparsify_layers {' '.join(layer_types)} "
-                         f"(model names look {'unknown; supported: ' + known if family is None else known})")
+                         f"(model names look {looks})")
     return chosen
 
 
@@ -117,8 +72,6 @@ def layer_key(name: str, fallback_parts: int) -> str:
     if match:
         return match.group(1)
     return ".".join(name.split(".")[:fallback_parts])
-
-
 
 
 @contextmanager
@@ -177,12 +130,14 @@ def parameter_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module,
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``)."""
-    for path in ("layers", "encoder.layer", "model.layers"):
+    """The model's sequence of transformer blocks, where its family keeps them (Qwen3/Llama ``layers``, BERT
+    ``encoder.layer``), under a ``model.`` wrapper or not."""
+    family = family_of_names(name for name, _ in model.named_parameters())
+    for path in ([family.blocks, "model." + family.blocks] if family else []):
         try:
             blocks = model.get_submodule(path)
         except AttributeError:
             continue
         if isinstance(blocks, torch.nn.ModuleList):
             return blocks
-    raise InputError("activation-aware pruning needs Qwen3/Llama-style or BERT-style transformer blocks")
+    raise InputError(f"activation-aware pruning needs {known_styles()} transformer blocks")

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from gaprune.data import TRIPLE_KEYS, batched
+from gaprune.families import family_of_names
 from gaprune.layers import embedding_weights, transformer_blocks
 from gaprune.modeling import Embedder, is_encoder
 
@@ -120,20 +121,20 @@ def activation_bytes_per_token(config, dtype_bytes: int) -> int:
     return per_layer * config.num_hidden_layers + dtype_bytes * 2 * hidden
 
 
-def activation_gradient_bytes_per_token(config, dtype_bytes: int, length: int) -> int:
+def activation_gradient_bytes_per_token(config, dtype_bytes: int, length: int, gated_mlp: bool,
+                                        qk_norms: bool) -> int:
     """What autograd keeps per token of texts padded to ``length`` when only the activations take gradients
     (every weight frozen, so no linear layer keeps its input), per layer: the two norms' inputs and float32
     statistics; sdpa's queries, keys and values (grouped keys and values expanded to every head), output,
     float32 log-sum-exp and the padded batch's attention mask (Qwen3 also keeps q and k before its q/k norms);
-    the MLP's activation inputs (gated: gate, up and their activation; BERT: the GELU's input). Then the
-    final norm's input. (The rotary tables, one per position, are left out.)"""
+    the MLP's activation inputs (``gated_mlp``: gate, up and their activation; BERT: the GELU's input). Then
+    the final norm's input. (The rotary tables, one per position, are left out.)"""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    qk_norms = config.model_type == "qwen3"
     attention = 4 * heads * head_dim + length + (heads + kv_heads) * head_dim * qk_norms
-    mlp = (1 if is_encoder(config) else 3) * config.intermediate_size
+    mlp = (3 if gated_mlp else 1) * config.intermediate_size
     statistics = 4 * (2 + heads + (heads + kv_heads) * qk_norms)
     per_layer = dtype_bytes * (2 * hidden + attention + mlp) + statistics
     return per_layer * config.num_hidden_layers + dtype_bytes * hidden
@@ -418,9 +419,20 @@ def plan_calibration(embedder: Embedder, layers: Sequence[tuple[int, str, int, i
         fields = [side[start + key:start + 3 * batch_size:3]  # one field of a batch of triples
                   for side in lengths for start in range(0, len(side), 3 * batch_size) for key in range(3)]
         outputs = 2 * sum(out for _, _, _, out in layers) * dtype_bytes  # each candidate's y and dL/dy, per token
-        plan.graph = max((len(one) * max(one) * (activation_gradient_bytes_per_token(config, dtype_bytes, max(one))
+        gated_mlp, qk_norms = _mlp_and_norms(model)
+        plan.graph = max((len(one) * max(one) * (activation_gradient_bytes_per_token(config, dtype_bytes, max(one),
+                                                                                      gated_mlp, qk_norms)
                                                  + outputs) for one in fields), default=0)
     return plan
+
+
+def _mlp_and_norms(model: torch.nn.Module) -> tuple[bool, bool]:
+    """Whether the model's MLP is gated (its family says; a family gaprune does not know: decoders are) and
+    whether it has q/k norms (Qwen3)."""
+    family = family_of_names(name for name, _ in model.named_parameters())
+    if family is None:
+        return not is_encoder(model.config), False
+    return family.gated_mlp, any(family.matches(name, ["norm_qk"]) for name, _ in model.named_parameters())
 
 
 def measured_line(plan: MemoryPlan | CalibrationPlan, device: torch.device) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -25,6 +25,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from gaprune.distributed import current_world
 from gaprune.errors import InputError, first_line
+from gaprune.families import family_of_config
+from gaprune.sentence_modules import DenseLayer, dense_layers, read_modules
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +110,15 @@ def resolve_model_dir(path: str) -> str:
 
 
 def is_encoder(config) -> bool:
-    """Bidirectional encoders (BERT, RoBERTa, ...) are the model types with a masked-LM head."""
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    """Whether the model is a bidirectional encoder: as its family adapter says, else (a family gaprune does
+    not know) whether its model type has a masked-LM head (BERT, RoBERTa, ...)."""
+    family = family_of_config(config)
+    return family.encoder if family else config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def pooling_mode(model_dir: str, encoder: bool) -> str:
     """The pooling named in the sentence-transformers config, else lasttoken (decoders) or mean (encoders)."""
-    modules_file = os.path.join(model_dir, "modules.json")
-    pooling_dir = "1_Pooling"
-    if os.path.isfile(modules_file):
-        with open(modules_file, encoding="utf-8") as handle:
-            modules = json.load(handle)
-        pooling_dir = next((m["path"] for m in modules if m.get("type", "").endswith("Pooling")), pooling_dir)
+    pooling_dir = next((m["path"] for m in read_modules(model_dir) if m["type"].endswith("Pooling")), "1_Pooling")
     config_file = os.path.join(model_dir, pooling_dir, "config.json")
     if os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as handle:
@@ -156,6 +155,7 @@ class Embedder:
     name: str = ""  # the model as the user named it (a folder or a hub id)
     max_length: int = 512
     padding: str | bool = True  # dynamic: each batch padded to its longest text
+    dense_layers: list[DenseLayer] = field(default_factory=list)  # sentence-transformers Dense, after pooling
 
     @property
     def device(self) -> torch.device:
@@ -171,7 +171,14 @@ class Embedder:
 
     def embed_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(**tokens).last_hidden_state
-        return pool(hidden, tokens["attention_mask"], self.pooling)
+        embedding = pool(hidden, tokens["attention_mask"], self.pooling)
+        for layer in self.dense_layers:  # in float32, as SentenceTransformer keeps them
+            embedding = layer.to(embedding.device)(embedding.float())
+        return embedding
+
+    @property
+    def dimension(self) -> int:
+        return self.dense_layers[-1].out_features if self.dense_layers else self.model.config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 32, desc: str = "embedding",
@@ -185,7 +192,7 @@ class Embedder:
             rows = [F.normalize(self.embed(texts[i:min(i + batch_size, end)]).float(), dim=-1)
                     for i in tqdm(starts, desc=desc, unit="batch", leave=False,
                                   disable=not (progress and world.is_main))]
-            return torch.cat(rows) if rows else torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            return torch.cat(rows) if rows else torch.zeros(0, self.dimension, device=self.device)
         return world.gather_rows(share, len(texts))
 
 
@@ -228,6 +235,7 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read the model config in {model_dir}: {err}") from None
     encoder = is_encoder(config)
+    dense = dense_layers(model_dir)  # refuses a folder whose sentence-transformers modules gaprune cannot apply
     tokenizer = load_tokenizer(model_dir, padding_side="right" if encoder else "left")
     try:
         model = AutoModel.from_pretrained(model_dir, **{DTYPE_KEY: torch_dtype})
@@ -244,6 +252,7 @@ def load_embedder(path: str, device: str = "auto", dtype: str = "auto", max_leng
         source_dtype=_config_dtype(config),
         name=path,
         max_length=min(n for n in limits if isinstance(n, int) and n > 0),
+        dense_layers=dense,
     )
 
 

@@ -1,4 +1,4 @@
-"""Small random Qwen3 and BERT models with real tokenizers, built offline from a config.
+"""Small random Qwen3, BERT and ModernBERT models with real tokenizers, built offline from a config.
 
 Tests and benchmarks use them where a real checkpoint cannot be downloaded; they load through the
 same AutoModel/AutoTokenizer path as Qwen3-Embedding and all-MiniLM.
@@ -10,7 +10,8 @@ from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+from transformers import (BertConfig, BertModel, ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast, Qwen3Config,
+                          Qwen3Model)
 
 from gaprune.checkpoint import write_sentence_transformers_files
 
@@ -49,8 +50,10 @@ def qwen3_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400,
                                    model_max_length=512)
 
 
-def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """Lower-casing WordPiece with [CLS] ... [SEP], like BERT's."""
+def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400,
+                   model_input_names: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Lower-casing WordPiece with [CLS] ... [SEP], like BERT's (``model_input_names``: what it returns,
+    default input_ids, token_type_ids and attention_mask)."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -59,8 +62,9 @@ def bert_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> Pre
     tok.train_from_iterator(_corpus(extra_text), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    names = {"model_input_names": model_input_names} if model_input_names else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512, **names)
 
 
 def build_qwen3(folder: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
@@ -101,6 +105,27 @@ def build_bert(folder: str, hidden_size: int = 32, intermediate_size: int = 64, 
                         num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=512,
                         pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_sentence_transformers_files(folder, hidden_size, pooling)
+    return folder
+
+
+def build_modernbert(folder: str, hidden_size: int = 32, intermediate_size: int = 64, num_layers: int = 2,
+                     num_heads: int = 4, seed: int = 0, extra_text: Iterable[str] = (), pooling: str = "mean",
+                     global_attn_every_n_layers: int = 1) -> str:
+    """A random ModernBERT encoder (fused attn.Wqkv, GLU mlp.Wi) saved with a WordPiece tokenizer and a
+    sentence-transformers pooling config. Every layer attends globally unless ``global_attn_every_n_layers``
+    says otherwise (ModernBERT-base: 3, the others attend to a sliding window)."""
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(extra_text, model_input_names=["input_ids", "attention_mask"])
+    specials = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+                "cls_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+                "sep_token_id": tokenizer.sep_token_id}
+    config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                              num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                              max_position_embeddings=512, global_attn_every_n_layers=global_attn_every_n_layers,
+                              local_attention=16, **specials)
+    ModernBertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     write_sentence_transformers_files(folder, hidden_size, pooling)
     return folder
