@@ -118,7 +118,7 @@ def test_card_from_a_real_pruned_folder(tmp_path, qwen3_dir):
 def test_retrain_writes_the_card_over_the_savers_readme(capsys, tmp_path, qwen3_dir, data_files, monkeypatch):
     pruned = SparseModel.main(["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "pruned"),
                                "--unstructured_pct", "0.5"])
-    save = retrain.save_model
+    save = checkpoint.save_model
 
     def save_with_readme(embedder, folder):  # as sentence-transformers' own save does
         save(embedder, folder)
