@@ -1,4 +1,4 @@
-"""What the command-line scripts share: common flags, help that shows every default and a recipe, logging,
+"""What the command-line scripts share: common flags, help that shows every default and an example, logging,
 and the error edge. Torch-free, like every module a script imports before parsing: --help loads no torch."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def shows_default(action: argparse.Action) -> bool:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every flag's default in its help (unless the help names it already); the description and the recipe
-    (epilog) keep their lines."""
+    """Every flag's default in its help (unless the help names it already); the description (a script's docstring,
+    with its example) keeps its lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -36,12 +36,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that shows defaults and a recipe in --help, and reports a bad flag as one line (plus a pointer
-    to --help) with exit code 2."""
+    """argparse whose --help shows every default and the description as written (a script's docstring, with
+    its example), and that reports a bad flag as one line (plus a pointer to --help) with exit code 2."""
 
-    def __init__(self, *args, recipe: str | None = None, **kwargs):
-        if recipe:
-            kwargs["epilog"] = f"example:\n  {recipe}"
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
 
     def format_help(self) -> str:

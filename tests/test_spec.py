@@ -216,7 +216,7 @@ def test_help_shows_defaults_and_a_recipe_without_importing_torch():
              "    sys.argv = [module, '--help']\n"
              "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
              "        runpy.run_module(module, run_name='__main__')\n"
-             "    print(module, 'torch' in sys.modules, 'example:' in out.getvalue(), file=sys.stderr)\n"
+             "    print(module, 'torch' in sys.modules, 'Example:' in out.getvalue(), file=sys.stderr)\n"
              "print(out.getvalue())\n")
     proc = subprocess.run([sys.executable, "-c", probe, *SCRIPTS], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO})

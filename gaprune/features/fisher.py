@@ -1,26 +1,27 @@
-"""Stage 2: Fisher information of every weight on one triple file (run it for general and for domain data).
-The library is imported after parsing: --help needs no torch."""
+"""Stage 2: Fisher information of every weight on the contrastive loss of one triple file (run it for
+general and for domain data).
+
+Example:
+  python gaprune/features/fisher.py --model_name Qwen/Qwen3-Embedding-4B \
+      --data_path data/sample/chem-example-output.json --batch_size 4 --max_samples 5000 \
+      --output_dir output/fisher
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args,
                          positive_int, run)
+from gaprune.results import FisherResult
 from gaprune.options import SCORE_DTYPES
-
-if TYPE_CHECKING:
-    from gaprune.results import FisherResult
 
 log = logging.getLogger("gaprune.fisher")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Fisher information of each weight on the contrastive loss of one data set.",
-                            recipe="python gaprune/features/fisher.py --model_name Qwen/Qwen3-Embedding-4B "
-                                   "--data_path data/sample/chem-example-output.json --batch_size 4 "
-                                   "--max_samples 5000 --output_dir output/fisher")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_name", required=True, help="model folder or hub id, e.g. Qwen/Qwen3-Embedding-4B")
     parser.add_argument("--data_path", required=True, help="JSON list of {query, positive, negative} triples")
     parser.add_argument("--batch_size", type=positive_int, default=1)

@@ -1,28 +1,28 @@
 """Stage 3: how general-data and domain-data gradients agree, per parameter and per weight.
-The library is imported after parsing: --help needs no torch."""
+
+Example:
+  python gaprune/features/gradient.py --model_name Qwen/Qwen3-Embedding-4B \
+      --general_data_path data/sample/general-example-output.json \
+      --domain_data_path data/sample/chem-example-output.json --batch_size 4 --max_samples 5000 \
+      --output_dir output/gradient --alignment_mode local_cosine
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from gaprune.cli import (SCORING_DTYPE_HELP, ArgumentParser, finish, add_layer_args, add_runtime_args, add_scale_args,
                          positive_int, run)
+from gaprune.results import AlignmentResult
 from gaprune.options import ALIGNMENT_MODES, SCORE_DTYPES
-
-if TYPE_CHECKING:
-    from gaprune.results import AlignmentResult
 
 log = logging.getLogger("gaprune.gradient")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Gradient alignment between general and domain data.",
-                            recipe="python gaprune/features/gradient.py --model_name Qwen/Qwen3-Embedding-4B "
-                                   "--general_data_path data/sample/general-example-output.json "
-                                   "--domain_data_path data/sample/chem-example-output.json --batch_size 4 "
-                                   "--max_samples 5000 --output_dir output/gradient --alignment_mode local_cosine")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_name", required=True, help="model folder or hub id, e.g. Qwen/Qwen3-Embedding-4B")
     parser.add_argument("--batch_size", type=positive_int, default=2,
                         help="triples per step: batch_size // 2 general, the rest domain (default: 2)")

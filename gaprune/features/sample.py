@@ -1,5 +1,10 @@
 """Stage 1: pick a diverse subset of a large triple file (k-means on query embeddings).
-The library is imported after parsing: --help needs no torch."""
+
+Example:
+  python gaprune/features/sample.py --input_file data/chem-example.json \
+      --output_file data/sample/chem-example-output.json --model_name Qwen/Qwen3-Embedding-0.6B \
+      --target_sample_size 5000
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,7 @@ from gaprune.cli import ArgumentParser, finish, add_runtime_args, positive_int, 
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Diversity sampling of a triple file by k-means on embeddings.",
-                            recipe="python gaprune/features/sample.py --input_file data/chem-example.json "
-                                   "--output_file data/sample/chem-example-output.json "
-                                   "--model_name Qwen/Qwen3-Embedding-0.6B --target_sample_size 5000")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--input_file", default="data/chem-example.json")
     parser.add_argument("--output_file", default="data/sample/chem-example-output.json")
     parser.add_argument("--model_name", default="Qwen/Qwen3-Embedding-0.6B")

@@ -1,8 +1,13 @@
 """Stage 4: DAI scores from the Fisher and alignment files, a mask of the lowest ones, and the pruned model.
 
 With --structure channels (or heads) whole MLP channels (query heads) are removed instead: the saved
-model is smaller and runs faster in any engine. The library is imported where it is used, after parsing:
---help needs no torch."""
+model is smaller and runs faster in any engine. --dry_run checks the whole request and loads no weights.
+
+Example:
+  python gaprune/model/SparseModel.py --model_path Qwen/Qwen3-Embedding-4B --output_dir output/model \
+      --unstructured_scoring aligned_saliency --unstructured_pct 0.5 \
+      --general_fisher_scores G.json --domain_fisher_scores D.json --alignment_scores A.json
+"""
 
 from __future__ import annotations
 
@@ -25,11 +30,7 @@ log = logging.getLogger("gaprune.sparse")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Prune the lowest-DAI weights and save the pruned model.",
-                            recipe="python gaprune/model/SparseModel.py --model_path Qwen/Qwen3-Embedding-4B "
-                                   "--output_dir output/model --unstructured_scoring aligned_saliency "
-                                   "--unstructured_pct 0.5 --general_fisher_scores G.json --domain_fisher_scores "
-                                   "D.json --alignment_scores A.json")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True, help="model folder or hub id")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--general_fisher_scores", help="fisher.py JSON on general data (absent: 1.0 everywhere)")

@@ -1,8 +1,14 @@
 """Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table.
 
 Under torchrun every rank prunes (rank 0's weights are then given to all, so they cannot drift apart) and
-encodes its share of the evaluation texts; rank 0 writes and prints. The library is imported where it is
-used, after parsing: --help needs no torch."""
+encodes its share of the evaluation texts; rank 0 writes and prints.
+
+Example:
+  python gaprune/model/compare.py --model_path sentence-transformers/all-MiniLM-L6-v2 \
+      --domain_data_paths heldout-chem.json --general_data_paths heldout-web.json \
+      --scorers magnitude aligned_saliency --sparsity 0.5 0.6 \
+      --general_fisher_scores G.json --domain_fisher_scores D.json --alignment_scores A.json
+"""
 
 from __future__ import annotations
 
@@ -34,11 +40,7 @@ log = logging.getLogger("gaprune.compare")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Compare pruning scorers on domain and general retrieval.",
-                            recipe="python gaprune/model/compare.py --model_path sentence-transformers/all-MiniLM-L6-v2 "
-                                   "--domain_data_paths heldout-chem.json --general_data_paths heldout-web.json "
-                                   "--scorers magnitude aligned_saliency --sparsity 0.5 0.6 "
-                                   "--general_fisher_scores G.json --domain_fisher_scores D.json --alignment_scores A.json")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--domain_data_paths", nargs="+", required=True, help="held-out domain triple files")
     parser.add_argument("--general_data_paths", nargs="+", required=True, help="held-out general triple files")

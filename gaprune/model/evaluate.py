@@ -1,7 +1,11 @@
-"""Retrieval quality of a model folder (dense or pruned) on triple files, optionally against a baseline.
+"""Retrieval quality (nDCG@10, MRR@10, Recall@1/@10) of a model folder, dense or pruned, on triple files,
+optionally against a baseline. A folder that gaprune pruned or retrained on the evaluated queries gets a
+warning: that is no held-out measurement.
 
-A folder that gaprune pruned or retrained on the evaluated queries gets a warning: that is no held-out
-measurement. The library is imported after parsing: --help needs no torch."""
+Example:
+  python gaprune/model/evaluate.py --model_path output/model/FOLDER \
+      --baseline_model sentence-transformers/all-MiniLM-L6-v2 --data_paths heldout-chem.json heldout-web.json
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,7 @@ log = logging.getLogger("gaprune.evaluate")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="nDCG@10, MRR@10, Recall@1/@10 of a model on triple files.",
-                            recipe="python gaprune/model/evaluate.py --model_path output/model/FOLDER "
-                                   "--baseline_model sentence-transformers/all-MiniLM-L6-v2 "
-                                   "--data_paths heldout-chem.json heldout-web.json")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True, help="model folder (dense or pruned) or hub id")
     parser.add_argument("--data_paths", nargs="+", required=True, help="triple files to evaluate on")
     parser.add_argument("--baseline_model", help="also evaluate this model and report the change against it")

@@ -1,4 +1,9 @@
-"""Retrain a pruned model for a few steps on domain triples; pruned weights stay exactly zero."""
+"""Retrain a pruned model for a few steps on domain triples; pruned weights stay exactly zero.
+
+Example:
+  python gaprune/model/retrain.py --model_path output/model/FOLDER --data_path data/sample/chem-example-output.json \
+      --general_data_path data/sample/general-example-output.json --steps 100
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,7 @@ log = logging.getLogger("gaprune.retrain")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Sparse recovery fine-tuning of a pruned embedding model.",
-                            recipe="python gaprune/model/retrain.py --model_path output/model/FOLDER "
-                                   "--data_path data/sample/chem-example-output.json "
-                                   "--general_data_path data/sample/general-example-output.json --steps 100")
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True, help="pruned model folder (SparseModel.py output)")
     parser.add_argument("--data_path", required=True, help="domain triples to train on")
     parser.add_argument("--output_dir", default="output/retrain")
