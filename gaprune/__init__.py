@@ -1,9 +1,9 @@
 """gaprune: Gradient-Alignment Pruning for domain-aware embedding models.
 
-The stages as Python calls (see gaprune.api): load_embedder, sample, fisher, alignment, prune (a PruneSpec: the
-whole request, checked when it is made; ScoreFiles: the scoring stages' JSON paths), evaluate, save_model,
-retrain (a RetrainSpec), and DAIConfig for the scorer coefficients; InputError is what a bad request raises. They are imported on first use, so that
-``import gaprune.data`` stays light.
+The stages as Python calls (see gaprune.api): load_embedder, sample, fisher, alignment, prune (a PruneSpec:
+the whole request, checked when it is made; ScoreFiles: the scoring stages' JSON paths), evaluate,
+save_model, retrain (a RetrainSpec), and DAIConfig for the scorer coefficients; InputError is what a bad
+request raises. They are imported on first use, so that ``import gaprune.data`` stays light.
 """
 
 import importlib

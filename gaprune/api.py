@@ -35,8 +35,8 @@ from gaprune.gradient_alignment import gradient_alignment
 from gaprune.layers import gradients_of, select_parameters
 from gaprune.masking import MaskResult
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
-from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES, SUM_PLACES,
-                             UNSTRUCTURED)
+from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES,
+                             SUM_PLACES, UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,
                              prune_structure, structure_candidates)
