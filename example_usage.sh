@@ -9,7 +9,8 @@
 #
 # Overrides: MODEL, DEVICE (auto|cpu|cuda), SPARSITY (0..1), SAMPLE_SIZE, MAX_SAMPLES, BATCH_SIZE,
 # STRUCTURE (unstructured: zero single weights, the published default; channels: remove that share of MLP
-# channels; heads: of query heads, Qwen3), SCORER (dai, aligned_saliency, ...; see SparseModel.py --help),
+# channels; heads: of query heads, Qwen3; layers: of whole transformer blocks, the lowest by ShortGPT's block
+# influence on the example data), SCORER (dai, aligned_saliency, ...; see SparseModel.py --help),
 # GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
 # EVALUATE (1 = compare with the dense model), ONE_PASS (1 = both Fisher files and the alignment from one
 # pass of gradient.py over MAX_SAMPLES triples per side, instead of three runs; its Fisher uses half-batches
@@ -61,8 +62,8 @@ fi
 [[ "${EVALUATE}" =~ ^[01]$ ]] || fail "EVALUATE must be 0 or 1, got '${EVALUATE}'"
 [[ "${ONE_PASS}" =~ ^[01]$ ]] || fail "ONE_PASS must be 0 or 1, got '${ONE_PASS}'"
 [[ "${DEVICE}" =~ ^(auto|cpu|cuda)$ ]] || fail "DEVICE must be auto, cpu or cuda, got '${DEVICE}'"
-[[ "${STRUCTURE}" =~ ^(unstructured|channels|heads)$ ]] || \
-    fail "STRUCTURE must be unstructured, channels or heads, got '${STRUCTURE}'"
+[[ "${STRUCTURE}" =~ ^(unstructured|channels|heads|layers)$ ]] || \
+    fail "STRUCTURE must be unstructured, channels, heads or layers, got '${STRUCTURE}'"
 python -c "import sys; from gaprune.scorers import SCORERS; sys.exit(sys.argv[1] not in SCORERS)" "${SCORER}" \
     2>/dev/null || fail "SCORER must be one of: $(python -c 'from gaprune.scorers import SCORERS; print(*SCORERS)')"
 # gradient.py's published product mode, or the cosine mode when the scorer reads cosines (aligned_saliency, dai_paper)
@@ -70,6 +71,9 @@ ALIGNMENT_MODE="$(python -c "import sys; from gaprune.scorers import get_scorer;
 print('local_cosine' if get_scorer(sys.argv[1]).reads_cosine(DAIConfig()) else 'product')" "${SCORER}")"
 if [ "${STRUCTURE}" = "unstructured" ]; then
     PRUNE_ARGS=(--sparsify_layers mlp --unstructured_pct "${SPARSITY}")
+elif [ "${STRUCTURE}" = "layers" ]; then  # the blocks are measured on the example data's texts
+    PRUNE_ARGS=(--structure layers --structured_pct "${SPARSITY}" --calibration_data "${DOMAIN_DATA}"
+                --general_calibration_data "${GENERAL_DATA}")
 else
     PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
 fi

@@ -36,10 +36,11 @@ from gaprune.layers import gradients_of, select_parameters
 from gaprune.masking import MaskResult
 from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_line, warn_if_too_large
 from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES,
-                             SUM_PLACES, UNSTRUCTURED)
+                             SUM_PLACES, LAYERS, UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
-from gaprune.pruning import (Calibration, StructureResult, load_calibration, prune_calibrated, prune_candidates,
-                             prune_structure, structure_candidates)
+from gaprune.blocks import DepthResult, block_weights
+from gaprune.pruning import (Calibration, StructureResult, load_calibration,
+                             prune_calibrated, prune_candidates, prune_depth, prune_structure, structure_candidates)
 from gaprune.retraining import sparse_finetune, zero_masks
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
 from gaprune.results import AlignmentResult, FisherResult
@@ -183,10 +184,11 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
 
 
 def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
-          calibration: Calibration | None = None) -> MaskResult | StructureResult:
+          calibration: Calibration | None = None) -> MaskResult | StructureResult | DepthResult:
     """Prune ``model`` in place as ``spec`` asks, reading the score files ``scores`` names. Masks zero the
     ``spec.sparsity`` share of the candidate weights the scorer ranks lowest (or N of every M); a
-    ``spec.structure`` removes whole channels or heads, so the model and its config become smaller. Wanda,
+    ``spec.structure`` removes whole channels or heads, or whole transformer blocks (``layers``), so the model
+    and its config become smaller. Wanda,
     SparseGPT and reconstruction calibrate on ``spec.calibration``'s texts (or on ``calibration``, texts loaded
     and measured before: compare.py reuses them). Save the model with gaprune.save_model."""
     if not isinstance(spec, PruneSpec):
@@ -196,6 +198,10 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
     embedder = as_embedder(model)
     for note in spec.notes() + spec.check_model(embedder.model):
         log.warning("%s", note)
+    if spec.structure == LAYERS:
+        if spec.uses_texts:
+            calibration = calibration if calibration is not None else load_calibration(spec.calibration)
+        return prune_depth(embedder, spec, _depth_arrays(embedder, spec, scores), calibration)
     if spec.structure != UNSTRUCTURED:
         plan = unit_plan(embedder.model, spec.structure)
         candidates = structure_candidates(embedder.model, plan)
@@ -208,6 +214,14 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
         return prune_calibrated(embedder, candidates, spec, calibration, arrays)
     return prune_candidates(candidates, arrays, spec.scorer, spec.config, spec.share, spec.strategy, spec.rho_min,
                             spec.rho_max, spec.seed, spec.parsed_pattern)
+
+
+def _depth_arrays(embedder: Embedder, spec: PruneSpec, scores: ScoreFiles) -> ArrayFn | None:
+    """The score files a block scorer that sums weight scores reads, opened for every matrix of the blocks."""
+    if not spec.scorers_used():
+        return None
+    named = {name: p for weights in block_weights(embedder.model).values() for name, p in weights.items()}
+    return _score_arrays(embedder, named, spec, scores)
 
 
 def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], spec: PruneSpec,

@@ -129,9 +129,9 @@ def parameter_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module,
     return model.get_submodule(path), attribute
 
 
-def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's sequence of transformer blocks, where its family keeps them (Qwen3/Llama ``layers``, BERT
-    ``encoder.layer``), under a ``model.`` wrapper or not."""
+def blocks_path(model: torch.nn.Module) -> str:
+    """Where the model keeps its sequence of transformer blocks (Qwen3/Llama ``layers``, BERT ``encoder.layer``),
+    under a ``model.`` wrapper or not."""
     family = family_of_names(name for name, _ in model.named_parameters())
     for path in ([family.blocks, "model." + family.blocks] if family else []):
         try:
@@ -139,5 +139,10 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
         except AttributeError:
             continue
         if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise InputError(f"activation-aware pruning needs {known_styles()} transformer blocks")
+            return path
+    raise InputError(f"calibration and depth pruning need {known_styles()} transformer blocks")
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's sequence of transformer blocks."""
+    return model.get_submodule(blocks_path(model))

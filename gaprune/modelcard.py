@@ -148,7 +148,12 @@ def _code(value) -> str:
 
 def summary(base, config, structured, unstructured, stats, retrain) -> str:
     source = _code(base) if base else "an unnamed model"
-    if structured is not None:
+    if structured is not None and structured.get("structure") == "layers":
+        text = (f"A shallower copy of {source}: {structured.get('layers_removed')} whole transformer layers "
+                f"(indices {structured.get('removed_layers')}) removed, chosen by gaprune's "
+                f"`{structured.get('scoring')}` block scorer. It is a standard checkpoint: `config.json` gives the "
+                "new depth and no gaprune code is needed to load it.")
+    elif structured is not None:
         text = (f"A smaller copy of {source}: {_pct(structured.get('share'))} of every layer's "
                 f"{UNIT_WORDS.get(structured.get('structure'), structured.get('structure'))} removed by gaprune's "
                 f"`{structured.get('scoring')}` scorer. It is a standard checkpoint: `config.json` gives the new "
@@ -170,7 +175,12 @@ def summary(base, config, structured, unstructured, stats, retrain) -> str:
 def flags(config: Mapping, structured: Mapping | None, unstructured: Mapping | None) -> list[str]:
     """The SparseModel.py flags that reproduce the folder, from its evaluation_config.json."""
     out = []
-    if structured is not None:
+    if structured is not None and structured.get("structure") == "layers":
+        amount = (["--structured_pct", str(structured["share"])] if structured.get("share")
+                  else ["--num_layers_removed", str(structured.get("layers_removed"))])
+        out += ["--structure", "layers", *amount, "--block_scoring", str(structured.get("scoring"))]
+        record = structured
+    elif structured is not None:
         out += ["--structure", str(structured.get("structure")), "--structured_pct", str(structured.get("share")),
                 "--unstructured_scoring", str(structured.get("scoring"))]
         record = structured
@@ -208,7 +218,7 @@ def method_rows(base, config, structured, unstructured) -> list[str]:
                        ("domain_fisher_scores", "domain Fisher scores"), ("alignment_scores", "alignment scores")):
         if files.get(key):
             rows.append((label, _code(files[key])))
-    calibration = (unstructured or {}).get("calibration")
+    calibration = (unstructured or structured or {}).get("calibration")
     if calibration:
         texts = calibration.get("texts") or {}
         used = ", ".join(f"{_code(calibration.get(key))} ({texts.get(side, '?')} texts)"
@@ -234,10 +244,14 @@ def removed_lines(config, structured, unstructured, stats) -> list[str]:
         units = size.get(field) or {}
         before = stats.get("params_before", size.get("params_before"))
         after = stats.get("params_after", size.get("params_after"))
-        lines = [f"- {UNIT_WORDS.get(structured.get('structure'), 'units')}: `{field}` "
-                 f"{_count(units.get('before', stats.get('units_per_layer_before')))} -> "
-                 f"{_count(units.get('after', stats.get('units_per_layer_after')))} per layer "
-                 f"({_pct(structured.get('share'))} removed)"]
+        if structured.get("structure") == "layers":
+            lines = [f"- layers: `{field}` {_count(units.get('before'))} -> {_count(units.get('after'))} (indices "
+                     f"{structured.get('removed_layers')} of the dense model removed)"]
+        else:
+            lines = [f"- {UNIT_WORDS.get(structured.get('structure'), 'units')}: `{field}` "
+                     f"{_count(units.get('before', stats.get('units_per_layer_before')))} -> "
+                     f"{_count(units.get('after', stats.get('units_per_layer_after')))} per layer "
+                     f"({_pct(structured.get('share'))} removed)"]
         if isinstance(before, int) and isinstance(after, int) and before:
             lines.append(f"- parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer)")
         return lines

@@ -21,7 +21,11 @@ FISHER_NORMS = ("global", "tensor", "none")
 BUDGET_STRATEGIES = ("global", "uniform")
 UNSTRUCTURED = "unstructured"  # no N:M pattern, no whole units: single weights
 SPARSITY_PATTERNS = (UNSTRUCTURED, "2:4", "4:8")
-STRUCTURES = ("channels", "heads")
+UNIT_STRUCTURES = ("channels", "heads")  # whole MLP channels, whole query heads: the same count from every layer
+LAYERS = "layers"  # whole transformer blocks (depth pruning)
+STRUCTURES = (*UNIT_STRUCTURES, LAYERS)
+# --block_scoring: the measurements of gaprune.blocks; a score-based weight scorer's name also works (its sum)
+BLOCK_MEASURES = ("block_influence", "skip_drift", "skip_loss", "greedy_drift")
 
 NATURAL_ORDER = "natural"  # N:M: SparseGPT's groups of M columns left to right
 GROUP_ORDERS = (NATURAL_ORDER, "hessian")  # or by decreasing sum of H_jj (input energy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from contextlib import contextmanager
@@ -9,8 +10,10 @@ from typing import Iterator, Mapping
 
 import torch
 
+from gaprune.blocks import BLOCK_CONFIG_FIELD, BlockContext, DepthResult, get_block_scorer, lowest_blocks, remove_blocks
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.input_stats import LayerInputs
+from gaprune.layers import transformer_blocks
 from gaprune.data import load_triples, triple_texts
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
@@ -19,7 +22,7 @@ from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.options import OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING
+from gaprune.options import LAYERS, OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.coefficients import DAIConfig
@@ -292,6 +295,65 @@ def prune_structure(model: torch.nn.Module, plan: UnitPlan, arrays: ArrayFn, sco
     return StructureResult(plan.structure, {layer: indices.tolist() for layer, indices in removed.items()},
                            plan.units, plan.units - count, params_before, sum(p.numel() for p in model.parameters()),
                            stats, diagnostics)
+
+
+def prune_depth(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
+                calibration: Calibration | None) -> DepthResult:
+    """Remove, in place, the whole transformer blocks ``spec.block_scorer`` ranks lowest (the share or count the
+    spec asks for); the model and its config lose them."""
+    model = embedder.model
+    count = spec.blocks_to_remove(len(transformer_blocks(model)))
+    context = BlockContext(embedder, calibration.texts if calibration else {},
+                           calibration.general_share if calibration else 0.0,
+                           calibration.batch_size if calibration else 8, arrays, spec.config, spec.seed)
+    with calibration_length(embedder, calibration) if calibration else contextlib.nullcontext():
+        removed, scores = lowest_blocks(get_block_scorer(spec.block_scorer), context, count)
+    params_before = sum(p.numel() for p in model.parameters())
+    blocks_before = len(transformer_blocks(model))
+    remove_blocks(model, removed)
+    return DepthResult(spec.block_scorer, removed, blocks_before, scores, params_before,
+                       sum(p.numel() for p in model.parameters()))
+
+
+def depth_stats(result: DepthResult, spec: PruneSpec) -> dict:
+    """structured_prune_stats.json of a folder whose layers were removed."""
+    return {
+        "structure": LAYERS,
+        "scoring": result.scorer,
+        "share_requested": spec.sparsity if spec.block_count is None else None,
+        "layers_requested": spec.block_count,
+        "config_field": BLOCK_CONFIG_FIELD,
+        "layers_before": result.blocks_before,
+        "layers_after": result.blocks_before - len(result.removed),
+        "removed_layers": result.removed,
+        "layer_scores": result.block_scores,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+    }
+
+
+def depth_evaluation_config(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles,
+                            result: DepthResult, calibration: Calibration | None) -> dict:
+    """evaluation_config.json of a folder whose layers were removed."""
+    record = {"structure": LAYERS, "share": spec.sparsity if spec.block_count is None else None,
+              "layers_removed": len(result.removed), "removed_layers": result.removed, "scoring": result.scorer,
+              **dataclasses.asdict(spec.config)}
+    if calibration is not None:
+        record.update(_calibration_record(spec, calibration))
+    return {
+        "model_path": model_path,
+        "batch_size": batch_size,
+        "structure": LAYERS,
+        "sparsify_layers": ["all"],
+        "pruning_method": f"layers_{result.scorer}",
+        "meta": {
+            "structured_pruning": record,
+            "score_files": _score_file_entries(scores),
+            "size": {"params_before": result.params_before, "params_after": result.params_after,
+                     BLOCK_CONFIG_FIELD: {"before": result.blocks_before,
+                                          "after": result.blocks_before - len(result.removed)}},
+        },
+    }
 
 
 def structure_stats(result: StructureResult, scorer: str, share: float) -> dict:

@@ -21,10 +21,10 @@ import torch
 
 from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
 from gaprune.errors import InputError
-from gaprune.layers import select_parameters
-from gaprune.options import (BUDGET_STRATEGIES, GROUP_ORDERS, LAYER_TYPES, NATURAL_ORDER, OWN_TARGET,
-                             RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING,
-                             UNSTRUCTURED)
+from gaprune.layers import select_parameters, transformer_blocks
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, GROUP_ORDERS, LAYER_TYPES, LAYERS, NATURAL_ORDER,
+                             OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES,
+                             UNIFORM_WEIGHTING, UNSTRUCTURED)
 from gaprune.patterns import Pattern, parse_pattern
 from gaprune.results import FILE_KINDS
 from gaprune.scorers import SCORERS, get_scorer
@@ -33,6 +33,7 @@ from gaprune.structure import CONFIG_FIELDS, unit_plan, units_to_remove
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BLOCK_SCORER = BLOCK_MEASURES[0]  # block_influence (ShortGPT)
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 # The scorer coefficients each score-based scorer reads (DAIConfig's fields); the others read none.
 COEFFICIENTS_READ = {
@@ -122,12 +123,13 @@ class CalibrationSpec:
 class PruneSpec:
     """What to prune and how. ``sparsity`` is the share of the candidate weights to zero (with an N:M
     ``pattern`` it is N/M, and may be left at 0), or with a ``structure`` the share of every layer's
-    channels or heads to remove."""
+    channels or heads to remove, or of the transformer blocks (``layers``: or ``block_count`` of them, chosen
+    by ``block_scorer``)."""
 
     scorer: str = "dai"
     sparsity: float = 0.0
     pattern: str = UNSTRUCTURED  # or "2:4", "4:8"
-    structure: str = UNSTRUCTURED  # or "channels", "heads"
+    structure: str = UNSTRUCTURED  # or "channels", "heads", "layers"
     layer_types: tuple[str, ...] = ("mlp",)
     strategy: str = "global"  # the budget of score-based masks: global, or uniform (rho_min..rho_max per layer)
     rho_min: float = 0.05
@@ -139,13 +141,19 @@ class PruneSpec:
     reconstruct: bool = False
     reconstruction_target: str = OWN_TARGET
     calibration: CalibrationSpec | None = None
+    block_scorer: str = DEFAULT_BLOCK_SCORER  # layers: a measurement (BLOCK_MEASURES) or a score-based scorer's sum
+    block_count: int | None = None  # layers: how many blocks go (instead of the share ``sparsity``)
 
     def __post_init__(self):
         self._check_values()
         if self.structure == UNSTRUCTURED:
             self._check_masking()
+        elif self.structure == LAYERS:
+            self._check_depth()
         else:
             self._check_units()
+        if self.structure != LAYERS and (self.block_scorer != DEFAULT_BLOCK_SCORER or self.block_count is not None):
+            raise InputError("--block_scoring and --num_layers_removed choose whole layers; give --structure layers")
 
     @property
     def amount_flag(self) -> str:
@@ -170,10 +178,27 @@ class PruneSpec:
         """Whether the request prunes layer by layer on calibration texts (Wanda, SparseGPT, reconstruction)."""
         return self.structure == UNSTRUCTURED and (self.chosen.needs_activations or self.reconstruct)
 
+    @property
+    def uses_texts(self) -> bool:
+        """Whether the request reads calibration texts: calibrated pruning, or blocks measured on them."""
+        return self.calibrated or (self.structure == LAYERS and self.block_scorer in BLOCK_MEASURES)
+
     def scorers_used(self) -> list[str]:
         """The registered scorers whose score files this request reads: the scorer, and the one that sets the
-        layer shares of an activation-aware pruner."""
+        layer shares of an activation-aware pruner (layers: the scorer whose scores a block sums, if any)."""
+        if self.structure == LAYERS:
+            return [] if self.block_scorer in BLOCK_MEASURES else [self.block_scorer]
         return [self.scorer] + ([self.layer_shares] if self.layer_shares != UNIFORM_SHARES else [])
+
+    def blocks_to_remove(self, blocks: int) -> int:
+        """layers: how many of ``blocks`` go, at least one and not all."""
+        count = self.block_count if self.block_count is not None else round(self.sparsity * blocks)
+        asked = f"--num_layers_removed {count}" if self.block_count is not None else f"--structured_pct {self.sparsity:g}"
+        if count < 1:
+            raise InputError(f"{asked} removes no layer of {blocks}; the smallest step is {1 / blocks:.4g}")
+        if count >= blocks:
+            raise InputError(f"{asked} leaves no layer of {blocks}")
+        return count
 
     def pruner_options(self) -> dict[str, str]:
         """The options of Wanda's and SparseGPT's masks and of the calibration statistics that differ from their
@@ -230,6 +255,38 @@ class PruneSpec:
         if self.strategy != "global":
             raise InputError(f"--layer_budget_strategy applies to masks; --structure {self.structure} removes the "
                              f"same count from every layer")
+        if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
+            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
+                             "--reconstruct; this run has none")
+
+    def _check_depth(self) -> None:
+        """--structure layers: a share or a count of whole blocks, chosen by a block scorer; the flags of masks and
+        of the weight scorers do not apply."""
+        if self.block_count is not None:
+            whole_number(self.block_count, "--num_layers_removed")
+            if self.sparsity:
+                raise InputError("--structured_pct and --num_layers_removed both say how many layers go; give one")
+        elif not 0.0 < self.sparsity < 1.0:
+            raise InputError(f"--structure layers needs --structured_pct between 0 and 1 (exclusive) or "
+                             f"--num_layers_removed, got {self.sparsity}")
+        for flag, asked in (("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
+                            ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
+                            ("--group_order", self.group_order != NATURAL_ORDER),
+                            ("--reconstruction_target", self.reconstruction_target != OWN_TARGET),
+                            ("--sparsify_layers", self.layer_types != ("mlp",)),
+                            ("--layer_budget_strategy", self.strategy != "global"),
+                            ("--unstructured_scoring", self.scorer != "dai")):
+            if asked:
+                raise InputError(f"{flag} applies to weights; --structure layers removes whole layers, chosen by "
+                                 f"--block_scoring")
+        if self.block_scorer not in BLOCK_MEASURES:
+            if self.block_scorer not in SCORERS or get_scorer(self.block_scorer).needs_activations:
+                score_based = [name for name, entry in SCORERS.items() if not entry.needs_activations]
+                raise InputError(f"--block_scoring takes {', '.join(BLOCK_MEASURES)} or a score-based scorer "
+                                 f"({', '.join(score_based)}), not {self.block_scorer!r}")
+        elif self.calibration is None:
+            raise InputError(f"--block_scoring {self.block_scorer} measures the layers on calibration texts: give "
+                             f"--calibration_data and/or --general_calibration_data")
         if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
             raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
                              "--reconstruct; this run has none")
@@ -304,25 +361,33 @@ class PruneSpec:
                          f"{self.amount_flag} 0.5 to zero half of the {'/'.join(self.layer_types)} weights)")
         if self.structure == UNSTRUCTURED and self.share == 1:
             notes.append(f"{self.amount_flag} 1 zeroes every {'/'.join(self.layer_types)} weight")
-        if not self.calibrated and self.calibration is not None:
-            notes.append("calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored")
+        if not self.uses_texts and self.calibration is not None:
+            notes.append("calibration flags are only used by wanda, sparsegpt, --reconstruct and the block "
+                         "measurements of --structure layers; ignored")
         if self.strategy == "global" and (self.rho_min, self.rho_max) != (0.05, 0.95):
             notes.append("--rho_min and --rho_max bound the uniform strategy's layer shares; the global budget "
                          "ignores them")
-        read = set(COEFFICIENTS_READ.get(self.scorer, ()))
+        read = set(COEFFICIENTS_READ.get(self.block_scorer if self.structure == LAYERS else self.scorer, ()))
         if self.layer_shares != UNIFORM_SHARES:
             read |= set(COEFFICIENTS_READ.get(self.layer_shares, ()))
         defaults = DAIConfig()
         unread = [field.name for field in dataclasses.fields(DAIConfig)
                   if getattr(self.config, field.name) != getattr(defaults, field.name) and field.name not in read]
         if unread:
-            notes.append(f"{', '.join('--' + name for name in unread)}: not read by {self.scorer}; ignored")
+            reader = self.block_scorer if self.structure == LAYERS else self.scorer
+            notes.append(f"{', '.join('--' + name for name in unread)}: not read by {reader}; ignored")
         return notes
 
     def check_model(self, model: torch.nn.Module) -> list[str]:
         """What needs the model's shapes (a model on the meta device will do): the candidate layers exist, an
         N:M group fits every candidate row, a structure's share removes some units and keeps some. Returns
         warnings (a share that rounds away from what was asked)."""
+        if self.structure == LAYERS:
+            blocks = len(transformer_blocks(model))
+            count = self.blocks_to_remove(blocks)
+            if self.block_count is None and abs(count / blocks - self.sparsity) > 1e-9:
+                return [f"--structured_pct {self.sparsity:g} removes {count} of {blocks} layers ({count / blocks:.4g})"]
+            return []
         if self.structure != UNSTRUCTURED:
             plan = unit_plan(model, self.structure)
             count = units_to_remove(plan, self.sparsity)
@@ -416,9 +481,10 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
 
 
 def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, config: DAIConfig,
-                   for_this_scorer: bool = False) -> PruneSpec:
+                   for_this_scorer: bool = False, **depth) -> PruneSpec:
     """The pruning request the flags of SparseModel.py and compare.py make, checked whole; with
-    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py)."""
+    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py);
+    ``depth``: the block_scorer and block_count of --structure layers."""
     options = {"layer_shares": args.layer_shares, "group_order": args.group_order,
                "reconstruction_target": args.reconstruction_target}
     if for_this_scorer:
@@ -426,7 +492,8 @@ def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, confi
     return PruneSpec(scorer=scorer, sparsity=sparsity, pattern=args.sparsity_pattern, structure=args.structure,
                      layer_types=tuple(args.sparsify_layers), strategy=args.layer_budget_strategy,
                      rho_min=getattr(args, "rho_min", 0.05), rho_max=getattr(args, "rho_max", 0.95), seed=args.seed,
-                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options)
+                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options,
+                     **depth)
 
 
 def coefficients_from_args(args: argparse.Namespace) -> DAIConfig:

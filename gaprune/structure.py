@@ -24,7 +24,7 @@ from gaprune.errors import InputError
 from gaprune.families import Family, Units, family_of_names, known_styles
 from gaprune.layers import layer_key, parameter_owner
 from gaprune.masking import ScoreFn
-from gaprune.options import STRUCTURES
+from gaprune.options import UNIT_STRUCTURES
 
 
 CONFIG_FIELDS = {"channels": "intermediate_size", "heads": "num_attention_heads"}  # as every known family names them
@@ -53,8 +53,8 @@ class UnitPlan:
 
 def _family_units(model: torch.nn.Module, structure: str) -> tuple[Family, Units]:
     """The model's family and its units of ``structure``, or an InputError saying why there are none."""
-    if structure not in STRUCTURES:
-        raise InputError(f"unknown structure {structure!r}; choose from {', '.join(STRUCTURES)}")
+    if structure not in UNIT_STRUCTURES:
+        raise InputError(f"unknown structure {structure!r}; choose from {', '.join(UNIT_STRUCTURES)}")
     family = family_of_names(name for name, _ in model.named_parameters())
     if family is None:
         raise InputError(f"--structure {structure} needs {known_styles()} parameter names; this model's are unknown")

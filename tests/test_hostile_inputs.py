@@ -374,7 +374,7 @@ def run_example(tmp_path, env_extra, cwd=None):
                                           ({"MAX_SAMPLES": "2"}, "MAX_SAMPLES (2) must be at least BATCH_SIZE (4)"),
                                           ({"RETRAIN_STEPS": "1", "RETRAIN_BATCH_SIZE": "2"},
                                            "RETRAIN_BATCH_SIZE must be at least 3"),
-                                          ({"STRUCTURE": "rows"}, "STRUCTURE must be unstructured, channels or heads"),
+                                          ({"STRUCTURE": "rows"}, "STRUCTURE must be unstructured, channels, heads or layers"),
                                           ({"SCORER": "bogus"}, "SCORER must be one of")])
 def test_example_usage_checks_settings_before_any_stage(tmp_path, env, message):
     proc = run_example(tmp_path, env)

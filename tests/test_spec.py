@@ -96,7 +96,8 @@ def test_legal_but_useless_requests_are_noted():
     assert "the global budget ignores them" in PruneSpec(scorer="magnitude", sparsity=0.5, rho_min=0.2).notes()[0]
     assert PruneSpec(scorer="magnitude", sparsity=0.5, strategy="uniform", rho_min=0.2).notes() == []
     ignored = PruneSpec(scorer="magnitude", sparsity=0.5, calibration=CalibrationSpec(domain_data=TEXTS))
-    assert ignored.notes() == ["calibration flags are only used by wanda, sparsegpt and --reconstruct; ignored"]
+    assert ignored.notes() == ["calibration flags are only used by wanda, sparsegpt, --reconstruct and the block "
+                               "measurements of --structure layers; ignored"]
 
 
 def test_compare_rows_keep_the_options_only_for_the_pruners_that_take_them():

@@ -1,7 +1,8 @@
 """Stage 4: DAI scores from the Fisher and alignment files, a mask of the lowest ones, and the pruned model.
 
-With --structure channels (or heads) whole MLP channels (query heads) are removed instead: the saved
-model is smaller and runs faster in any engine. --dry_run checks the whole request and loads no weights.
+With --structure channels (or heads) whole MLP channels (query heads) are removed instead, and with
+--structure layers whole transformer blocks (chosen by --block_scoring): the saved model is smaller and
+runs faster in any engine. --dry_run checks the whole request and loads no weights.
 
 Example:
   python gaprune/model/SparseModel.py --model_path Qwen/Qwen3-Embedding-4B --output_dir output/model \
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Sequence
 
 from gaprune.checks import whole_number
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                         finish, finite_float, run)
+                         finish, finite_float, positive_int, run)
 from gaprune.errors import InputError
-from gaprune.options import BUDGET_STRATEGIES, LAYER_TYPES, STRUCTURES, UNIFORM_SHARES, UNSTRUCTURED
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, LAYER_TYPES, LAYERS, STRUCTURES, UNIFORM_SHARES,
+                             UNSTRUCTURED)
 from gaprune.scorers import SCORERS
 
 if TYPE_CHECKING:
@@ -43,10 +45,20 @@ def build_parser() -> ArgumentParser:
                         help="; ".join(f"{s.name}: {s.summary}" for s in SCORERS.values()) + " (see README)")
     parser.add_argument("--structure", default="unstructured", choices=["unstructured", *STRUCTURES],
                         help="unstructured: zero single weights (default); channels: remove whole MLP channels; "
-                             "heads: remove query heads (Qwen3). Channels and heads give a smaller model")
+                             "heads: remove query heads (Qwen3); layers: remove whole transformer blocks. Channels, "
+                             "heads and layers give a smaller model")
     parser.add_argument("--structured_pct", type=finite_float, default=0.0,
                         help="with --structure channels/heads: share of every layer's channels or heads to remove, "
-                             "0..1 (the scores of the tensors that carry them are summed per unit)")
+                             "0..1 (the scores of the tensors that carry them are summed per unit); with "
+                             "--structure layers: share of the transformer blocks (rounded to a whole count)")
+    parser.add_argument("--num_layers_removed", type=positive_int,
+                        help="with --structure layers: how many transformer blocks to remove (instead of "
+                             "--structured_pct)")
+    parser.add_argument("--block_scoring", default=BLOCK_MEASURES[0], metavar="SCORER",
+                        help=f"with --structure layers, which blocks go (the lowest): {', '.join(BLOCK_MEASURES)} "
+                             "(measured on the calibration texts: ShortGPT's 1 - cos(block input, output); the "
+                             "embedding drift or the loss rise when the block is skipped; the drift re-measured "
+                             "after each removal), or a score-based scorer's name (its scores summed over the block)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
@@ -73,7 +85,8 @@ def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
         raise InputError(f"--unstructured_pct cannot be combined with --structure {args.structure}")
     whole_number(args.batch_size, "--batch_size")
     amount = args.unstructured_pct if args.structure == UNSTRUCTURED else args.structured_pct
-    spec = spec_from_args(args, args.unstructured_scoring, amount, coefficients_from_args(args))
+    spec = spec_from_args(args, args.unstructured_scoring, amount, coefficients_from_args(args),
+                          block_scorer=args.block_scoring, block_count=args.num_layers_removed)
     scores = score_files_from_args(args)
     if not (args.dry_run and not scores.given()):  # a dry run before the scoring stages: their files come later
         spec.check_scores(scores)
@@ -84,6 +97,10 @@ def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
     from gaprune.checkpoint import output_folder
     from gaprune.pruning import option_words
 
+    if spec.structure == LAYERS:
+        amount = (f"minus{spec.block_count}" if spec.block_count is not None
+                  else f"{round(spec.sparsity * 100, 2):g}%")
+        return output_folder(output_dir, model_path, f"{spec.block_scorer}_layers_{amount}")
     if spec.structure != UNSTRUCTURED:
         return output_folder(output_dir, model_path,
                              f"{spec.scorer}_{spec.structure}_{round(spec.sparsity * 100, 2):g}%")
@@ -117,6 +134,7 @@ def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     built on the meta device), the score files' headers, the calibration files, the output folder."""
     import torch
 
+    from gaprune.blocks import block_weights
     from gaprune.layers import select_parameters
     from gaprune.modeling import meta_model
     from gaprune.pruning import load_calibration, structure_candidates
@@ -127,11 +145,15 @@ def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     for note in spec.notes() + spec.check_model(model):
         log.warning("%s", note)
     if scores.given():
-        candidates = (structure_candidates(model, unit_plan(model, spec.structure)) if spec.structure != UNSTRUCTURED
-                      else select_parameters(model.named_parameters(), spec.layer_types))
+        if spec.structure == LAYERS:
+            candidates = {name: p for weights in block_weights(model).values() for name, p in weights.items()}
+        elif spec.structure != UNSTRUCTURED:
+            candidates = structure_candidates(model, unit_plan(model, spec.structure))
+        else:
+            candidates = select_parameters(model.named_parameters(), spec.layer_types)
         open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
                          torch.device("cpu"), need_cosine=spec.reads_cosine(), model_name=args.model_path)
-    if spec.calibrated:
+    if spec.uses_texts:
         load_calibration(spec.calibration)
     folder = pruned_folder(args.output_dir, args.model_path, spec)
     print(f"Request checked (no weights loaded): {spec.scorer}, {spec.structure}, share {spec.share:g}; "
@@ -163,10 +185,9 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     from gaprune.fileio import atomic_dir, write_json
     from gaprune.modelcard import model_card, write_model_card
     from gaprune.modeling import load_embedder
-    from gaprune.pruning import (ModelZeros, evaluation_config, load_calibration, prune_stats,
-                                 structure_evaluation_config, structure_stats)
+    from gaprune.pruning import ModelZeros, load_calibration
 
-    calibration = load_calibration(spec.calibration) if spec.calibrated else None
+    calibration = load_calibration(spec.calibration) if spec.uses_texts else None
     world = distributed.init_from_env(args.device)
     embedder = load_embedder(args.model_path, args.device, args.dtype)
     log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
@@ -176,27 +197,41 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     embedding = probe_embedding(embedder)
     if not world.is_main:
         return None
-    if spec.structure == UNSTRUCTURED:
-        zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
-                           after=count_zeros(embedder.model))
-        records = {"evaluation_config.json": evaluation_config(args.model_path, args.batch_size, spec, scores,
-                                                               result, zeros, calibration),
-                   "unstructured_prune_stats.json": prune_stats(result, spec)}
-    else:
-        records = {"evaluation_config.json": structure_evaluation_config(args.model_path, args.batch_size, spec,
-                                                                         scores, result),
-                   "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
+    zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
+                       after=count_zeros(embedder.model)) if spec.structure == UNSTRUCTURED else None
+    records = records_of(args, spec, scores, result, zeros, calibration)
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
         for name, record in records.items():
             write_json(os.path.join(tmp, name), record)
         write_model_card(tmp, model_card(*records.values()))  # README.md: after save_model, which may write one
-    print(describe_result(result, spec, zeros if spec.structure == UNSTRUCTURED else None))
+    print(describe_result(result, spec, zeros))
     print(describe_probe(embedding))
     return finish(folder)
 
 
+def records_of(args, spec: PruneSpec, scores: ScoreFiles, result, zeros: ModelZeros | None, calibration) -> dict:
+    """The pruned folder's records, by file name: evaluation_config.json and the stats of what was removed."""
+    from gaprune.pruning import (depth_evaluation_config, depth_stats, evaluation_config, prune_stats,
+                                 structure_evaluation_config, structure_stats)
+
+    if spec.structure == UNSTRUCTURED:
+        return {"evaluation_config.json": evaluation_config(args.model_path, args.batch_size, spec, scores, result,
+                                                            zeros, calibration),
+                "unstructured_prune_stats.json": prune_stats(result, spec)}
+    if spec.structure == LAYERS:
+        return {"evaluation_config.json": depth_evaluation_config(args.model_path, args.batch_size, spec, scores,
+                                                                  result, calibration),
+                "structured_prune_stats.json": depth_stats(result, spec)}
+    return {"evaluation_config.json": structure_evaluation_config(args.model_path, args.batch_size, spec, scores,
+                                                                  result),
+            "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
+
+
 def describe_request(spec: PruneSpec) -> str:
+    if spec.structure == LAYERS:
+        amount = spec.block_count if spec.block_count is not None else f"{100 * spec.sparsity:.1f}%"
+        return f"{amount} of the transformer blocks, the lowest by {spec.block_scorer}"
     if spec.structure != UNSTRUCTURED:
         return f"{100 * spec.sparsity:.1f}% of every layer's {spec.structure} by {spec.scorer}"
     budget = spec.pattern if spec.parsed_pattern.structured else spec.chosen.budget or spec.strategy
@@ -208,6 +243,10 @@ def describe_request(spec: PruneSpec) -> str:
 def describe_result(result, spec: PruneSpec, zeros: ModelZeros | None) -> str:
     from gaprune.structure import CONFIG_FIELDS
 
+    if spec.structure == LAYERS:
+        return (f"Removed layers {result.removed} of {result.blocks_before} (num_hidden_layers {result.blocks_before}"
+                f" -> {result.blocks_before - len(result.removed)}); parameters {result.params_before:,} -> "
+                f"{result.params_after:,} ({1 - result.params_after / result.params_before:.1%} fewer)")
     if zeros is None:
         return (f"Removed {result.units_before - result.units_after} of {result.units_before} {spec.structure} in "
                 f"each of {len(result.removed)} layers ({CONFIG_FIELDS[spec.structure]} {result.units_before} -> "

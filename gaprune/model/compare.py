@@ -23,7 +23,7 @@ from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, a
                          finish, finite_float, positive_int, run)
 from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
-from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, STRUCTURES, UNIFORM_SHARES,
+from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES, UNIT_STRUCTURES,
                              UNSTRUCTURED)
 from gaprune.scorers import SCORERS
 
@@ -50,7 +50,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sparsity", type=finite_float, nargs="+", default=[0.5],
                         help="shares of candidate weights to zero (with --structure: of every layer's channels or "
                              "heads to remove)")
-    parser.add_argument("--structure", default="unstructured", choices=["unstructured", *STRUCTURES],
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", *UNIT_STRUCTURES],
                         help="unstructured: zero single weights (default); channels / heads: remove whole MLP "
                              "channels / query heads (each pruned model is loaded afresh)")
     parser.add_argument("--scorers", nargs="+", metavar="SCORER[:KEY=VALUE,...]",
