@@ -6,8 +6,9 @@
     domain = gaprune.fisher(model, "data/chem-example.json", output_dir="output/fisher")
     alignment = gaprune.alignment(model, "data/general-example.json", "data/chem-example.json",
                                   output_dir="output/gradient", alignment_mode="local_cosine")
-    result = gaprune.prune(model, 0.5, scorer="aligned_saliency", general_fisher=general.path,
-                           domain_fisher=domain.path, alignment=alignment.path)
+    spec = gaprune.PruneSpec(scorer="aligned_saliency", sparsity=0.5)  # the whole request, checked here
+    scores = gaprune.ScoreFiles(general_fisher=general.path, domain_fisher=domain.path, alignment=alignment.path)
+    result = gaprune.prune(model, spec, scores)
     print(gaprune.evaluate(model, "data/chem-example.json")["metrics"]["ndcg@10"])
 
 The command-line stages are thin front ends over these functions.
@@ -26,7 +27,7 @@ import torch
 
 from gaprune.checks import file_path, layer_type_list, one_of, optional_whole_number, whole_number
 from gaprune.data import load_records, load_triples
-from gaprune.distributed import current_world
+from gaprune.distributed import current_world, warn_on_main
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
 from gaprune.fileio import read_json
@@ -132,8 +133,7 @@ def fisher(model: ModelLike, data_path: str, output_dir: str | None = None, batc
             embedder, selected, triples, batch_size, place, runtime_rss, ranks=ranks)) as plan:
         result = fisher_information(embedder, triples, batch_size, layer_types, on_first_loss,
                                     accumulate_on=plan.accumulate_on)
-    for warning in vanishing_gradients(result.mean_loss, result.mean_scores):
-        log.warning("%s", warning)
+    warn_on_main(log, vanishing_gradients(result.mean_loss, result.mean_scores))
     if output_dir is not None:
         result.path = save_fisher(result, output_dir, data_path, embedder.name, score_dtype)
     return result
@@ -171,8 +171,7 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
         result = gradient_alignment(embedder, general, domain, batch_size, max_samples, layer_types, seed,
                                     use_distributed, alignment_mode, with_fisher, accumulate_on=plan.accumulate_on)
     losses = [loss for loss in result.losses.values() if loss is not None]
-    for warning in vanishing_gradients(max(losses, default=0.0)):
-        log.warning("%s", warning)
+    warn_on_main(log, vanishing_gradients(max(losses, default=0.0)))
     if fisher_output_dir is not None:
         for side, data_path in (("general", general_data_path), ("domain", domain_data_path)):
             result.fisher[side].path = save_fisher(result.fisher[side], fisher_output_dir, data_path, embedder.name,
@@ -196,8 +195,7 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
     scores = ScoreFiles() if scores is None else scores
     spec.check_scores(scores)
     embedder = as_embedder(model)
-    for note in spec.notes() + spec.check_model(embedder.model):
-        log.warning("%s", note)
+    warn_on_main(log, spec.notes() + spec.check_model(embedder.model))
     if spec.structure == LAYERS:
         if spec.uses_texts:
             calibration = calibration if calibration is not None else load_calibration(spec.calibration)
@@ -253,7 +251,7 @@ def sample(model: ModelLike, data_path: str, size: int, text_key: str = "query",
     record nearest each centroid (fewer when centroids share one). A file of at most ``size`` records comes back
     whole, and the model is then not loaded (``device``, ``dtype``, ``max_length``: how a model path is loaded).
     ``streaming`` embeds in chunks through a temporary folder. Under torchrun every rank embeds its share and
-    rank 0 alone runs k-means: the other ranks get None."""
+    rank 0 alone runs k-means: the other ranks get None (a file kept whole comes back on every rank)."""
     file_path(data_path, "--input_file")
     for value, flag in ((size, "--target_sample_size"), (batch_size, "--batch_size"),
                         (kmeans_iterations, "--kmeans_iterations"), (max_length, "--max_length")):
@@ -297,8 +295,7 @@ def retrain(model: ModelLike, spec: RetrainSpec, data_path: str, general_data_pa
     file_path(general_data_path, "--general_data_path", optional=True)
     one_of(compute_dtype, "--dtype", ["auto", "float32", "bfloat16", "float16"])
     spec.general_per_batch(general_data_path is not None)
-    for note in spec.notes():
-        log.warning("%s", note)
+    warn_on_main(log, spec.notes())
     domain = load_triples(data_path)
     general = load_triples(general_data_path) if general_data_path else []
     embedder = as_embedder(model, dtype="float32")

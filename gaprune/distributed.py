@@ -169,6 +169,13 @@ _joined: World | None = None  # set by init_from_env: gaprune shares work only a
 _initialised_here = False  # whether init_from_env created the process group (and shutdown may end it)
 
 
+def warn_on_main(log: logging.Logger, lines: Iterable[str]) -> None:
+    """Each line as a warning, once: on rank 0 under torchrun (every rank meets the same ones)."""
+    if current_world().is_main:
+        for line in lines:
+            log.warning("%s", line)
+
+
 def current_world() -> World:
     """The ranks init_from_env joined, else one process: a process group that someone else initialised
     (a user's own training script calling gaprune on one rank) never makes gaprune's calls collective."""

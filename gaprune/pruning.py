@@ -206,7 +206,7 @@ def _warn_if_short(embedder: Embedder, calibration: Calibration) -> None:
         return
     ids = embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"]
     mean = sum(map(len, ids)) / len(ids)
-    if mean < MIN_CALIBRATION_TOKENS:
+    if mean < MIN_CALIBRATION_TOKENS and current_world().is_main:
         log.warning("the calibration texts average %.1f tokens (special tokens included, at most %d each): "
                     "each layer's statistics come from little more than the special tokens", mean, embedder.max_length)
 

@@ -34,6 +34,12 @@ from gaprune.structure import CONFIG_FIELDS, unit_plan, units_to_remove
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SCORER = BLOCK_MEASURES[0]  # block_influence (ShortGPT)
+CALIBRATION_IGNORED = ("calibration flags are only used by wanda, sparsegpt, --reconstruct and the block measurements "
+                       "of --structure layers; ignored")
+ROUNDING_NOTE = 0.01  # a structured share that rounds further than this from what was asked is noted
+NO_CALIBRATION = "wanda, sparsegpt and --reconstruct need --calibration_data and/or --general_calibration_data"
+NO_STATISTICS = ("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and --reconstruct; "
+                 "this run has none")
 PRUNER_OPTIONS = ("layer_shares", "group_order", "calibration_weighting", "reconstruction_target")  # in order
 # The scorer coefficients each score-based scorer reads (DAIConfig's fields); the others read none.
 COEFFICIENTS_READ = {
@@ -92,8 +98,7 @@ class CalibrationSpec:
         _file_or_texts(self.domain_data, "--calibration_data")
         _file_or_texts(self.general_data, "--general_calibration_data")
         if not (self.domain_data or self.general_data):
-            raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
-                             "--general_calibration_data")
+            raise InputError(NO_CALIBRATION)
         whole_number(self.samples, "--calibration_samples")
         whole_number(self.batch_size, "--calibration_batch_size")
         if self.max_length is not None:
@@ -256,8 +261,7 @@ class PruneSpec:
             raise InputError(f"--layer_budget_strategy applies to masks; --structure {self.structure} removes the "
                              f"same count from every layer")
         if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
-            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
-                             "--reconstruct; this run has none")
+            raise InputError(NO_STATISTICS)
 
     def _check_depth(self) -> None:
         """--structure layers: a share or a count of whole blocks, chosen by a block scorer; the flags of masks and
@@ -288,8 +292,7 @@ class PruneSpec:
             raise InputError(f"--block_scoring {self.block_scorer} measures the layers on calibration texts: give "
                              f"--calibration_data and/or --general_calibration_data")
         if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
-            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
-                             "--reconstruct; this run has none")
+            raise InputError(NO_STATISTICS)
 
     def _check_masking(self) -> None:
         """Masks: the share against the pattern, the calibration the pruner needs, and the pruner options."""
@@ -309,11 +312,9 @@ class PruneSpec:
             raise InputError(f"{self.scorer}{' with --reconstruct' if self.reconstruct else ''} at a share of 0 "
                              f"prunes nothing")
         if self.calibrated and self.calibration is None:
-            raise InputError("wanda, sparsegpt and --reconstruct need --calibration_data and/or "
-                             "--general_calibration_data")
+            raise InputError(NO_CALIBRATION)
         if not self.calibrated and self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
-            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
-                             "--reconstruct; this run has none")
+            raise InputError(NO_STATISTICS)
         self._check_layer_shares(pattern)
         self._check_group_order(pattern)
         if self.reconstruction_target != OWN_TARGET and not (self.reconstruct or chosen.layer_pruner is not None):
@@ -355,28 +356,36 @@ class PruneSpec:
 
     def notes(self) -> list[str]:
         """What is legal but prunes nothing, everything, or ignores a setting: one warning line each."""
+        notes = self.share_notes()
+        if not self.uses_texts and self.calibration is not None:
+            notes.append(CALIBRATION_IGNORED)
+        unread = self.unread_coefficients()
+        if unread:
+            reader = self.block_scorer if self.structure == LAYERS else self.scorer
+            notes.append(f"{', '.join('--' + name for name in unread)}: not read by {reader}; ignored")
+        return notes
+
+    def share_notes(self) -> list[str]:
+        """A share that prunes nothing or every weight, and bounds a global budget ignores."""
         notes = []
         if self.structure == UNSTRUCTURED and self.share == 0:
             notes.append(f"{self.amount_flag} 0 prunes nothing: the folder will hold an unpruned copy (pass e.g. "
                          f"{self.amount_flag} 0.5 to zero half of the {'/'.join(self.layer_types)} weights)")
         if self.structure == UNSTRUCTURED and self.share == 1:
             notes.append(f"{self.amount_flag} 1 zeroes every {'/'.join(self.layer_types)} weight")
-        if not self.uses_texts and self.calibration is not None:
-            notes.append("calibration flags are only used by wanda, sparsegpt, --reconstruct and the block "
-                         "measurements of --structure layers; ignored")
         if self.strategy == "global" and (self.rho_min, self.rho_max) != (0.05, 0.95):
             notes.append("--rho_min and --rho_max bound the uniform strategy's layer shares; the global budget "
                          "ignores them")
+        return notes
+
+    def unread_coefficients(self) -> list[str]:
+        """The coefficients set away from their defaults that no scorer of this request reads."""
         read = set(COEFFICIENTS_READ.get(self.block_scorer if self.structure == LAYERS else self.scorer, ()))
         if self.layer_shares != UNIFORM_SHARES:
             read |= set(COEFFICIENTS_READ.get(self.layer_shares, ()))
         defaults = DAIConfig()
-        unread = [field.name for field in dataclasses.fields(DAIConfig)
-                  if getattr(self.config, field.name) != getattr(defaults, field.name) and field.name not in read]
-        if unread:
-            reader = self.block_scorer if self.structure == LAYERS else self.scorer
-            notes.append(f"{', '.join('--' + name for name in unread)}: not read by {reader}; ignored")
-        return notes
+        return [field.name for field in dataclasses.fields(DAIConfig)
+                if getattr(self.config, field.name) != getattr(defaults, field.name) and field.name not in read]
 
     def check_model(self, model: torch.nn.Module) -> list[str]:
         """What needs the model's shapes (a model on the meta device will do): the candidate layers exist, an
@@ -385,13 +394,13 @@ class PruneSpec:
         if self.structure == LAYERS:
             blocks = len(transformer_blocks(model))
             count = self.blocks_to_remove(blocks)
-            if self.block_count is None and abs(count / blocks - self.sparsity) > 1e-9:
+            if self.block_count is None and abs(count / blocks - self.sparsity) > ROUNDING_NOTE:
                 return [f"--structured_pct {self.sparsity:g} removes {count} of {blocks} layers ({count / blocks:.4g})"]
             return []
         if self.structure != UNSTRUCTURED:
             plan = unit_plan(model, self.structure)
             count = units_to_remove(plan, self.sparsity)
-            if abs(count / plan.units - self.sparsity) > 0.5 / plan.units:
+            if abs(count / plan.units - self.sparsity) > ROUNDING_NOTE:
                 return [f"--structured_pct {self.sparsity:g} removes {count} of {plan.units} {self.structure} per "
                         f"layer ({count / plan.units:.4g})"]
             return []
@@ -469,8 +478,7 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
     """The calibration the flags name (None when they name no file)."""
     if not (args.calibration_data or args.general_calibration_data):
         if args.calibration_weighting != UNIFORM_WEIGHTING:
-            raise InputError("--calibration_weighting weighs the calibration statistics of wanda, sparsegpt and "
-                             "--reconstruct; this run has none")
+            raise InputError(NO_STATISTICS)
         if args.calibration_mix is not None:
             log.warning("--calibration_mix blends calibration files; none was given: ignored")
         return None
@@ -483,17 +491,19 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec | None:
 def spec_from_args(args: argparse.Namespace, scorer: str, sparsity: float, config: DAIConfig,
                    for_this_scorer: bool = False, **depth) -> PruneSpec:
     """The pruning request the flags of SparseModel.py and compare.py make, checked whole; with
-    ``for_this_scorer`` the pruner options ``scorer`` does not take are left at their defaults (compare.py);
+    ``for_this_scorer`` the pruner options and calibration texts ``scorer`` does not take are left out (compare.py);
     ``depth``: the block_scorer and block_count of --structure layers."""
     options = {"layer_shares": args.layer_shares, "group_order": args.group_order,
                "reconstruction_target": args.reconstruction_target}
+    calibration = calibration_from_args(args)
     if for_this_scorer:
         options = applicable_options(scorer, args.reconstruct, **options)
+        if not (get_scorer(scorer).needs_activations or args.reconstruct):  # the texts go to the rows that use them
+            calibration = None
     return PruneSpec(scorer=scorer, sparsity=sparsity, pattern=args.sparsity_pattern, structure=args.structure,
                      layer_types=tuple(args.sparsify_layers), strategy=args.layer_budget_strategy,
                      rho_min=getattr(args, "rho_min", 0.05), rho_max=getattr(args, "rho_max", 0.95), seed=args.seed,
-                     config=config, reconstruct=args.reconstruct, calibration=calibration_from_args(args), **options,
-                     **depth)
+                     config=config, reconstruct=args.reconstruct, calibration=calibration, **options, **depth)
 
 
 def coefficients_from_args(args: argparse.Namespace) -> DAIConfig:

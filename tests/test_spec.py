@@ -13,7 +13,7 @@ import time
 import pytest
 
 import gaprune
-from conftest import listing
+from conftest import fail, listing
 from gaprune import api, modeling
 from gaprune.cli import run
 from gaprune.errors import InputError
@@ -263,3 +263,53 @@ def test_calibration_texts_cut_to_a_token_or_two_are_named(caplog, bert_dir):
         with caplog.at_level("WARNING"):
             gaprune.prune(embedder, spec)
         assert ("the calibration texts average 2.0 tokens" in caplog.text) == warned, caplog.text
+
+
+def compare_args(*extra):
+    return compare.build_parser().parse_args(["--model_path", "m", "--domain_data_paths", "d.json",
+                                              "--general_data_paths", "g.json", *extra])
+
+
+def test_compare_rows_take_only_what_their_scorer_uses(data_files):
+    rows = compare.row_specs(compare_args("--scorers", "magnitude", "wanda", "--calibration_data", data_files["chem"],
+                                          "--calibration_weighting", "loss_gradient"))
+    (_, magnitude), (_, wanda) = rows
+    assert magnitude.calibration is None and wanda.calibration.weighting == "loss_gradient"
+    with pytest.raises(InputError, match="this run has none"):
+        compare.row_specs(compare_args("--scorers", "magnitude", "--calibration_data", data_files["chem"],
+                                       "--calibration_weighting", "loss_gradient"))
+    with pytest.raises(InputError, match="--sparsity 0.3 contradicts it"):  # compare's own flag, not SparseModel's
+        compare.row_specs(compare_args("--scorers", "magnitude", "--sparsity_pattern", "2:4", "--sparsity", "0.3"))
+    rows = compare.row_specs(compare_args("--scorers", "magnitude", "--sparsity_pattern", "2:4", "--sparsity", "0",
+                                          "0.5"))
+    assert [(label, spec.share) for label, spec in rows] == [("magnitude", 0.5)]  # one row per share actually pruned
+
+
+def test_compare_notes_a_setting_only_when_every_row_ignores_it(data_files):
+    def notes(*extra):
+        args = compare_args(*extra)
+        return compare.request_notes([spec for _, spec in compare.row_specs(args)], bool(args.calibration_data))
+    assert notes("--scorers", "dai", "magnitude", "--beta", "2") == []  # dai reads it
+    assert notes("--scorers", "magnitude", "random", "--beta", "2") == ["--beta: read by none of the scorers; ignored"]
+    assert notes("--scorers", "magnitude", "wanda", "--calibration_data", data_files["chem"]) == []
+    assert notes("--scorers", "magnitude", "--calibration_data", data_files["chem"]) == [
+        "calibration flags are only used by wanda, sparsegpt, --reconstruct and the block measurements of "
+        "--structure layers; ignored"]
+    assert notes("--scorers", "magnitude", "--sparsity", "0") == [
+        "--sparsity 0 prunes nothing: the folder will hold an unpruned copy (pass e.g. --sparsity 0.5 to zero half "
+        "of the mlp weights)"]
+
+
+def test_a_structured_share_is_noted_only_when_it_rounds_visibly(tmp_path):
+    model = meta_model(build_bert(str(tmp_path / "bert60"), hidden_size=32, intermediate_size=60, num_heads=4))
+    assert PruneSpec(scorer="magnitude", structure="channels", sparsity=0.3).check_model(model) == []  # 18 of 60
+    assert PruneSpec(scorer="magnitude", structure="channels", sparsity=0.305).check_model(model) == []  # 0.005 off
+
+
+def test_retrain_reads_its_data_before_the_model(monkeypatch, capsys, tmp_path, bert_dir):
+    from gaprune.model import retrain
+
+    monkeypatch.setattr(modeling, "load_embedder", lambda *a, **k: pytest.fail("loaded the model first"))
+    line = fail(capsys, retrain.main, ["--model_path", bert_dir, "--data_path", str(tmp_path / "nope.json"),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert "nope.json" in line

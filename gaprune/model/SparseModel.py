@@ -234,7 +234,9 @@ def describe_request(spec: PruneSpec) -> str:
         return f"{amount} of the transformer blocks, the lowest by {spec.block_scorer}"
     if spec.structure != UNSTRUCTURED:
         return f"{100 * spec.sparsity:.1f}% of every layer's {spec.structure} by {spec.scorer}"
-    budget = spec.pattern if spec.parsed_pattern.structured else spec.chosen.budget or spec.strategy
+    from gaprune.pruning import budget_of
+
+    budget = budget_of(spec)
     shares = "" if spec.layer_shares == UNIFORM_SHARES else f", layer shares by {spec.layer_shares}"
     return (f"{100 * spec.share:.1f}% of {' '.join(spec.layer_types)} by {spec.scorer} ({budget} budget{shares}, "
             f"{spec.pattern})")

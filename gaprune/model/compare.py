@@ -13,9 +13,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Sequence
 
@@ -114,9 +116,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def row_specs(args) -> list[tuple[str, PruneSpec]]:
-    """One checked request per row (each share, each scorer with its coefficient overrides); the options of
-    Wanda and SparseGPT go to them alone, and an option no row takes is refused."""
-    from gaprune.spec import coefficients_from_args, spec_from_args
+    """One checked request per row (each share, each scorer with its coefficient overrides); the options and
+    calibration texts of Wanda and SparseGPT go to them alone, and an option no row takes is refused."""
+    from gaprune.spec import NO_STATISTICS, coefficients_from_args, spec_from_args
 
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
@@ -124,12 +126,38 @@ def row_specs(args) -> list[tuple[str, PruneSpec]]:
     calibrated = bool(args.calibration_data or args.general_calibration_data)
     names = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
     scorers = [(name, *parse_scorer(name, coefficients_from_args(args))) for name in names]
-    rows = [(label, spec_from_args(args, scoring, pct, config, for_this_scorer=True))
-            for pct in dict.fromkeys(args.sparsity) for label, scoring, config in scorers]
-    taken = {key for _, spec in rows for key in spec.pruner_options()}
-    if set(_options_asked(args)) - taken:
-        spec_from_args(args, scorers[0][1], args.sparsity[0], scorers[0][2])  # raises the one-scorer message
-    return rows
+    with _as_compare_flags():
+        rows = {(label, spec.share): (label, spec) for pct in args.sparsity for label, scoring, config in scorers
+                for spec in [spec_from_args(args, scoring, pct, config, for_this_scorer=True)]}
+        taken = {key for _, spec in rows.values() for key in spec.pruner_options()}
+        if set(_options_asked(args)) - taken:
+            spec_from_args(args, scorers[0][1], args.sparsity[0], scorers[0][2])  # raises the one-scorer message
+    if not any(spec.uses_texts for _, spec in rows.values()) and args.calibration_weighting != "uniform":
+        raise InputError(NO_STATISTICS)
+    return list(rows.values())
+
+
+@contextlib.contextmanager
+def _as_compare_flags():
+    """A request refused in compare.py names its --sparsity where SparseModel.py's would name the pct flags."""
+    try:
+        yield
+    except InputError as err:
+        raise InputError(re.sub(r"--(un)?structured_pct", "--sparsity", str(err))) from None
+
+
+def request_notes(specs: list[PruneSpec], calibration_given: bool) -> list[str]:
+    """The notes of the whole comparison: a row's share notes, and a setting ignored only if every row ignores
+    it (the texts of Wanda and SparseGPT, a coefficient that one scorer reads and another does not)."""
+    from gaprune.spec import CALIBRATION_IGNORED
+
+    notes = [re.sub(r"--(un)?structured_pct", "--sparsity", note) for spec in specs for note in spec.share_notes()]
+    if calibration_given and not any(spec.uses_texts for spec in specs):
+        notes.append(CALIBRATION_IGNORED)
+    unread = set.intersection(*(set(spec.unread_coefficients()) for spec in specs))
+    if unread:
+        notes.append(f"{', '.join('--' + name for name in sorted(unread))}: read by none of the scorers; ignored")
+    return list(dict.fromkeys(notes))
 
 
 def _options_asked(args) -> list[str]:
@@ -152,6 +180,7 @@ class DenseModel:
     @classmethod
     def load(cls, args: argparse.Namespace, specs: list[PruneSpec], scores: ScoreFiles,
              calibration: Calibration | None) -> DenseModel:
+        from gaprune.distributed import warn_on_main
         from gaprune.layers import select_parameters
         from gaprune.modeling import load_embedder
         from gaprune.pruning import measure_token_weights, structure_candidates
@@ -159,8 +188,8 @@ class DenseModel:
         from gaprune.structure import unit_plan
 
         embedder = load_embedder(args.model_path, args.device, args.dtype)
-        for note in {note for spec in specs for note in spec.notes() + spec.check_model(embedder.model)}:
-            log.warning("%s", note)
+        notes = request_notes(specs, bool(args.calibration_data or args.general_calibration_data))
+        warn_on_main(log, dict.fromkeys(notes + [note for spec in specs for note in spec.check_model(embedder.model)]))
         structure = specs[0].structure
         if structure == UNSTRUCTURED:
             candidates = select_parameters(embedder.model.named_parameters(), specs[0].layer_types)

@@ -74,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     world = distributed.init_from_env(args.device)
     files = {path: load_triples(path, args.max_samples) for path in args.data_paths}
     if os.path.isdir(args.model_path):
-        for warning in overlap_warnings(args.model_path, files):
-            log.warning("%s", warning)
+        distributed.warn_on_main(log, overlap_warnings(args.model_path, files))
     output = args.output_file or os.path.join("output", "eval",
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
     check_output_file(output, inputs=args.data_paths)

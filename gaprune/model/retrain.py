@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     from gaprune import api
     from gaprune.checkpoint import describe_probe, output_folder, probe_embedding, save_model
+    from gaprune.data import load_triples
     from gaprune.fileio import atomic_dir, check_output_dir, read_json, write_json
     from gaprune.modelcard import model_card, write_model_card
     from gaprune.modeling import load_embedder
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     folder = output_folder(args.output_dir, args.model_path, f"retrained_{args.steps}steps")
     check_output_dir(args.output_dir)
     check_output_dir(folder, "the retrained model's folder")
+    for path in filter(None, (args.data_path, args.general_data_path)):  # bad data fails before the model loads
+        load_triples(path)
     embedder = load_embedder(args.model_path, args.device, "float32", max_length=args.max_length)
     if args.gradient_checkpointing:
         embedder.model.gradient_checkpointing_enable()
