@@ -6,6 +6,10 @@ reconstruction of the kept weights (all calibrated on the same texts), with the 
 scorer's global ranking (--layer_shares aligned_saliency, magnitude), SparseGPT's 2:4 groups in Hessian
 order (--group_order hessian), calibration tokens weighted by the loss's gradients (--calibration_weighting
 loss_gradient), and the updated weights reproducing the dense model's outputs (--reconstruction_target dense)?
+With --structure layers: which block scorer chooses the 1 or 2 whole transformer blocks to remove (the
+measurements block_influence, skip_drift, skip_loss and greedy_drift on the seed's calibration triples, the
+sums of magnitude, domain_fisher and aligned_saliency scores over each block, and the fixed rules "last
+layers" (L3Prune) and "middle layers"), before and, for 2 blocks, after 100 steps of retraining?
 
 For each seed, Fisher (domain, general) and gradient alignment (local and row cosine) are measured on a
 seeded subset of the calibration split; then compare.py prunes with every scorer and evaluates on the
@@ -19,8 +23,9 @@ Data: the GCIDE definition-retrieval triples (GPL, generated on demand, not ship
     python benchmarks/ablation.py --model tiny-qwen3      # a small Qwen3 built and trained here first
     python benchmarks/ablation.py --structure channels    # whole MLP channels removed, then retrained
     python benchmarks/ablation.py --structure field       # against Wanda and SparseGPT, 2:4, reconstruction
+    python benchmarks/ablation.py --structure layers      # whole transformer blocks removed, then retrained
 
-Writes <output_dir>/<model>/ablation.{json,md} (ablation_channels.* for channels) (and ablation.png when matplotlib is installed:
+Writes <output_dir>/<model>/ablation.{json,md} (ablation_<structure>.* for the others) (and ablation.png when matplotlib is installed:
 pip install -e .[plot]) and prints the table.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import glob
 import json
 import logging
@@ -39,11 +45,14 @@ import textwrap
 import torch
 
 import gaprune
+from gaprune.blocks import BLOCK_SCORERS, BlockContext, lowest_blocks, remove_blocks
 from gaprune.data import load_triples
 from gaprune.evaluation import evaluate_triples, relative_change
 from gaprune.model import compare
 from gaprune.modeling import DEFAULT_MODEL
 from gaprune.fileio import model_dirname, write_json
+from gaprune.layers import transformer_blocks
+from gaprune.pruning import load_calibration
 from gaprune.retraining import sparse_finetune
 from gaprune.spec import RetrainSpec
 from gaprune.toy_models import build_qwen3
@@ -63,6 +72,10 @@ LAYER_SHARES = {"aligned_saliency": ["wanda", "sparsegpt"], "magnitude": ["spars
                 "domain_fisher": ["sparsegpt"], "general_fisher": ["sparsegpt"]}
 CHANNEL_SCORERS = ["magnitude", "random", "dai", "domain_fisher", "general_fisher", "aligned_saliency"]
 RETRAINED = " +{steps} steps"
+BLOCK_MEASURES = ["block_influence", "skip_drift", "skip_loss", "greedy_drift"]  # on the calibration texts
+BLOCK_SUMS = ["magnitude", "domain_fisher", "aligned_saliency"]  # a weight scorer's scores summed over a block
+FIXED_BLOCKS = {"last layers": lambda blocks, count: list(range(blocks - count, blocks)),  # L3Prune's rule
+                "middle layers": lambda blocks, count: list(range((blocks - count) // 2, (blocks - count) // 2 + count))}
 
 
 def subset(path: str, size: int, seed: int, out_path: str) -> str:
@@ -184,6 +197,76 @@ def channel_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict
     return rows
 
 
+def layer_rows(model: str, files: dict[str, str], heldout: dict[str, list[dict]], calibration: dict[str, str],
+               counts: list[int], steps: int, seed: int, batch_size: int) -> list[dict]:
+    """Depth pruning: ``counts`` whole blocks removed as each block scorer or fixed rule chooses, evaluated one
+    shot and, for the largest count, after ``steps`` steps of retraining (none at 0), beside the dense model
+    retrained the same way. The measurements run once per scorer on the seed's calibration triples (both sides,
+    blended 50/50) and serve every count; a set of removed blocks that several scorers choose is evaluated (and
+    retrained, torch seeded alike) once."""
+    dense = gaprune.load_embedder(model)
+    blocks = len(transformer_blocks(dense.model))
+    domain, general = load_triples(calibration["domain"]), load_triples(calibration["general"])
+    texts = load_calibration(gaprune.CalibrationSpec(domain_data=calibration["domain"],
+                                                     general_data=calibration["general"],
+                                                     samples=len(domain), batch_size=batch_size))
+    context = BlockContext(dense, texts.texts, texts.general_share, batch_size, seed=seed)
+    scores = gaprune.ScoreFiles(general_fisher=files["general"], domain_fisher=files["domain"],
+                                alignment=files["local_cosine"])
+    measured: dict[tuple[str, frozenset], list[float]] = {}
+
+    def measured_once(name: str):  # the registry's scorer, each (skipped blocks) measurement kept for the next count
+        scorer = BLOCK_SCORERS[name]
+
+        def score(block_context, skipped_before):
+            if (name, skipped_before) not in measured:
+                measured[name, skipped_before] = scorer.score(block_context, skipped_before)
+            return measured[name, skipped_before]
+        return dataclasses.replace(scorer, score=score)
+
+    def chosen(name: str, count: int) -> tuple[list[int], list[float] | None]:
+        if name in FIXED_BLOCKS:
+            return FIXED_BLOCKS[name](blocks, count), None
+        if name in BLOCK_MEASURES:
+            return lowest_blocks(measured_once(name), context, count)
+        result = gaprune.prune(copy.deepcopy(dense), gaprune.PruneSpec(structure="layers", block_count=count,
+                                                                       block_scorer=name, seed=seed), scores)
+        return result.removed, result.block_scores
+
+    evaluations: dict[tuple[tuple[int, ...], bool], dict] = {}
+
+    def evaluated(removed: list[int], retrain: bool) -> dict:
+        key = (tuple(removed), retrain)
+        if key not in evaluations:
+            embedder = copy.deepcopy(dense)
+            if removed:
+                remove_blocks(embedder.model, removed)
+            if retrain:  # retrain.py's defaults: lr 1e-5, batch 8, 10 warm-up steps, 25% general
+                torch.manual_seed(seed)  # dropout draws alike for every model
+                sparse_finetune(embedder, domain, RetrainSpec(steps=steps, seed=seed), {}, general)
+            evaluations[key] = {side: evaluate_triples(embedder, triples)["metrics"] for side, triples in heldout.items()}
+        return evaluations[key]
+
+    rows = [{"method": "dense", "sparsity": 0.0, **evaluated([], False)}]
+    one_shot = []
+    for count in counts:
+        for name in [*BLOCK_MEASURES, *BLOCK_SUMS, *FIXED_BLOCKS]:
+            removed, block_scores = chosen(name, count)
+            log.info("%s removes blocks %s of %d", name, removed, blocks)
+            one_shot.append({"method": name, "sparsity": count / blocks, "layers_removed": count,
+                             "removed_layers": removed, "block_scores": block_scores, **evaluated(removed, False)})
+    rows += one_shot
+    if steps:
+        rows.append({"method": "dense" + RETRAINED.format(steps=steps), "sparsity": 0.0, **evaluated([], True)})
+        rows += [{**row, "method": row["method"] + RETRAINED.format(steps=steps),
+                  **evaluated(row["removed_layers"], True)} for row in one_shot if row["layers_removed"] == max(counts)]
+    for row in rows:
+        for side in ("domain", "general"):
+            row[f"{side}_change_percent"] = (None if row is rows[0] else
+                                             relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"]))
+    return rows
+
+
 def summarise(rows_per_seed: list[list[dict]]) -> list[dict]:
     """Mean and sample std over seeds of each (method, sparsity)."""
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -202,20 +285,24 @@ def summarise(rows_per_seed: list[list[dict]]) -> list[dict]:
                 entry[f"{side}_change_std"] = statistics.stdev(changes) if len(changes) > 1 else 0.0
         agreement = [r["mask_agreement_with_magnitude"] for r in rows if r.get("mask_agreement_with_magnitude") is not None]
         entry["mask_agreement_with_magnitude"] = statistics.mean(agreement) if agreement else None
+        if any("removed_layers" in r for r in rows):  # layers: the blocks removed, seed by seed
+            entry["removed_layers"] = [r["removed_layers"] for r in rows]
         summary.append(entry)
     return summary
 
 
 def markdown(summary: list[dict]) -> str:
+    layers = any("removed_layers" in e for e in summary)
     lines = ["| scorer | sparsity | domain nDCG@10 | Δ domain (mean ± std) | general nDCG@10 | Δ general (mean ± std) "
-             "| mask ∩ magnitude |", "|---|---|---|---|---|---|---|"]
+             f"| {'layers removed (per seed)' if layers else 'mask ∩ magnitude'} |", "|---|---|---|---|---|---|---|"]
     for e in summary:
         def change(side):
             return "" if e["method"] == "dense" else f"{e[f'{side}_change_mean']:+.2f}% ± {e[f'{side}_change_std']:.2f}"
         agreement = e["mask_agreement_with_magnitude"]
+        last = (" / ".join(",".join(map(str, removed)) for removed in e.get("removed_layers", [])) if layers else
+                "" if agreement is None else f"{agreement:.2%}")
         lines.append(f"| {e['method']} | {e['sparsity']:.0%} | {e['domain_ndcg@10']:.4f} | {change('domain')} | "
-                     f"{e['general_ndcg@10']:.4f} | {change('general')} | "
-                     f"{'' if agreement is None else f'{agreement:.2%}'} |")
+                     f"{e['general_ndcg@10']:.4f} | {change('general')} | {last} |")
     return "\n".join(lines)
 
 
@@ -243,7 +330,8 @@ def plot(summary: list[dict], path: str, title: str) -> bool:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(list(y), [textwrap.fill(m, 28) for m in shown])  # long method names on two lines
         ax.invert_yaxis()
-        ax.set_title(f"{pct:.0%} of MLP weights pruned")
+        ax.set_title(f"{pct:.0%} of the layers removed" if "removed_layers" in entries[shown[0]] else
+                     f"{pct:.0%} of MLP weights pruned")
         ax.set_xlabel("nDCG@10 change vs dense (%)")
         ax.legend(loc="lower left")
     fig.suptitle(f"{title}\n(bars: mean over seeds, whiskers: sample std; random pruning not shown)")
@@ -279,6 +367,9 @@ def report(rows_per_seed: list[list[dict]], args: argparse.Namespace, out: str, 
     name = "ablation" if args.structure == "unstructured" else f"ablation_{args.structure}"
     if args.structure == "channels":
         header += "; sparsity = share of every layer's MLP channels removed"
+    if args.structure == "layers":
+        header += (f"; sparsity = share of the transformer layers removed ({', '.join(map(str, args.layers_removed))} "
+                   f"layers); retrained: {args.retrain_steps} steps, Δ vs the dense model before retraining")
     write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
                                                     "summary": summary, "rows_per_seed": rows_per_seed})
     with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as handle:
@@ -300,10 +391,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="fisher/gradient batch size")
     parser.add_argument("--tiny_steps", type=int, default=600, help="dense training steps of the tiny Qwen3")
     parser.add_argument("--output_dir", default="output/ablation")
-    parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels", "field"],
-                        help="unstructured: gaprune's scorers; channels: channel removal and retraining; field: "
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", "channels", "field", "layers"],
+                        help="unstructured: gaprune's scorers; channels: channel removal and retraining; layers: "
+                             "whole transformer blocks removed by each block scorer, and retraining; field: "
                              "Wanda, SparseGPT and reconstruction against the Fisher scorers, also at 2:4")
-    parser.add_argument("--retrain_steps", type=int, default=100, help="channels: retraining steps")
+    parser.add_argument("--retrain_steps", type=int, default=100,
+                        help="channels, layers: retraining steps (layers: 0 for one-shot rows only)")
+    parser.add_argument("--layers_removed", type=int, nargs="+", default=[1, 2],
+                        help="layers: how many transformer blocks go (the largest count is also retrained)")
     parser.add_argument("--reuse_scores", action="store_true", help="use the score files an earlier run left")
     parser.add_argument("--retrain_scorers", nargs="+", default=CHANNEL_SCORERS,
                         help="channels: the scorers whose pruned models are also retrained (default: all)")
@@ -336,6 +431,12 @@ def main() -> None:
         if args.structure == "field":
             rows_per_seed.append(field_rows(model, files, heldout, subsets, seed_dir, seed))
             report(rows_per_seed, args, out, model, heldout)
+            continue
+        if args.structure == "layers":
+            triples = {side: load_triples(path) for side, path in heldout.items()}
+            rows_per_seed.append(layer_rows(model, files, triples, subsets, args.layers_removed, args.retrain_steps,
+                                            seed, args.batch_size))
+            report(rows_per_seed, args, out, model, heldout)  # the seeds so far, in case the run is cut short
             continue
         if args.structure == "channels":
             triples = {side: load_triples(path) for side, path in heldout.items()}

@@ -42,7 +42,7 @@ from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.blocks import DepthResult, block_weights
 from gaprune.pruning import (Calibration, StructureResult, load_calibration,
                              prune_calibrated, prune_candidates, prune_depth, prune_structure, structure_candidates)
-from gaprune.retraining import sparse_finetune, zero_masks
+from gaprune.retraining import sparse_finetune, teacher_embeddings, zero_masks
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
 from gaprune.results import AlignmentResult, FisherResult
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
@@ -284,26 +284,34 @@ class RetrainResult:
 
 
 def retrain(model: ModelLike, spec: RetrainSpec, data_path: str, general_data_path: str | None = None,
-            compute_dtype: str = "auto") -> RetrainResult:
+            compute_dtype: str = "auto", teacher: ModelLike | None = None) -> RetrainResult:
     """Retrain a pruned model in place as ``spec`` says, on the triples of ``data_path`` (and of
     ``general_data_path`` mixed into each batch), holding its pruned weights at zero: those of the candidate
     layers its SparseModel.py records name (none when whole units were removed), else every zero of a matrix.
-    A model path is loaded in float32; ``compute_dtype`` is the autocast dtype (auto: bfloat16 on CUDA)."""
+    A model path is loaded in float32; ``compute_dtype`` is the autocast dtype (auto: bfloat16 on CUDA). A spec
+    that distills learns from ``teacher`` (the dense model, an Embedder or a path): its embeddings of every
+    training text are computed once, before the first step, and the teacher is then let go."""
     if not isinstance(spec, RetrainSpec):
         raise InputError(f"spec must be a gaprune.RetrainSpec, got {type(spec).__name__}")
     file_path(data_path, "--data_path")
     file_path(general_data_path, "--general_data_path", optional=True)
     one_of(compute_dtype, "--dtype", ["auto", "float32", "bfloat16", "float16"])
     spec.general_per_batch(general_data_path is not None)
+    if spec.distills and teacher is None:
+        raise InputError("--distill_weight learns from a teacher's embeddings: give the dense model (--teacher_model)")
+    if not spec.distills and teacher is not None:
+        log.warning("a teacher was given but --distill_weight is 0: it is not used")
     warn_on_main(log, spec.notes())
     domain = load_triples(data_path)
     general = load_triples(general_data_path) if general_data_path else []
+    cached = teacher_embeddings(as_embedder(teacher), [*domain, *general]) if spec.distills else None
     embedder = as_embedder(model, dtype="float32")
     masks = zero_masks(held_weights(embedder))
     held = sum(int(torch.count_nonzero(mask)) for mask in masks.values())
     log.info("%d zero weights in %d tensors are held at zero", held, len(masks))
     compute = resolve_dtype(compute_dtype, embedder.device)
-    result = sparse_finetune(embedder, domain, spec, masks, general, None if compute == torch.float32 else compute)
+    result = sparse_finetune(embedder, domain, spec, masks, general, None if compute == torch.float32 else compute,
+                             cached)
     named = dict(embedder.model.named_parameters())
     after = held - sum(int(torch.count_nonzero(named[name][mask])) for name, mask in masks.items())
     return RetrainResult(result.losses, result.seconds, held, after)

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from gaprune.errors import InputError
 from gaprune.modeling import Embedder
 
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
@@ -66,12 +67,17 @@ def ranking_metrics(ranks: torch.Tensor, k: int = 10) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_triples(embedder: Embedder, triples: Sequence[dict], batch_size: int = 32,
-                     instructions: str = "auto") -> dict:
-    """Retrieval metrics of the triples' queries against the corpus of their positives and negatives."""
+                     instructions: str = "auto", index_embedder: Embedder | None = None) -> dict:
+    """Retrieval metrics of the triples' queries against the corpus of their positives and negatives; with
+    ``index_embedder`` the corpus is embedded by that model instead (index compatibility: a pruned model's
+    queries against an index built with the dense model)."""
     documents, relevant = build_corpus(triples)
     keep = keeps_instructions(embedder, instructions)
     queries = embedder.encode([query_text(t["query"], keep) for t in triples], batch_size, "queries")
-    corpus = embedder.encode(documents, batch_size, "documents")
+    if index_embedder is not None and index_embedder.dimension != embedder.dimension:
+        raise InputError(f"the index model embeds in {index_embedder.dimension} dimensions and the model in "
+                         f"{embedder.dimension}: they cannot share an index")
+    corpus = (index_embedder or embedder).encode(documents, batch_size, "documents")
     metrics = ranking_metrics(relevant_ranks(queries, corpus, relevant))
     return {"metrics": metrics, "num_queries": len(triples), "corpus_size": len(documents),
             "query_instructions": "kept" if keep else "stripped"}

@@ -42,3 +42,13 @@ def triplet_loss(embedder: Embedder, batch: Sequence[dict], distributed: bool = 
     if distributed:
         q, p, n = gather_across_processes(q), gather_across_processes(p), gather_across_processes(n)
     return info_nce(q, p, n)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """How far the student's embeddings sit from the teacher's (rows paired): the mean of 1 - cos (``cosine``),
+    or the mean squared difference of the L2-normalised embeddings (``mse``, summed over the dimensions). Either
+    keeps the student in the teacher's embedding space, so an index built with the teacher still serves it."""
+    student, teacher = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    if kind == "cosine":
+        return (1 - (student * teacher).sum(-1)).mean()
+    return (student - teacher).pow(2).sum(-1).mean()

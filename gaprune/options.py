@@ -26,6 +26,7 @@ LAYERS = "layers"  # whole transformer blocks (depth pruning)
 STRUCTURES = (*UNIT_STRUCTURES, LAYERS)
 # --block_scoring: the measurements of gaprune.blocks; a score-based weight scorer's name also works (its sum)
 BLOCK_MEASURES = ("block_influence", "skip_drift", "skip_loss", "greedy_drift")
+DISTILL_LOSSES = ("cosine", "mse")  # retrain.py --distill_loss: against the teacher's embeddings (gaprune.loss)
 
 NATURAL_ORDER = "natural"  # N:M: SparseGPT's groups of M columns left to right
 GROUP_ORDERS = (NATURAL_ORDER, "hessian")  # or by decreasing sum of H_jj (input energy)

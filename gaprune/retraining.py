@@ -1,4 +1,5 @@
-"""Sparse recovery: a short contrastive fine-tune of a pruned model that keeps every pruned weight at zero."""
+"""Sparse recovery: a short contrastive fine-tune of a pruned model that keeps every pruned weight at zero,
+optionally distilled from the dense model's embeddings so that the pruned model stays in its embedding space."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from gaprune.data import endless_batches
-from gaprune.loss import triplet_loss
+from gaprune.data import TRIPLE_KEYS, endless_batches
+from gaprune.loss import distillation_loss, info_nce
 from gaprune.modeling import Embedder
 from gaprune.spec import RetrainSpec
 
@@ -28,10 +29,35 @@ class TrainingResult:
     seconds: float
 
 
+@torch.no_grad()
+def teacher_embeddings(teacher: Embedder, triples: Sequence[dict], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The teacher's L2-normalised embedding of every text of ``triples``, computed once (on the host), so
+    that each training step looks them up instead of running the teacher again."""
+    texts = list(dict.fromkeys(triple[key] for triple in triples for key in TRIPLE_KEYS))
+    embeddings = teacher.encode(texts, batch_size, desc="teacher embeddings").cpu()
+    return dict(zip(texts, embeddings))
+
+
+def step_loss(embedder: Embedder, batch: Sequence[dict], spec: RetrainSpec,
+              teacher: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """InfoNCE on the batch, plus ``spec.distill_weight`` times the distillation loss of every text of the batch
+    against its cached teacher embedding."""
+    embedded = [embedder.embed([triple[key] for triple in batch]) for key in TRIPLE_KEYS]
+    loss = info_nce(*embedded)
+    if spec.distills:
+        student = torch.cat(embedded)
+        target = torch.stack([teacher[triple[key]] for key in TRIPLE_KEYS for triple in batch]).to(student.device)
+        loss = loss + spec.distill_weight * distillation_loss(student, target, spec.distill_loss)
+    return loss
+
+
 def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpec, masks: Mapping[str, torch.Tensor],
-                    general: Sequence[dict] = (), autocast_dtype: torch.dtype | None = None) -> TrainingResult:
-    """AdamW on the InfoNCE loss; each batch mixes round(batch_size * general_ratio) general triples into the
-    domain ones. Masked gradients are zeroed before each step and masked weights re-zeroed after it."""
+                    general: Sequence[dict] = (), autocast_dtype: torch.dtype | None = None,
+                    teacher: Mapping[str, torch.Tensor] | None = None) -> TrainingResult:
+    """AdamW on the InfoNCE loss (plus the distillation term against ``teacher``, the cached teacher embeddings
+    of every training text, when the spec distills); each batch mixes round(batch_size * general_ratio) general
+    triples into the domain ones. Masked gradients are zeroed before each step and masked weights re-zeroed
+    after it."""
     model = embedder.model
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -51,13 +77,13 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpe
     progress = tqdm(range(spec.steps), desc="retraining", unit="step")
     for _ in progress:
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        loss_sum = 0.0
         for _ in range(grad_accum):
             batch = next(domain_batches) + (next(general_batches) if general_batches else [])
             with autocast:
-                loss = triplet_loss(embedder, batch) / grad_accum
+                loss = step_loss(embedder, batch, spec, teacher) / grad_accum
             loss.backward()
-            step_loss += loss.item()
+            loss_sum += loss.item()
         with torch.no_grad():
             for name, mask in masks.items():
                 if params[name].grad is not None:
@@ -66,7 +92,7 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpe
             schedule.step()
             for name, mask in masks.items():
                 params[name].masked_fill_(mask, 0)
-        losses.append(step_loss)
-        progress.set_postfix(loss=f"{step_loss:.4f}")
+        losses.append(loss_sum)
+        progress.set_postfix(loss=f"{loss_sum:.4f}")
     model.eval()
     return TrainingResult(losses=losses, seconds=time.perf_counter() - start)

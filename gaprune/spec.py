@@ -22,7 +22,7 @@ import torch
 from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
 from gaprune.errors import InputError
 from gaprune.layers import select_parameters, transformer_blocks
-from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, GROUP_ORDERS, LAYER_TYPES, LAYERS, NATURAL_ORDER,
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DISTILL_LOSSES, GROUP_ORDERS, LAYER_TYPES, LAYERS, NATURAL_ORDER,
                              OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES,
                              UNIFORM_WEIGHTING, UNSTRUCTURED)
 from gaprune.patterns import Pattern, parse_pattern
@@ -438,6 +438,8 @@ class RetrainSpec:
     weight_decay: float = 0.0
     general_ratio: float = 0.25
     seed: int = 42
+    distill_weight: float = 0.0  # lambda of the distillation term against a teacher's (the dense model's) embeddings
+    distill_loss: str = DISTILL_LOSSES[0]
 
     def __post_init__(self):
         whole_number(self.steps, "--steps")
@@ -451,6 +453,12 @@ class RetrainSpec:
             raise InputError(f"--general_ratio must be in [0, 1), got {self.general_ratio}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise InputError(f"--seed must be a whole number, got {self.seed!r}")
+        number_in(self.distill_weight, "--distill_weight", 0.0, math.inf)
+        one_of(self.distill_loss, "--distill_loss", DISTILL_LOSSES)
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_weight > 0
 
     def general_per_batch(self, with_general: bool) -> int:
         """General triples in each batch; refused when the ratio rounds to none, or to the whole batch."""

@@ -31,19 +31,26 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_length", type=positive_int, default=512)
     parser.add_argument("--output_file", help="JSON report (default: output/eval/<model>_eval_<ts>.json)")
+    parser.add_argument("--index_model",
+                        help="also measure index compatibility: the model's queries against documents embedded by "
+                             "this model (the dense one whose vector index a user keeps), under 'index_compatibility'")
     add_runtime_args(parser)
     return parser
 
 
-def evaluate_model(model_path: str, files: dict[str, list[dict]], args) -> dict[str, dict]:
+def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_model: str | None = None
+                   ) -> dict[str, dict]:
+    """Each file's metrics; with ``index_model`` the documents are embedded by that model (index compatibility)."""
     from gaprune.evaluation import evaluate_triples
     from gaprune.modeling import load_embedder
 
     embedder = load_embedder(model_path, args.device, args.dtype, max_length=args.max_length)
+    index = load_embedder(index_model, args.device, args.dtype, max_length=args.max_length) if index_model else None
     results = {}
     for path, triples in files.items():
-        log.info("evaluating %s on %s (%d queries)", model_path, path, len(triples))
-        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions)
+        log.info("evaluating %s on %s (%d queries)%s", model_path, path, len(triples),
+                 f", documents embedded by {index_model}" if index_model else "")
+        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions, index)
     return results
 
 
@@ -54,6 +61,9 @@ def format_table(report: dict) -> str:
     for path, result in report["results"].items():
         name = os.path.basename(path)[:40]
         lines.append(f"{name:<40} {'model':<10} " + " ".join(f"{result['metrics'][m]:10.4f}" for m in METRICS))
+        if report.get("index_compatibility"):
+            index = report["index_compatibility"][path]["metrics"]
+            lines.append(f"{'':<40} {'old index':<10} " + " ".join(f"{index[m]:10.4f}" for m in METRICS))
         if report.get("baseline"):
             base = report["baseline"][path]["metrics"]
             lines.append(f"{'':<40} {'baseline':<10} " + " ".join(f"{base[m]:10.4f}" for m in METRICS))
@@ -81,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     report = {"model_path": args.model_path, "baseline_model": args.baseline_model,
               "timestamp": datetime.now().isoformat(), "query_instructions": args.query_instructions,
               "results": evaluate_model(args.model_path, files, args)}
+    if args.index_model:
+        report["index_compatibility"] = evaluate_model(args.model_path, files, args, args.index_model)
     if args.baseline_model:
         report["baseline"] = evaluate_model(args.baseline_model, files, args)
         report["change_percent"] = {
