@@ -189,8 +189,9 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
     from gaprune.errors import OutputError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("gaprune").setLevel(logging.INFO)  # gaprune's progress; other libraries' warnings only
 
     def refuse(message: str, code: int = 1) -> None:
         from gaprune import distributed

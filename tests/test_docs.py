@@ -7,7 +7,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["gaprune.features.sample", "gaprune.features.fisher", "gaprune.features.gradient",
-           "gaprune.model.SparseModel", "gaprune.model.compare", "gaprune.model.evaluate", "gaprune.model.retrain"]
+           "gaprune.model.SparseModel", "gaprune.model.compare", "gaprune.model.evaluate", "gaprune.model.retrain",
+           "gaprune.model.export"]
 
 
 @pytest.mark.parametrize("module", SCRIPTS)

@@ -207,7 +207,8 @@ def test_example_usage_refuses_a_request_the_last_stage_would_refuse_before_stag
 
 
 SCRIPTS = ["gaprune.features.sample", "gaprune.features.fisher", "gaprune.features.gradient",
-           "gaprune.model.SparseModel", "gaprune.model.compare", "gaprune.model.evaluate", "gaprune.model.retrain"]
+           "gaprune.model.SparseModel", "gaprune.model.compare", "gaprune.model.evaluate", "gaprune.model.retrain",
+           "gaprune.model.export"]
 
 
 def test_help_shows_defaults_and_a_recipe_without_importing_torch():

@@ -21,7 +21,8 @@ log = logging.getLogger("gaprune.evaluate")
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", required=True, help="model folder (dense or pruned) or hub id")
+    parser.add_argument("--model_path", required=True,
+                        help="model folder (dense or pruned), hub id, or an .onnx file of gaprune/model/export.py")
     parser.add_argument("--data_paths", nargs="+", required=True, help="triple files to evaluate on")
     parser.add_argument("--baseline_model", help="also evaluate this model and report the change against it")
     parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"],
@@ -44,8 +45,15 @@ def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_mo
     from gaprune.evaluation import evaluate_triples
     from gaprune.modeling import load_embedder
 
-    embedder = load_embedder(model_path, args.device, args.dtype, max_length=args.max_length)
-    index = load_embedder(index_model, args.device, args.dtype, max_length=args.max_length) if index_model else None
+    def load(path: str):
+        if path.endswith(".onnx"):  # an export of gaprune/model/export.py, run by onnxruntime on the CPU
+            from gaprune.export import OnnxEmbedder
+
+            return OnnxEmbedder(path, args.max_length)
+        return load_embedder(path, args.device, args.dtype, max_length=args.max_length)
+
+    embedder = load(model_path)
+    index = load(index_model) if index_model else None
     results = {}
     for path, triples in files.items():
         log.info("evaluating %s on %s (%d queries)%s", model_path, path, len(triples),
