@@ -369,7 +369,8 @@ def report(rows_per_seed: list[list[dict]], args: argparse.Namespace, out: str, 
         header += "; sparsity = share of every layer's MLP channels removed"
     if args.structure == "layers":
         header += (f"; sparsity = share of the transformer layers removed ({', '.join(map(str, args.layers_removed))} "
-                   f"layers); retrained: {args.retrain_steps} steps, Δ vs the dense model before retraining")
+                   f"of them)" + (f"; Δ of the retrained rows vs the dense model before retraining"
+                                  if args.retrain_steps else ""))
     write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
                                                     "summary": summary, "rows_per_seed": rows_per_seed})
     with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as handle:

@@ -40,7 +40,7 @@ from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TY
                              SUM_PLACES, LAYERS, UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
 from gaprune.blocks import DepthResult, block_weights
-from gaprune.pruning import (Calibration, StructureResult, load_calibration,
+from gaprune.pruning import (BudgetResult, Calibration, StructureResult, load_calibration, prune_to_budget,
                              prune_calibrated, prune_candidates, prune_depth, prune_structure, structure_candidates)
 from gaprune.retraining import sparse_finetune, teacher_embeddings, zero_masks
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
@@ -183,11 +183,12 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
 
 
 def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
-          calibration: Calibration | None = None) -> MaskResult | StructureResult | DepthResult:
+          calibration: Calibration | None = None) -> MaskResult | StructureResult | DepthResult | BudgetResult:
     """Prune ``model`` in place as ``spec`` asks, reading the score files ``scores`` names. Masks zero the
     ``spec.sparsity`` share of the candidate weights the scorer ranks lowest (or N of every M); a
     ``spec.structure`` removes whole channels or heads, or whole transformer blocks (``layers``), so the model
-    and its config become smaller. Wanda,
+    and its config become smaller; a budget (``spec.target_speedup``, ``spec.target_params``) picks the mix of
+    layers and channels itself. Wanda,
     SparseGPT and reconstruction calibrate on ``spec.calibration``'s texts (or on ``calibration``, texts loaded
     and measured before: compare.py reuses them). Save the model with gaprune.save_model."""
     if not isinstance(spec, PruneSpec):
@@ -196,6 +197,8 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
     spec.check_scores(scores)
     embedder = as_embedder(model)
     warn_on_main(log, spec.notes() + spec.check_model(embedder.model))
+    if spec.budgeted:
+        return prune_to_budget(embedder, spec, _depth_arrays(embedder, spec, scores))
     if spec.structure == LAYERS:
         if spec.uses_texts:
             calibration = calibration if calibration is not None else load_calibration(spec.calibration)

@@ -148,7 +148,14 @@ def _code(value) -> str:
 
 def summary(base, config, structured, unstructured, stats, retrain) -> str:
     source = _code(base) if base else "an unnamed model"
-    if structured is not None and structured.get("structure") == "layers":
+    if structured is not None and structured.get("structure") == "budget":
+        text = (f"A smaller copy of {source}, pruned to a budget: {structured.get('layers_removed')} whole "
+                f"transformer layers (indices {structured.get('removed_layers')}) and "
+                f"{structured.get('channels_removed_per_layer')} MLP channels of every remaining layer removed, "
+                f"the least `{structured.get('scoring')}` importance; predicted "
+                f"{structured.get('predicted_speedup', 0):.2f}x fewer FLOPs per token. It is a standard checkpoint: "
+                "`config.json` gives the new sizes and no gaprune code is needed to load it.")
+    elif structured is not None and structured.get("structure") == "layers":
         text = (f"A shallower copy of {source}: {structured.get('layers_removed')} whole transformer layers "
                 f"(indices {structured.get('removed_layers')}) removed, chosen by gaprune's "
                 f"`{structured.get('scoring')}` block scorer. It is a standard checkpoint: `config.json` gives the "
@@ -175,7 +182,13 @@ def summary(base, config, structured, unstructured, stats, retrain) -> str:
 def flags(config: Mapping, structured: Mapping | None, unstructured: Mapping | None) -> list[str]:
     """The SparseModel.py flags that reproduce the folder, from its evaluation_config.json."""
     out = []
-    if structured is not None and structured.get("structure") == "layers":
+    if structured is not None and structured.get("structure") == "budget":
+        out += [flag for key in ("target_speedup", "target_params") if structured.get(key) is not None
+                for flag in (f"--{key}", str(structured[key]))]
+        out += ["--budget_sequence_length", str(structured.get("sequence_length")),
+                "--unstructured_scoring", str(structured.get("scoring"))]
+        record = structured
+    elif structured is not None and structured.get("structure") == "layers":
         amount = (["--structured_pct", str(structured["share"])] if structured.get("share")
                   else ["--num_layers_removed", str(structured.get("layers_removed"))])
         out += ["--structure", "layers", *amount, "--block_scoring", str(structured.get("scoring"))]
@@ -244,7 +257,12 @@ def removed_lines(config, structured, unstructured, stats) -> list[str]:
         units = size.get(field) or {}
         before = stats.get("params_before", size.get("params_before"))
         after = stats.get("params_after", size.get("params_after"))
-        if structured.get("structure") == "layers":
+        if structured.get("structure") == "budget":
+            depth, width = size.get("num_hidden_layers") or {}, size.get("intermediate_size") or {}
+            lines = [f"- layers: `num_hidden_layers` {_count(depth.get('before'))} -> {_count(depth.get('after'))}",
+                     f"- MLP channels: `intermediate_size` {_count(width.get('before'))} -> "
+                     f"{_count(width.get('after'))} per layer"]
+        elif structured.get("structure") == "layers":
             lines = [f"- layers: `{field}` {_count(units.get('before'))} -> {_count(units.get('after'))} (indices "
                      f"{structured.get('removed_layers')} of the dense model removed)"]
         else:

@@ -10,8 +10,11 @@ from typing import Iterator, Mapping
 
 import torch
 
-from gaprune.blocks import BLOCK_CONFIG_FIELD, BlockContext, DepthResult, get_block_scorer, lowest_blocks, remove_blocks
+from gaprune.blocks import (BLOCK_CONFIG_FIELD, BlockContext, DepthResult, block_weights, get_block_scorer,
+                            lowest_blocks, remove_blocks)
+from gaprune.budget import Plan, Shape, choose, plan_grid
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
+from gaprune.families import family_of_names
 from gaprune.input_stats import LayerInputs
 from gaprune.layers import transformer_blocks
 from gaprune.data import load_triples, triple_texts
@@ -28,8 +31,8 @@ from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.coefficients import DAIConfig
 from gaprune.scoring import ArrayFn
 from gaprune.spec import PRUNER_OPTIONS, CalibrationSpec, PruneSpec, ScoreFiles, calibration_source
-from gaprune.structure import (CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_scores,
-                               units_to_remove)
+from gaprune.structure import (CONFIG_FIELDS, UNIT_LAYER_TYPES, UnitPlan, lowest_units, remove_units, unit_plan,
+                               unit_scores, units_to_remove)
 
 
 log = logging.getLogger(__name__)
@@ -313,6 +316,66 @@ def prune_depth(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
     remove_blocks(model, removed)
     return DepthResult(spec.block_scorer, removed, blocks_before, scores, params_before,
                        sum(p.numel() for p in model.parameters()))
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    plan: Plan
+    shape: Shape
+    removed_channels: dict[int, list[int]]  # kept block (dense index) -> its removed channels
+    params_before: int
+    params_after: int
+
+
+def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None) -> BudgetResult:
+    """Remove, in place, the mix of whole layers and MLP channels that meets the spec's budget with the least
+    of ``spec.scorer``'s importance removed (gaprune.budget): every block's and every channel's scores in one
+    scoring context, the channels first (the score files name the dense model's layers), then the layers."""
+    model = embedder.model
+    by_block = block_weights(model)
+    named = {name: p for weights in by_block.values() for name, p in weights.items()}
+    score_fn = checked_scores(_score_based(spec.scorer, "a budget").build(
+        ScoringContext(named, arrays or (lambda side, name: None), spec.config, spec.seed)))
+    block_importance = [sum(float(score_fn(name, p.detach()).double().sum()) for name, p in weights.items())
+                        for weights in by_block.values()]
+    units = unit_plan(model, "channels")
+    layers = sorted(units.layers, key=lambda layer: int(layer.layer.rsplit(".", 1)[1]))  # in block order
+    channel_scores = [unit_scores(named, layer, score_fn) for layer in layers]
+    shape = Shape.of(model.config, family_of_names(named).gated_mlp)
+    plan = choose(plan_grid(shape, block_importance, [scores.sort().values for scores in channel_scores],
+                            spec.sequence_length), spec.target_speedup, spec.target_params)
+    params_before = sum(p.numel() for p in model.parameters())
+    removed = {}
+    if plan.channels_removed:
+        lowest = {layer.layer: lowest_units(scores, plan.channels_removed, units.groups)
+                  for layer, scores in zip(layers, channel_scores)}
+        remove_units(model, units, lowest)
+        removed = {index: lowest[layer.layer].tolist() for index, layer in enumerate(layers)
+                   if index not in plan.blocks_removed}
+    if plan.blocks_removed:
+        remove_blocks(model, plan.blocks_removed)
+    return BudgetResult(plan, shape, removed, params_before, sum(p.numel() for p in model.parameters()))
+
+
+def budget_records(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles, result: BudgetResult,
+                   measured: dict | None = None) -> dict[str, dict]:
+    """evaluation_config.json and structured_prune_stats.json of a folder pruned to a budget."""
+    plan, shape = result.plan, result.shape
+    kept_blocks = shape.blocks - len(plan.blocks_removed)
+    record = {"structure": "budget", "scoring": spec.scorer, "target_speedup": spec.target_speedup,
+              "target_params": spec.target_params, "sequence_length": spec.sequence_length,
+              "layers_removed": len(plan.blocks_removed), "removed_layers": plan.blocks_removed,
+              "channels_removed_per_layer": plan.channels_removed, "predicted_speedup": plan.speedup,
+              "params_kept": plan.params_kept, **(measured or {}), **dataclasses.asdict(spec.config)}
+    size = {"params_before": result.params_before, "params_after": result.params_after,
+            BLOCK_CONFIG_FIELD: {"before": shape.blocks, "after": kept_blocks},
+            "intermediate_size": {"before": shape.intermediate, "after": shape.intermediate - plan.channels_removed}}
+    stats = {**record, "removed_importance": plan.removed_importance, "removed_channels": result.removed_channels,
+             "params_before": result.params_before, "params_after": result.params_after}
+    config = {"model_path": model_path, "batch_size": batch_size, "structure": "budget", "sparsify_layers": ["all"],
+              "pruning_method": f"budget_{spec.scorer}",
+              "meta": {"structured_pruning": record, "score_files": _score_file_entries(scores), "size": size}}
+    return {"evaluation_config.json": config, "structured_prune_stats.json": stats}
 
 
 def depth_stats(result: DepthResult, spec: PruneSpec) -> dict:

@@ -19,8 +19,10 @@ from typing import Sequence
 
 import torch
 
+from gaprune.budget import Shape, reachable
 from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
 from gaprune.errors import InputError
+from gaprune.families import family_of_names
 from gaprune.layers import select_parameters, transformer_blocks
 from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DISTILL_LOSSES, GROUP_ORDERS, LAYER_TYPES, LAYERS, NATURAL_ORDER,
                              OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES,
@@ -148,10 +150,15 @@ class PruneSpec:
     calibration: CalibrationSpec | None = None
     block_scorer: str = DEFAULT_BLOCK_SCORER  # layers: a measurement (BLOCK_MEASURES) or a score-based scorer's sum
     block_count: int | None = None  # layers: how many blocks go (instead of the share ``sparsity``)
+    target_speedup: float | None = None  # a budget: this many times fewer FLOPs per token (layers and channels)
+    target_params: float | None = None  # a budget: at most this share of the transformer's weights kept
+    sequence_length: int = 256  # tokens per text in the budget's cost model
 
     def __post_init__(self):
         self._check_values()
-        if self.structure == UNSTRUCTURED:
+        if self.budgeted:
+            self._check_budget()
+        elif self.structure == UNSTRUCTURED:
             self._check_masking()
         elif self.structure == LAYERS:
             self._check_depth()
@@ -182,6 +189,11 @@ class PruneSpec:
     def calibrated(self) -> bool:
         """Whether the request prunes layer by layer on calibration texts (Wanda, SparseGPT, reconstruction)."""
         return self.structure == UNSTRUCTURED and (self.chosen.needs_activations or self.reconstruct)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the structures are chosen to meet a budget (--target_speedup, --target_params)."""
+        return self.target_speedup is not None or self.target_params is not None
 
     @property
     def uses_texts(self) -> bool:
@@ -262,6 +274,30 @@ class PruneSpec:
                              f"same count from every layer")
         if self.calibration is not None and self.calibration.weighting != UNIFORM_WEIGHTING:
             raise InputError(NO_STATISTICS)
+
+    def _check_budget(self) -> None:
+        """A budget picks the layers and channels itself from a score-based scorer's scores: no share, structure or
+        mask flag applies."""
+        if self.target_speedup is not None and number_in(self.target_speedup, "--target_speedup", 1.0, 1000.0) == 1:
+            raise InputError("--target_speedup 1 asks for nothing: give a speed-up above 1, e.g. 2")
+        if self.target_params is not None and not 0 < number_in(self.target_params, "--target_params") < 1:
+            raise InputError(f"--target_params must be between 0 and 1 (exclusive), got {self.target_params}")
+        whole_number(self.sequence_length, "--budget_sequence_length")
+        for flag, asked in (("--structure", self.structure != UNSTRUCTURED),
+                            ("--unstructured_pct/--structured_pct", self.sparsity != 0),
+                            ("--num_layers_removed", self.block_count is not None),
+                            ("--block_scoring", self.block_scorer != DEFAULT_BLOCK_SCORER),
+                            ("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
+                            ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
+                            ("--group_order", self.group_order != NATURAL_ORDER),
+                            ("--reconstruction_target", self.reconstruction_target != OWN_TARGET),
+                            ("--sparsify_layers", self.layer_types != ("mlp",)),
+                            ("--layer_budget_strategy", self.strategy != "global")):
+            if asked:
+                raise InputError(f"{flag} does not apply: --target_speedup/--target_params choose the layers and "
+                                 f"channels that go themselves")
+        if self.chosen.needs_activations:
+            raise InputError(f"a budget ranks layers and channels by a score-based scorer's scores, not {self.scorer}")
 
     def _check_depth(self) -> None:
         """--structure layers: a share or a count of whole blocks, chosen by a block scorer; the flags of masks and
@@ -368,7 +404,7 @@ class PruneSpec:
     def share_notes(self) -> list[str]:
         """A share that prunes nothing or every weight, and bounds a global budget ignores."""
         notes = []
-        if self.structure == UNSTRUCTURED and self.share == 0:
+        if self.structure == UNSTRUCTURED and self.share == 0 and not self.budgeted:
             notes.append(f"{self.amount_flag} 0 prunes nothing: the folder will hold an unpruned copy (pass e.g. "
                          f"{self.amount_flag} 0.5 to zero half of the {'/'.join(self.layer_types)} weights)")
         if self.structure == UNSTRUCTURED and self.share == 1:
@@ -391,6 +427,8 @@ class PruneSpec:
         """What needs the model's shapes (a model on the meta device will do): the candidate layers exist, an
         N:M group fits every candidate row, a structure's share removes some units and keeps some. Returns
         warnings (a share that rounds away from what was asked)."""
+        if self.budgeted:
+            return self._check_budget_reachable(model)
         if self.structure == LAYERS:
             blocks = len(transformer_blocks(model))
             count = self.blocks_to_remove(blocks)
@@ -411,6 +449,19 @@ class PruneSpec:
                 if weight.shape[-1] % pattern.m:
                     raise InputError(f"the {self.pattern} pattern needs rows whose length is a multiple of "
                                      f"{pattern.m}; {name} has {weight.shape[-1]}")
+        return []
+
+    def _check_budget_reachable(self, model: torch.nn.Module) -> list[str]:
+        """The budget is within what removing layers and channels can reach, by the cost model alone."""
+        unit_plan(model, "channels")  # the family can lose channels
+        shape = Shape.of(model.config, family_of_names(name for name, _ in model.named_parameters()).gated_mlp)
+        speedup, params_kept = reachable(shape, self.sequence_length)
+        if self.target_speedup is not None and self.target_speedup > speedup:
+            raise InputError(f"--target_speedup {self.target_speedup:g} is beyond any plan: removing all but one of "
+                             f"{shape.blocks} layers and 75% of the channels reaches {speedup:.2f}x")
+        if self.target_params is not None and self.target_params < params_kept:
+            raise InputError(f"--target_params {self.target_params:g} is beyond any plan: the smallest keeps "
+                             f"{params_kept:.1%} of the weights")
         return []
 
 

@@ -59,6 +59,14 @@ def build_parser() -> ArgumentParser:
                              "(measured on the calibration texts: ShortGPT's 1 - cos(block input, output); the "
                              "embedding drift or the loss rise when the block is skipped; the drift re-measured "
                              "after each removal), or a score-based scorer's name (its scores summed over the block)")
+    parser.add_argument("--target_speedup", type=finite_float,
+                        help="a budget: this many times fewer FLOPs per token than the dense model; the layers and "
+                             "MLP channels that go are chosen together, the least --unstructured_scoring importance "
+                             "removed (aligned_saliency or domain_fisher with their score files; magnitude without)")
+    parser.add_argument("--target_params", type=finite_float,
+                        help="a budget: keep at most this share (0..1) of the transformer blocks' weights")
+    parser.add_argument("--budget_sequence_length", type=positive_int, default=256,
+                        help="tokens per text in the budget's cost model (attention grows with it)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer (default: 42)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--show_layer_types", action="store_true", help="print the layer types and exit")
@@ -86,7 +94,9 @@ def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
     whole_number(args.batch_size, "--batch_size")
     amount = args.unstructured_pct if args.structure == UNSTRUCTURED else args.structured_pct
     spec = spec_from_args(args, args.unstructured_scoring, amount, coefficients_from_args(args),
-                          block_scorer=args.block_scoring, block_count=args.num_layers_removed)
+                          block_scorer=args.block_scoring, block_count=args.num_layers_removed,
+                          target_speedup=args.target_speedup, target_params=args.target_params,
+                          sequence_length=args.budget_sequence_length)
     scores = score_files_from_args(args)
     if not (args.dry_run and not scores.given()):  # a dry run before the scoring stages: their files come later
         spec.check_scores(scores)
@@ -97,6 +107,11 @@ def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
     from gaprune.checkpoint import output_folder
     from gaprune.pruning import option_words
 
+    if spec.budgeted:
+        budget = "_".join(part for part in (f"{spec.target_speedup:g}x" if spec.target_speedup else "",
+                                            f"params{round(spec.target_params * 100, 2):g}%" if spec.target_params
+                                            else "") if part)
+        return output_folder(output_dir, model_path, f"{spec.scorer}_budget_{budget}")
     if spec.structure == LAYERS:
         amount = (f"minus{spec.block_count}" if spec.block_count is not None
                   else f"{round(spec.sparsity * 100, 2):g}%")
@@ -145,7 +160,7 @@ def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     for note in spec.notes() + spec.check_model(model):
         log.warning("%s", note)
     if scores.given():
-        if spec.structure == LAYERS:
+        if spec.structure == LAYERS or spec.budgeted:
             candidates = {name: p for weights in block_weights(model).values() for name, p in weights.items()}
         elif spec.structure != UNSTRUCTURED:
             candidates = structure_candidates(model, unit_plan(model, spec.structure))
@@ -185,7 +200,8 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     from gaprune.fileio import atomic_dir, write_json
     from gaprune.modelcard import model_card, write_model_card
     from gaprune.modeling import load_embedder
-    from gaprune.pruning import ModelZeros, load_calibration
+    from gaprune.budget import texts_per_second
+    from gaprune.pruning import ModelZeros, budget_records, load_calibration
 
     calibration = load_calibration(spec.calibration) if spec.uses_texts else None
     world = distributed.init_from_env(args.device)
@@ -193,13 +209,21 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     log.info("model %s on %s (%s)", args.model_path, embedder.device, embedder.model.dtype)
     log.info("pruning %s", describe_request(spec))
     zeros_before = count_zeros(embedder.model)
+    speed = speed_texts(spec) if spec.budgeted else None
+    dense_speed = texts_per_second(embedder, speed) if speed else None
     result = api.prune(embedder, spec, scores, calibration)
+    if spec.budgeted:
+        log.info("%s", result.plan.line(result.shape))
+        measured = texts_per_second(embedder, speed) / dense_speed
+        log.info("measured on this device: %.2fx the dense model's texts/s", measured)
     embedding = probe_embedding(embedder)
     if not world.is_main:
         return None
     zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
                        after=count_zeros(embedder.model)) if spec.structure == UNSTRUCTURED else None
-    records = records_of(args, spec, scores, result, zeros, calibration)
+    records = (budget_records(args.model_path, args.batch_size, spec, scores, result,
+                              {"measured_speedup": measured, "measured_on": str(embedder.device)})
+               if spec.budgeted else records_of(args, spec, scores, result, zeros, calibration))
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
         for name, record in records.items():
@@ -228,7 +252,19 @@ def records_of(args, spec: PruneSpec, scores: ScoreFiles, result, zeros: ModelZe
             "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
 
 
+def speed_texts(spec: PruneSpec) -> list[str]:
+    """32 texts of about the budget's sequence length, for timing the dense and the pruned model."""
+    from gaprune.checkpoint import PROBE_SENTENCE
+
+    return [" ".join([PROBE_SENTENCE] * max(1, spec.sequence_length // 8))] * 32
+
+
 def describe_request(spec: PruneSpec) -> str:
+    if spec.budgeted:
+        budget = " and ".join(part for part in (f"{spec.target_speedup:g}x fewer FLOPs" if spec.target_speedup else "",
+                                                f"at most {spec.target_params:.0%} of the weights"
+                                                if spec.target_params else "") if part)
+        return f"layers and MLP channels to a budget of {budget}, the least {spec.scorer} importance removed"
     if spec.structure == LAYERS:
         amount = spec.block_count if spec.block_count is not None else f"{100 * spec.sparsity:.1f}%"
         return f"{amount} of the transformer blocks, the lowest by {spec.block_scorer}"
@@ -243,6 +279,11 @@ def describe_request(spec: PruneSpec) -> str:
 
 
 def describe_result(result, spec: PruneSpec, zeros: ModelZeros | None) -> str:
+    if spec.budgeted:
+        return (f"Removed {len(result.plan.blocks_removed)} layers {result.plan.blocks_removed} and "
+                f"{result.plan.channels_removed} MLP channels per remaining layer; parameters "
+                f"{result.params_before:,} -> {result.params_after:,} "
+                f"({1 - result.params_after / result.params_before:.1%} fewer)")
     from gaprune.structure import CONFIG_FIELDS
 
     if spec.structure == LAYERS:

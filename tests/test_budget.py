@@ -1,0 +1,84 @@
+"""Pruning to a budget: the cost model against a hand count, the plan that removes the least importance
+among those meeting the budget, and a pruned folder that meets it by its own config."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import gaprune
+from conftest import fail, listing
+from gaprune.budget import Plan, Shape, choose, plan_grid
+from gaprune.errors import InputError
+from gaprune.model import SparseModel
+from gaprune.modeling import load_embedder
+from gaprune.toy_models import build_qwen3
+
+TEXTS = ["What is the boiling point of ethanol?", "A buffer resists changes of pH.", "Tennis is played in sets."]
+
+
+def test_the_cost_model_counts_a_block_by_hand():
+    qwen = Shape(blocks=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, gated=True)
+    # q and o: 64x64 each, k and v: 64x32 each; attention: 2 x 2 x L x 64; MLP: 3 matrices 64x128
+    assert qwen.block_flops(128, 10) == 2 * (64 * 64 * 2 + 64 * 32 * 2) + 2 * 2 * 10 * 64 + 2 * 3 * 64 * 128
+    assert qwen.block_params(100) == 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 100
+    bert = Shape(blocks=2, hidden=32, intermediate=64, heads=4, kv_heads=4, head_dim=8, gated=False)
+    assert bert.block_flops(64, 1) == 2 * 32 * 32 * 4 + 2 * 2 * 1 * 32 + 2 * 2 * 32 * 64
+
+
+def test_the_plan_removes_the_least_importance_that_meets_the_budget():
+    shape = Shape(blocks=3, hidden=8, intermediate=32, heads=2, kv_heads=2, head_dim=4, gated=False)
+    blocks = [5.0, 1.0, 9.0]  # block 1 is the cheapest to lose
+    channels = [torch.arange(32, dtype=torch.float64) * 0.01 for _ in range(3)]  # 0.00, 0.01, ... per block
+    plans = plan_grid(shape, blocks, channels, sequence_length=4)
+    assert min(plans, key=lambda p: p.speedup).speedup == 1.0
+    assert all(p.blocks_removed in ([], [1], [0, 1]) for p in plans)  # the least important blocks go first
+    chosen = choose(plans, 1.4, None)
+    assert chosen.speedup >= 1.4
+    assert chosen.removed_importance == min(p.removed_importance for p in plans if p.speedup >= 1.4)
+    for plan in plans:  # importance of a plan: its blocks, and the lowest channels of every kept block
+        kept = [b for b in range(3) if b not in plan.blocks_removed]
+        expected = sum(blocks[b] for b in plan.blocks_removed) + sum(
+            float(channels[b][:plan.channels_removed].sum()) for b in kept)
+        assert plan.removed_importance == pytest.approx(expected)
+    with pytest.raises(InputError, match="no plan meets the budget; the most the grid reaches is"):
+        choose(plans, 100.0, None)
+    assert choose([Plan([], 8, 1.5, 0.5, 1.0), Plan([0], 0, 1.5, 0.5, 1.0)], 1.5, None).blocks_removed == []
+
+
+def test_a_budget_prunes_layers_and_channels_that_meet_it(tmp_path, chem_triples):
+    folder = build_qwen3(str(tmp_path / "q4"), num_layers=4, intermediate_size=128,
+                         extra_text=[t["query"] for t in chem_triples])
+    embedder = load_embedder(folder, "cpu")
+    dense = Shape.of(embedder.model.config, gated=True)
+    result = gaprune.prune(embedder, gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8, sequence_length=64))
+    config = embedder.model.config
+    assert config.num_hidden_layers == 4 - len(result.plan.blocks_removed)
+    assert config.intermediate_size == 128 - result.plan.channels_removed
+    achieved = (dense.blocks * dense.block_flops(128, 64)) / (config.num_hidden_layers *
+                                                              dense.block_flops(config.intermediate_size, 64))
+    assert achieved == pytest.approx(result.plan.speedup) and achieved >= 1.8
+    in_memory = embedder.encode(TEXTS, progress=False)
+    gaprune.save_model(embedder, str(tmp_path / "saved"))
+    torch.testing.assert_close(load_embedder(str(tmp_path / "saved"), "cpu").encode(TEXTS, progress=False),
+                               in_memory, atol=1e-5, rtol=0)
+
+
+def test_sparse_model_to_a_budget_records_the_plan_and_refuses_what_no_plan_reaches(capsys, tmp_path, qwen3_dir):
+    folder = SparseModel.main(["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "out"), "--target_speedup",
+                               "1.5", "--unstructured_scoring", "magnitude", "--budget_sequence_length", "32"])
+    assert os.path.basename(folder) == "tiny-qwen3_magnitude_budget_1.5x"
+    stats = json.load(open(os.path.join(folder, "structured_prune_stats.json")))
+    assert stats["predicted_speedup"] >= 1.5 and stats["measured_speedup"] > 0 and stats["structure"] == "budget"
+    assert "pruned to a budget" in open(os.path.join(folder, "README.md")).read()
+    capsys.readouterr()
+    for extra, message in ((["--target_speedup", "40"], "--target_speedup 40 is beyond any plan"),
+                           (["--target_params", "1.5"], "--target_params must be between 0 and 1"),
+                           (["--target_speedup", "2", "--structure", "channels", "--structured_pct", "0.5"],
+                            "--structure does not apply"),
+                           (["--target_speedup", "2", "--unstructured_scoring", "wanda"], "not wanda")):
+        line = fail(capsys, SparseModel.main, ["--model_path", qwen3_dir, "--output_dir", str(tmp_path / "no"),
+                                               *extra])
+        assert message in line
+    assert not os.path.exists(tmp_path / "no") or listing(tmp_path / "no") == []
