@@ -401,6 +401,7 @@ def test_token_weights_measured_once_prune_as_measured_each_time(caplog, monkeyp
     calls = []
     measure = pruning.loss_gradient_weights
     monkeypatch.setattr(pruning, "loss_gradient_weights", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    caplog.clear()  # the plans of the prunings above, where an earlier test left gaprune's loggers at INFO
     with caplog.at_level("INFO"):
         path = compare.main(["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"],
                              "--general_data_paths", data_files["general"], "--scorers", "wanda", "sparsegpt",
