@@ -369,7 +369,7 @@ def report(rows_per_seed: list[list[dict]], args: argparse.Namespace, out: str, 
         header += "; sparsity = share of every layer's MLP channels removed"
     if args.structure == "layers":
         header += (f"; sparsity = share of the transformer layers removed ({', '.join(map(str, args.layers_removed))} "
-                   f"of them)" + (f"; Δ of the retrained rows vs the dense model before retraining"
+                   f"of them)" + ("; Δ of the retrained rows vs the dense model before retraining"
                                   if args.retrain_steps else ""))
     write_json(os.path.join(out, f"{name}.json"), {"settings": vars(args), "model": model, "heldout_sizes": sizes,
                                                     "summary": summary, "rows_per_seed": rows_per_seed})
