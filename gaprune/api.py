@@ -198,7 +198,10 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
     embedder = as_embedder(model)
     warn_on_main(log, spec.notes() + spec.check_model(embedder.model))
     if spec.budgeted:
-        return prune_to_budget(embedder, spec, _depth_arrays(embedder, spec, scores))
+        if spec.uses_texts:
+            calibration = calibration if calibration is not None else load_calibration(spec.calibration)
+        return prune_to_budget(embedder, spec, _depth_arrays(embedder, spec, scores),
+                               calibration if spec.uses_texts else None)
     if spec.structure == LAYERS:
         if spec.uses_texts:
             calibration = calibration if calibration is not None else load_calibration(spec.calibration)

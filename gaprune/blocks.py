@@ -200,13 +200,13 @@ def get_block_scorer(name: str) -> BlockScorer:
     return BLOCK_SCORERS[name]
 
 
-def lowest_blocks(scorer: BlockScorer, context: BlockContext, count: int) -> tuple[list[int], list[float]]:
-    """The ``count`` blocks to remove (ascending) and the scores they were chosen by (for a greedy scorer,
-    each block's score when it was chosen); ties go to the later block, whose removal disturbs fewer others."""
+def removal_order(scorer: BlockScorer, context: BlockContext, count: int) -> tuple[list[int], list[float]]:
+    """The first ``count`` blocks to remove, in the order they go, and the scores they were chosen by (for a
+    greedy scorer, each block's score when it was chosen); ties go to the later block, whose removal disturbs
+    fewer others."""
     if not scorer.greedy:
         scores = scorer.score(context, frozenset())
-        order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
-        return sorted(order[:count]), scores
+        return sorted(range(len(scores)), key=lambda i: (scores[i], -i))[:count], scores
     chosen: list[int] = []
     at_choice = [float("nan")] * len(transformer_blocks(context.embedder.model))
     for _ in range(count):
@@ -214,7 +214,13 @@ def lowest_blocks(scorer: BlockScorer, context: BlockContext, count: int) -> tup
         best = min((i for i in range(len(scores)) if i not in chosen), key=lambda i: (scores[i], -i))
         chosen.append(best)
         at_choice[best] = scores[best]
-    return sorted(chosen), at_choice
+    return chosen, at_choice
+
+
+def lowest_blocks(scorer: BlockScorer, context: BlockContext, count: int) -> tuple[list[int], list[float]]:
+    """The ``count`` blocks to remove (ascending) and the scores they were chosen by."""
+    order, scores = removal_order(scorer, context, count)
+    return sorted(order), scores
 
 
 @torch.no_grad()

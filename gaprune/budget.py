@@ -72,10 +72,11 @@ class Plan:
 
 
 def plan_grid(shape: Shape, block_importance: Sequence[float], channel_importance: Sequence[torch.Tensor],
-              sequence_length: int) -> list[Plan]:
-    """Every plan on the grid: the k least important blocks removed (k = 0 .. blocks - 1) and c channels from
-    each kept block, c the lowest of its channel scores (``channel_importance[b]`` sorted ascending, per block)."""
-    order = sorted(range(shape.blocks), key=lambda b: (block_importance[b], -b))
+              sequence_length: int, order: Sequence[int] | None = None) -> list[Plan]:
+    """Every plan on the grid: the first k blocks of ``order`` removed (k = 0 .. blocks - 1; by default the least
+    important first) and c channels from each kept block, c the lowest of its channel scores
+    (``channel_importance[b]`` sorted ascending, per block)."""
+    order = order or sorted(range(shape.blocks), key=lambda b: (block_importance[b], -b))
     cumulative = [torch.cat([torch.zeros(1, dtype=torch.float64), scores.double().cumsum(0)])
                   for scores in channel_importance]
     dense_flops = shape.blocks * shape.block_flops(shape.intermediate, sequence_length)

@@ -11,7 +11,7 @@ from typing import Iterator, Mapping
 import torch
 
 from gaprune.blocks import (BLOCK_CONFIG_FIELD, BlockContext, DepthResult, block_weights, get_block_scorer,
-                            lowest_blocks, remove_blocks)
+                            lowest_blocks, remove_blocks, removal_order)
 from gaprune.budget import Plan, Shape, choose, plan_grid
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.families import family_of_names
@@ -327,10 +327,12 @@ class BudgetResult:
     params_after: int
 
 
-def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None) -> BudgetResult:
+def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
+                    calibration: Calibration | None = None) -> BudgetResult:
     """Remove, in place, the mix of whole layers and MLP channels that meets the spec's budget with the least
     of ``spec.scorer``'s importance removed (gaprune.budget): every block's and every channel's scores in one
-    scoring context, the channels first (the score files name the dense model's layers), then the layers."""
+    scoring context, the channels first (the score files name the dense model's layers), then the layers. With
+    calibration texts the layers go in the order ``spec.block_scorer`` measures on them."""
     model = embedder.model
     by_block = block_weights(model)
     named = {name: p for weights in by_block.values() for name, p in weights.items()}
@@ -342,8 +344,13 @@ def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None)
     layers = sorted(units.layers, key=lambda layer: int(layer.layer.rsplit(".", 1)[1]))  # in block order
     channel_scores = [unit_scores(named, layer, score_fn) for layer in layers]
     shape = Shape.of(model.config, family_of_names(named).gated_mlp)
+    order = None
+    if calibration is not None:
+        context = BlockContext(embedder, calibration.texts, calibration.general_share, calibration.batch_size)
+        with calibration_length(embedder, calibration):
+            order, _ = removal_order(get_block_scorer(spec.block_scorer), context, shape.blocks - 1)
     plan = choose(plan_grid(shape, block_importance, [scores.sort().values for scores in channel_scores],
-                            spec.sequence_length), spec.target_speedup, spec.target_params)
+                            spec.sequence_length, order), spec.target_speedup, spec.target_params)
     params_before = sum(p.numel() for p in model.parameters())
     removed = {}
     if plan.channels_removed:

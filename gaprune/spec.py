@@ -198,7 +198,9 @@ class PruneSpec:
     @property
     def uses_texts(self) -> bool:
         """Whether the request reads calibration texts: calibrated pruning, or blocks measured on them."""
-        return self.calibrated or (self.structure == LAYERS and self.block_scorer in BLOCK_MEASURES)
+        measured = self.block_scorer in BLOCK_MEASURES
+        return self.calibrated or (self.structure == LAYERS and measured) or (
+            self.budgeted and measured and self.calibration is not None)
 
     def scorers_used(self) -> list[str]:
         """The registered scorers whose score files this request reads: the scorer, and the one that sets the
@@ -286,7 +288,6 @@ class PruneSpec:
         for flag, asked in (("--structure", self.structure != UNSTRUCTURED),
                             ("--unstructured_pct/--structured_pct", self.sparsity != 0),
                             ("--num_layers_removed", self.block_count is not None),
-                            ("--block_scoring", self.block_scorer != DEFAULT_BLOCK_SCORER),
                             ("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
                             ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
                             ("--group_order", self.group_order != NATURAL_ORDER),
@@ -298,6 +299,9 @@ class PruneSpec:
                                  f"channels that go themselves")
         if self.chosen.needs_activations:
             raise InputError(f"a budget ranks layers and channels by a score-based scorer's scores, not {self.scorer}")
+        if self.block_scorer not in BLOCK_MEASURES:
+            raise InputError(f"--block_scoring orders a budget's layers by a measurement ({', '.join(BLOCK_MEASURES)}); "
+                             f"without calibration texts they go by --unstructured_scoring's sums")
 
     def _check_depth(self) -> None:
         """--structure layers: a share or a count of whole blocks, chosen by a block scorer; the flags of masks and
@@ -402,8 +406,13 @@ class PruneSpec:
         return notes
 
     def share_notes(self) -> list[str]:
-        """A share that prunes nothing or every weight, and bounds a global budget ignores."""
+        """A share that prunes nothing or every weight, bounds a global budget ignores, and a budget whose layers
+        go by weight-score sums."""
         notes = []
+        if self.budgeted and not self.uses_texts:
+            notes.append(f"a budget without calibration texts removes layers by {self.scorer}'s weight sums, which "
+                         f"tend to pick the last layers (the worst choice on held-out data): give --calibration_data "
+                         f"so that {self.block_scorer} orders them")
         if self.structure == UNSTRUCTURED and self.share == 0 and not self.budgeted:
             notes.append(f"{self.amount_flag} 0 prunes nothing: the folder will hold an unpruned copy (pass e.g. "
                          f"{self.amount_flag} 0.5 to zero half of the {'/'.join(self.layer_types)} weights)")

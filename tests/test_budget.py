@@ -82,3 +82,24 @@ def test_sparse_model_to_a_budget_records_the_plan_and_refuses_what_no_plan_reac
                                                *extra])
         assert message in line
     assert not os.path.exists(tmp_path / "no") or listing(tmp_path / "no") == []
+
+
+def test_with_calibration_texts_a_budget_removes_layers_in_the_measured_order(tmp_path, chem_triples, web_triples):
+    from gaprune.blocks import BLOCK_SCORERS, BlockContext
+    from gaprune.data import triple_texts
+
+    folder = build_qwen3(str(tmp_path / "q4"), num_layers=4, intermediate_size=128,
+                         extra_text=[t["query"] for t in chem_triples + web_triples])
+    domain, general = triple_texts(chem_triples[:4]), triple_texts(web_triples[:4])
+    embedder = load_embedder(folder, "cpu")
+    influence = BLOCK_SCORERS["block_influence"].score(BlockContext(embedder, {"domain": domain, "general": general},
+                                                                    0.5, 8), frozenset())
+    order = sorted(range(4), key=lambda i: (influence[i], -i))
+    spec = gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8, sequence_length=64,
+                             calibration=gaprune.CalibrationSpec(domain_data=domain, general_data=general))
+    assert spec.uses_texts and spec.notes() == []
+    result = gaprune.prune(embedder, spec)
+    removed = result.plan.blocks_removed
+    assert removed and removed == sorted(order[:len(removed)])
+    blind = gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8)
+    assert "removes layers by magnitude's weight sums" in blind.notes()[0]
