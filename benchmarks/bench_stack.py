@@ -1,5 +1,6 @@
 """Pruning stacked with int8: encode throughput and held-out nDCG@10 of the dense and a pruned model, each in
-PyTorch float32 and as an onnxruntime int8 export (gaprune/model/export.py --int8), side by side in one run.
+PyTorch float32, PyTorch dynamic int8 (torch.ao.quantization.quantize_dynamic of the Linear layers) and as an
+onnxruntime int8 export (gaprune/model/export.py --int8), side by side in one run.
 
     python benchmarks/bench_stack.py --pruned output/model/FOLDER --dense_onnx output/onnx/DENSE_onnx/model_int8.onnx \\
         --pruned_onnx output/onnx/FOLDER_onnx/model_int8.onnx --heldout output/gcide/chem-heldout.json \\
@@ -22,6 +23,12 @@ from gaprune.export import OnnxEmbedder
 from gaprune.modeling import DEFAULT_MODEL, load_embedder
 
 
+def dynamic_int8(embedder):
+    """The embedder with its Linear layers quantized to int8 weights, activations quantized on the fly."""
+    embedder.model = torch.ao.quantization.quantize_dynamic(embedder.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return embedder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", default=DEFAULT_MODEL)
@@ -35,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     models = {"dense, PyTorch float32": load_embedder(args.dense, "cpu", "float32"),
               "pruned, PyTorch float32": load_embedder(args.pruned, "cpu", "float32"),
+              "dense, PyTorch dynamic int8": dynamic_int8(load_embedder(args.dense, "cpu", "float32")),
+              "pruned, PyTorch dynamic int8": dynamic_int8(load_embedder(args.pruned, "cpu", "float32")),
               "dense, onnxruntime int8": OnnxEmbedder(args.dense_onnx),
               "pruned, onnxruntime int8": OnnxEmbedder(args.pruned_onnx)}
     heldout = {path: load_triples(path, args.size) for path in args.heldout}
