@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from gaprune.checks import file_path, layer_type_list, one_of, optional_whole_number, whole_number
+from gaprune.checks import file_path, integer, layer_type_list, one_of, optional_whole_number, whole_number
 from gaprune.data import load_records, load_triples
 from gaprune.distributed import current_world, warn_on_main
 from gaprune.errors import InputError
@@ -39,14 +39,13 @@ from gaprune.memory import MemoryPlan, alignment_plan, fisher_plan, measured_lin
 from gaprune.options import (ACCUMULATE_ON, ALIGNMENT_MODES, GRADIENTS, LAYER_TYPES, SCORE_DTYPES, STRUCTURES,
                              SUM_PLACES, LAYERS, UNSTRUCTURED)
 from gaprune.modeling import Embedder, load_embedder, resolve_dtype
-from gaprune.blocks import DepthResult, block_weights
-from gaprune.pruning import (BudgetResult, Calibration, StructureResult, load_calibration, prune_to_budget,
-                             prune_calibrated, prune_candidates, prune_depth, prune_structure, structure_candidates)
+from gaprune.blocks import DepthResult
+from gaprune.pruning import (BudgetResult, Calibration, StructureResult, load_calibration, prune_calibrated,
+                             prune_candidates, prune_depth, prune_structure, prune_to_budget, scored_tensors)
 from gaprune.retraining import sparse_finetune, teacher_embeddings, zero_masks
 from gaprune.sampling import embed_texts, remove_dir, select_diverse, streaming_dir
 from gaprune.results import AlignmentResult, FisherResult
 from gaprune.scorefiles import open_score_files, save_alignment, save_fisher
-from gaprune.scoring import ArrayFn
 from gaprune.spec import PruneSpec, RetrainSpec, ScoreFiles
 from gaprune.structure import unit_plan
 
@@ -157,8 +156,7 @@ def alignment(model: ModelLike, general_data_path: str, domain_data_path: str, o
     if batch_size < 2:
         raise InputError(f"--batch_size must be at least 2 (one general and one domain triple), got {batch_size}")
     one_of(alignment_mode, "--alignment_mode", list(ALIGNMENT_MODES))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"--seed must be a whole number, got {seed!r}")
+    integer(seed, "--seed")
     embedder = as_embedder(model, native_cpu_bfloat16=True)
     if os.path.realpath(general_data_path) == os.path.realpath(domain_data_path):
         log.warning("the general and domain data are the same file (%s): their gradients can only agree",
@@ -197,42 +195,25 @@ def prune(model: ModelLike, spec: PruneSpec, scores: ScoreFiles | None = None,
     spec.check_scores(scores)
     embedder = as_embedder(model)
     warn_on_main(log, spec.notes() + spec.check_model(embedder.model))
+    if not spec.uses_texts:
+        calibration = None
+    elif calibration is None:
+        calibration = load_calibration(spec.calibration)
+    candidates = scored_tensors(embedder.model, spec)
+    arrays = (open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
+                               embedder.device, need_cosine=spec.reads_cosine(), model_name=embedder.name)
+              if spec.scorers_used() else None)
     if spec.budgeted:
-        if spec.uses_texts:
-            calibration = calibration if calibration is not None else load_calibration(spec.calibration)
-        return prune_to_budget(embedder, spec, _depth_arrays(embedder, spec, scores),
-                               calibration if spec.uses_texts else None)
+        return prune_to_budget(embedder, spec, arrays, calibration)
     if spec.structure == LAYERS:
-        if spec.uses_texts:
-            calibration = calibration if calibration is not None else load_calibration(spec.calibration)
-        return prune_depth(embedder, spec, _depth_arrays(embedder, spec, scores), calibration)
+        return prune_depth(embedder, spec, arrays, calibration)
     if spec.structure != UNSTRUCTURED:
-        plan = unit_plan(embedder.model, spec.structure)
-        candidates = structure_candidates(embedder.model, plan)
-        arrays = _score_arrays(embedder, candidates, spec, scores)
-        return prune_structure(embedder.model, plan, arrays, spec.scorer, spec.config, spec.sparsity, spec.seed)
-    candidates = select_parameters(embedder.model.named_parameters(), spec.layer_types)
-    arrays = _score_arrays(embedder, candidates, spec, scores)
+        return prune_structure(embedder.model, unit_plan(embedder.model, spec.structure), arrays, spec.scorer,
+                               spec.config, spec.sparsity, spec.seed)
     if spec.calibrated:
-        calibration = calibration if calibration is not None else load_calibration(spec.calibration)
         return prune_calibrated(embedder, candidates, spec, calibration, arrays)
     return prune_candidates(candidates, arrays, spec.scorer, spec.config, spec.share, spec.strategy, spec.rho_min,
                             spec.rho_max, spec.seed, spec.parsed_pattern)
-
-
-def _depth_arrays(embedder: Embedder, spec: PruneSpec, scores: ScoreFiles) -> ArrayFn | None:
-    """The score files a block scorer that sums weight scores reads, opened for every matrix of the blocks."""
-    if not spec.scorers_used():
-        return None
-    named = {name: p for weights in block_weights(embedder.model).values() for name, p in weights.items()}
-    return _score_arrays(embedder, named, spec, scores)
-
-
-def _score_arrays(embedder: Embedder, candidates: dict[str, torch.Tensor], spec: PruneSpec,
-                  scores: ScoreFiles) -> ArrayFn:
-    """The given score files, opened for ``candidates``."""
-    return open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()}, embedder.device,
-                            need_cosine=spec.reads_cosine(), model_name=embedder.name)
 
 
 @torch.no_grad()
@@ -270,7 +251,7 @@ def sample(model: ModelLike, data_path: str, size: int, text_key: str = "query",
     if len(records) > MAX_CANDIDATES:
         log.info("%d records: k-means runs on a seeded random subset of %d", len(records), MAX_CANDIDATES)
         records = random.Random(seed).sample(records, MAX_CANDIDATES)
-    embedder = model if isinstance(model, Embedder) else as_embedder(model, device, dtype, max_length=max_length)
+    embedder = as_embedder(model, device, dtype, max_length=max_length)
     stream = streaming_dir() if streaming else None
     try:
         embeddings = embed_texts(embedder, [r[text_key] for r in records], batch_size, stream)

@@ -31,6 +31,7 @@ from gaprune.data import batched
 from gaprune.errors import InputError
 from gaprune.layers import blocks_path, transformer_blocks
 from gaprune.loss import info_nce
+from gaprune.masking import ScoreFn
 from gaprune.modeling import Embedder
 from gaprune.scorers import SCORERS, ScoringContext, get_scorer
 from gaprune.scoring import ArrayFn
@@ -63,21 +64,34 @@ class BlockScorer:
     greedy: bool = False  # re-measured after each removal, with the blocks chosen so far skipped
 
 
+BlockHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]  # (hidden in, hidden out) -> new out or None
+
+
 @contextlib.contextmanager
-def skipped(model: torch.nn.Module, indices: Sequence[int]) -> Iterator[None]:
-    """Inside, the blocks ``indices`` pass their input hidden state through unchanged."""
-    blocks = transformer_blocks(model)
+def block_hooks(hooks: Mapping[torch.nn.Module, BlockHook]) -> Iterator[None]:
+    """Inside, each block's hook sees the hidden state that enters it and the one it returns (and may replace
+    the latter), whether the block takes the state by position or by keyword and returns a tensor or a tuple."""
+    def wrap(hook: BlockHook):
+        def forward_hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            replaced = hook(hidden_in, output[0] if isinstance(output, tuple) else output)
+            if replaced is None:
+                return None
+            return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+        return forward_hook
 
-    def identity(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
+    handles = [block.register_forward_hook(wrap(hook), with_kwargs=True) for block, hook in hooks.items()]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def skipped(model: torch.nn.Module, indices: Sequence[int]) -> contextlib.AbstractContextManager:
+    """Inside, the blocks ``indices`` pass their input hidden state through unchanged."""
+    blocks = transformer_blocks(model)
+    return block_hooks({blocks[i]: lambda hidden_in, hidden_out: hidden_in for i in indices})
 
 
 def _blend(context: BlockContext, per_side: Callable[[str, Sequence[str]], torch.Tensor]) -> list[float]:
@@ -94,24 +108,18 @@ def _influence(context: BlockContext, texts: Sequence[str]) -> torch.Tensor:
     sums, tokens = torch.zeros(len(blocks), dtype=torch.float64), 0
     mask: list[torch.Tensor] = []
 
-    def measure(index: int):
-        def hook(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
+    def measure(index: int) -> BlockHook:
+        def hook(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
             cosine = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
             sums[index] += ((1 - cosine) * mask[0]).sum().double().cpu()
         return hook
 
-    handles = [block.register_forward_hook(measure(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
+    with block_hooks({block: measure(i) for i, block in enumerate(blocks)}):
         for batch in batched(list(texts), context.batch_size):
             encoded = embedder.tokenize(batch)
             mask[:] = [encoded["attention_mask"].float()]
             tokens += int(encoded["attention_mask"].sum())
             embedder.model(**encoded)
-    finally:
-        for handle in handles:
-            handle.remove()
     return sums / tokens
 
 
@@ -171,15 +179,20 @@ def block_weights(model: torch.nn.Module) -> dict[int, dict[str, torch.Tensor]]:
             for index, block in enumerate(transformer_blocks(model))}
 
 
+def weight_score_sums(score_fn: ScoreFn, by_block: Mapping[int, Mapping[str, torch.Tensor]]) -> list[float]:
+    """Per block: the sum of ``score_fn``'s scores over the block's weight matrices (``block_weights``)."""
+    return [sum(float(score_fn(name, weight.detach()).double().sum()) for name, weight in weights.items())
+            for weights in by_block.values()]
+
+
 def _weight_sum(scorer: str) -> BlockScoreFn:
     """Per block: the sum of ``scorer``'s scores over the block's weight matrices."""
     def score(context: BlockContext, skipped_before: frozenset) -> list[float]:
         by_block = block_weights(context.embedder.model)
         named = {name: p for weights in by_block.values() for name, p in weights.items()}
         arrays = context.arrays or (lambda side, name: None)
-        score_fn = get_scorer(scorer).build(ScoringContext(named, arrays, context.config, context.seed))
-        return [sum(float(score_fn(name, weight.detach()).double().sum()) for name, weight in weights.items())
-                for weights in by_block.values()]
+        return weight_score_sums(get_scorer(scorer).build(ScoringContext(named, arrays, context.config,
+                                                                         context.seed)), by_block)
     return score
 
 

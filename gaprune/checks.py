@@ -26,6 +26,13 @@ def whole_number(value: object, name: str, least: int = 1) -> int:
     return int(value)
 
 
+def integer(value: object, name: str) -> int:
+    """A whole number of any sign (bools refused): a seed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def optional_whole_number(value: object, name: str, least: int = 1) -> int | None:
     return None if value is None else whole_number(value, name, least)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from contextlib import contextmanager
@@ -11,12 +10,12 @@ from typing import Iterator, Mapping
 import torch
 
 from gaprune.blocks import (BLOCK_CONFIG_FIELD, BlockContext, DepthResult, block_weights, get_block_scorer,
-                            lowest_blocks, remove_blocks, removal_order)
+                            lowest_blocks, remove_blocks, removal_order, weight_score_sums)
 from gaprune.budget import Plan, Shape, choose, plan_grid
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.families import family_of_names
 from gaprune.input_stats import LayerInputs
-from gaprune.layers import transformer_blocks
+from gaprune.layers import select_parameters, transformer_blocks
 from gaprune.data import load_triples, triple_texts
 from gaprune.distributed import current_world
 from gaprune.errors import InputError
@@ -25,7 +24,7 @@ from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.options import LAYERS, OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING
+from gaprune.options import LAYERS, OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING, UNSTRUCTURED
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.coefficients import DAIConfig
@@ -81,10 +80,11 @@ class Calibration:
 
 
 @contextmanager
-def calibration_length(embedder: Embedder, calibration: Calibration) -> Iterator[None]:
-    """The embedder truncating texts to the calibration's ``max_length`` (where that is shorter) inside."""
+def calibration_length(embedder: Embedder, calibration: Calibration | None) -> Iterator[None]:
+    """The embedder truncating texts to the calibration's ``max_length`` (where that is shorter) inside; with no
+    calibration, as it is."""
     maximum = embedder.max_length
-    if calibration.max_length:
+    if calibration is not None and calibration.max_length:
         embedder.max_length = min(maximum, calibration.max_length)
     try:
         yield
@@ -254,6 +254,16 @@ def shares_of_layers(candidates: Mapping[str, torch.Tensor], layer_shares: str, 
     return {name: info["ratio"] for name, info in ranked.per_param.items()}
 
 
+def scored_tensors(model: torch.nn.Module, spec: PruneSpec) -> dict[str, torch.Tensor]:
+    """The tensors a request scores, and its score files must cover: every matrix of the transformer blocks
+    (whole layers, budgets), the tensors that carry its channels or heads, or its candidate weights."""
+    if spec.structure == LAYERS or spec.budgeted:
+        return {name: p for weights in block_weights(model).values() for name, p in weights.items()}
+    if spec.structure != UNSTRUCTURED:
+        return structure_candidates(model, unit_plan(model, spec.structure))
+    return select_parameters(model.named_parameters(), spec.layer_types)
+
+
 def structure_candidates(model: torch.nn.Module, plan: UnitPlan) -> dict[str, torch.Tensor]:
     """The scored tensors of a unit plan: every weight matrix that carries a unit."""
     named = dict(model.named_parameters())
@@ -300,19 +310,26 @@ def prune_structure(model: torch.nn.Module, plan: UnitPlan, arrays: ArrayFn, sco
                            stats, diagnostics)
 
 
+def _block_context(embedder: Embedder, spec: PruneSpec, calibration: Calibration | None,
+                   arrays: ArrayFn | None) -> BlockContext:
+    """What the block scorers measure on: the calibration texts (none for weight-score sums) and score files."""
+    if calibration is None:
+        return BlockContext(embedder, {}, 0.0, arrays=arrays, config=spec.config, seed=spec.seed)
+    return BlockContext(embedder, calibration.texts, calibration.general_share, calibration.batch_size, arrays,
+                        spec.config, spec.seed)
+
+
 def prune_depth(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
                 calibration: Calibration | None) -> DepthResult:
     """Remove, in place, the whole transformer blocks ``spec.block_scorer`` ranks lowest (the share or count the
     spec asks for); the model and its config lose them."""
     model = embedder.model
-    count = spec.blocks_to_remove(len(transformer_blocks(model)))
-    context = BlockContext(embedder, calibration.texts if calibration else {},
-                           calibration.general_share if calibration else 0.0,
-                           calibration.batch_size if calibration else 8, arrays, spec.config, spec.seed)
-    with calibration_length(embedder, calibration) if calibration else contextlib.nullcontext():
-        removed, scores = lowest_blocks(get_block_scorer(spec.block_scorer), context, count)
-    params_before = sum(p.numel() for p in model.parameters())
     blocks_before = len(transformer_blocks(model))
+    context = _block_context(embedder, spec, calibration, arrays)
+    with calibration_length(embedder, calibration):
+        removed, scores = lowest_blocks(get_block_scorer(spec.block_scorer), context,
+                                        spec.blocks_to_remove(blocks_before))
+    params_before = sum(p.numel() for p in model.parameters())
     remove_blocks(model, removed)
     return DepthResult(spec.block_scorer, removed, blocks_before, scores, params_before,
                        sum(p.numel() for p in model.parameters()))
@@ -338,17 +355,16 @@ def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
     named = {name: p for weights in by_block.values() for name, p in weights.items()}
     score_fn = checked_scores(_score_based(spec.scorer, "a budget").build(
         ScoringContext(named, arrays or (lambda side, name: None), spec.config, spec.seed)))
-    block_importance = [sum(float(score_fn(name, p.detach()).double().sum()) for name, p in weights.items())
-                        for weights in by_block.values()]
+    block_importance = weight_score_sums(score_fn, by_block)
     units = unit_plan(model, "channels")
     layers = sorted(units.layers, key=lambda layer: int(layer.layer.rsplit(".", 1)[1]))  # in block order
     channel_scores = [unit_scores(named, layer, score_fn) for layer in layers]
     shape = Shape.of(model.config, family_of_names(named).gated_mlp)
     order = None
     if calibration is not None:
-        context = BlockContext(embedder, calibration.texts, calibration.general_share, calibration.batch_size)
         with calibration_length(embedder, calibration):
-            order, _ = removal_order(get_block_scorer(spec.block_scorer), context, shape.blocks - 1)
+            order, _ = removal_order(get_block_scorer(spec.block_scorer),
+                                     _block_context(embedder, spec, calibration, arrays), shape.blocks - 1)
     plan = choose(plan_grid(shape, block_importance, [scores.sort().values for scores in channel_scores],
                             spec.sequence_length, order), spec.target_speedup, spec.target_params)
     params_before = sum(p.numel() for p in model.parameters())

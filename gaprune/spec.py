@@ -14,19 +14,18 @@ import argparse
 import dataclasses
 import logging
 import math
-import numbers
 from typing import Sequence
 
 import torch
 
 from gaprune.budget import Shape, reachable
-from gaprune.checks import file_path, layer_type_list, number_in, one_of, whole_number
+from gaprune.checks import file_path, integer, layer_type_list, number_in, one_of, whole_number
 from gaprune.errors import InputError
 from gaprune.families import family_of_names
 from gaprune.layers import select_parameters, transformer_blocks
-from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DISTILL_LOSSES, GROUP_ORDERS, LAYER_TYPES, LAYERS, NATURAL_ORDER,
-                             OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS, UNIFORM_SHARES,
-                             UNIFORM_WEIGHTING, UNSTRUCTURED)
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DISTILL_LOSSES, GROUP_ORDERS, LAYER_TYPES, LAYERS,
+                             NATURAL_ORDER, OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS,
+                             UNIFORM_SHARES, UNIFORM_WEIGHTING, UNSTRUCTURED)
 from gaprune.patterns import Pattern, parse_pattern
 from gaprune.results import FILE_KINDS
 from gaprune.scorers import SCORERS, get_scorer
@@ -164,7 +163,8 @@ class PruneSpec:
             self._check_depth()
         else:
             self._check_units()
-        if self.structure != LAYERS and (self.block_scorer != DEFAULT_BLOCK_SCORER or self.block_count is not None):
+        if self.structure != LAYERS and not self.budgeted and (self.block_scorer != DEFAULT_BLOCK_SCORER or
+                                                               self.block_count is not None):
             raise InputError("--block_scoring and --num_layers_removed choose whole layers; give --structure layers")
 
     @property
@@ -212,7 +212,8 @@ class PruneSpec:
     def blocks_to_remove(self, blocks: int) -> int:
         """layers: how many of ``blocks`` go, at least one and not all."""
         count = self.block_count if self.block_count is not None else round(self.sparsity * blocks)
-        asked = f"--num_layers_removed {count}" if self.block_count is not None else f"--structured_pct {self.sparsity:g}"
+        asked = (f"--num_layers_removed {count}" if self.block_count is not None
+                 else f"--structured_pct {self.sparsity:g}")
         if count < 1:
             raise InputError(f"{asked} removes no layer of {blocks}; the smallest step is {1 / blocks:.4g}")
         if count >= blocks:
@@ -240,8 +241,7 @@ class PruneSpec:
         number_in(self.rho_min, "--rho_min")
         if not self.rho_min <= number_in(self.rho_max, "--rho_max"):
             raise InputError(f"need 0 <= --rho_min <= --rho_max <= 1, got {self.rho_min} and {self.rho_max}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise InputError(f"--seed must be a whole number, got {self.seed!r}")
+        integer(self.seed, "--seed")
         if not isinstance(self.config, DAIConfig):
             raise InputError(f"config must be a DAIConfig, got {type(self.config).__name__}")
         self.config.check()
@@ -287,21 +287,26 @@ class PruneSpec:
         whole_number(self.sequence_length, "--budget_sequence_length")
         for flag, asked in (("--structure", self.structure != UNSTRUCTURED),
                             ("--unstructured_pct/--structured_pct", self.sparsity != 0),
-                            ("--num_layers_removed", self.block_count is not None),
-                            ("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
-                            ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
-                            ("--group_order", self.group_order != NATURAL_ORDER),
-                            ("--reconstruction_target", self.reconstruction_target != OWN_TARGET),
-                            ("--sparsify_layers", self.layer_types != ("mlp",)),
-                            ("--layer_budget_strategy", self.strategy != "global")):
+                            ("--num_layers_removed", self.block_count is not None), *self._weight_flags()):
             if asked:
                 raise InputError(f"{flag} does not apply: --target_speedup/--target_params choose the layers and "
                                  f"channels that go themselves")
         if self.chosen.needs_activations:
             raise InputError(f"a budget ranks layers and channels by a score-based scorer's scores, not {self.scorer}")
         if self.block_scorer not in BLOCK_MEASURES:
-            raise InputError(f"--block_scoring orders a budget's layers by a measurement ({', '.join(BLOCK_MEASURES)}); "
-                             f"without calibration texts they go by --unstructured_scoring's sums")
+            raise InputError(f"--block_scoring orders a budget's layers by a measurement "
+                             f"({', '.join(BLOCK_MEASURES)}); without calibration texts they go by "
+                             f"--unstructured_scoring's sums")
+
+    def _weight_flags(self) -> tuple[tuple[str, bool], ...]:
+        """The flags that choose or mask single weights, each with whether it was set away from its default:
+        whole layers and budgets take none of them."""
+        return (("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
+                ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
+                ("--group_order", self.group_order != NATURAL_ORDER),
+                ("--reconstruction_target", self.reconstruction_target != OWN_TARGET),
+                ("--sparsify_layers", self.layer_types != ("mlp",)),
+                ("--layer_budget_strategy", self.strategy != "global"))
 
     def _check_depth(self) -> None:
         """--structure layers: a share or a count of whole blocks, chosen by a block scorer; the flags of masks and
@@ -313,13 +318,7 @@ class PruneSpec:
         elif not 0.0 < self.sparsity < 1.0:
             raise InputError(f"--structure layers needs --structured_pct between 0 and 1 (exclusive) or "
                              f"--num_layers_removed, got {self.sparsity}")
-        for flag, asked in (("--sparsity_pattern", self.pattern != UNSTRUCTURED), ("--reconstruct", self.reconstruct),
-                            ("--layer_shares", self.layer_shares != UNIFORM_SHARES),
-                            ("--group_order", self.group_order != NATURAL_ORDER),
-                            ("--reconstruction_target", self.reconstruction_target != OWN_TARGET),
-                            ("--sparsify_layers", self.layer_types != ("mlp",)),
-                            ("--layer_budget_strategy", self.strategy != "global"),
-                            ("--unstructured_scoring", self.scorer != "dai")):
+        for flag, asked in (*self._weight_flags(), ("--unstructured_scoring", self.scorer != "dai")):
             if asked:
                 raise InputError(f"{flag} applies to weights; --structure layers removes whole layers, chosen by "
                                  f"--block_scoring")
@@ -511,8 +510,7 @@ class RetrainSpec:
         number_in(self.weight_decay, "--weight_decay", 0.0, math.inf)
         if not 0.0 <= number_in(self.general_ratio, "--general_ratio") < 1.0:
             raise InputError(f"--general_ratio must be in [0, 1), got {self.general_ratio}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise InputError(f"--seed must be a whole number, got {self.seed!r}")
+        integer(self.seed, "--seed")
         number_in(self.distill_weight, "--distill_weight", 0.0, math.inf)
         one_of(self.distill_loss, "--distill_loss", DISTILL_LOSSES)
 

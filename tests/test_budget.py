@@ -103,3 +103,13 @@ def test_with_calibration_texts_a_budget_removes_layers_in_the_measured_order(tm
     assert removed and removed == sorted(order[:len(removed)])
     blind = gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8)
     assert "removes layers by magnitude's weight sums" in blind.notes()[0]
+
+
+def test_a_budget_takes_any_measured_block_scorer_for_its_layer_order():
+    texts = gaprune.CalibrationSpec(domain_data=TEXTS)
+    spec = gaprune.PruneSpec(scorer="magnitude", target_speedup=1.5, block_scorer="skip_drift", calibration=texts)
+    assert spec.uses_texts and spec.block_scorer == "skip_drift"
+    with pytest.raises(InputError, match="--block_scoring orders a budget's layers by a measurement"):
+        gaprune.PruneSpec(scorer="magnitude", target_speedup=1.5, block_scorer="magnitude", calibration=texts)
+    with pytest.raises(InputError, match="choose whole layers; give --structure layers"):
+        gaprune.PruneSpec(scorer="magnitude", sparsity=0.5, block_scorer="skip_drift")

@@ -149,23 +149,15 @@ def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     built on the meta device), the score files' headers, the calibration files, the output folder."""
     import torch
 
-    from gaprune.blocks import block_weights
-    from gaprune.layers import select_parameters
     from gaprune.modeling import meta_model
-    from gaprune.pruning import load_calibration, structure_candidates
+    from gaprune.pruning import load_calibration, scored_tensors
     from gaprune.scorefiles import open_score_files
-    from gaprune.structure import unit_plan
 
     model = meta_model(args.model_path)
     for note in spec.notes() + spec.check_model(model):
         log.warning("%s", note)
     if scores.given():
-        if spec.structure == LAYERS or spec.budgeted:
-            candidates = {name: p for weights in block_weights(model).values() for name, p in weights.items()}
-        elif spec.structure != UNSTRUCTURED:
-            candidates = structure_candidates(model, unit_plan(model, spec.structure))
-        else:
-            candidates = select_parameters(model.named_parameters(), spec.layer_types)
+        candidates = scored_tensors(model, spec)
         open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
                          torch.device("cpu"), need_cosine=spec.reads_cosine(), model_name=args.model_path)
     if spec.uses_texts:

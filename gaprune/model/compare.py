@@ -143,7 +143,12 @@ def _as_compare_flags():
     try:
         yield
     except InputError as err:
-        raise InputError(re.sub(r"--(un)?structured_pct", "--sparsity", str(err))) from None
+        raise InputError(_compare_flags(str(err))) from None
+
+
+def _compare_flags(text: str) -> str:
+    """A message of SparseModel.py's flags as compare.py names them: its --sparsity for either share."""
+    return re.sub(r"--(un)?structured_pct", "--sparsity", text)
 
 
 def request_notes(specs: list[PruneSpec], calibration_given: bool) -> list[str]:
@@ -151,7 +156,7 @@ def request_notes(specs: list[PruneSpec], calibration_given: bool) -> list[str]:
     it (the texts of Wanda and SparseGPT, a coefficient that one scorer reads and another does not)."""
     from gaprune.spec import CALIBRATION_IGNORED
 
-    notes = [re.sub(r"--(un)?structured_pct", "--sparsity", note) for spec in specs for note in spec.share_notes()]
+    notes = [_compare_flags(note) for spec in specs for note in spec.share_notes()]
     if calibration_given and not any(spec.uses_texts for spec in specs):
         notes.append(CALIBRATION_IGNORED)
     unread = set.intersection(*(set(spec.unread_coefficients()) for spec in specs))
@@ -181,20 +186,15 @@ class DenseModel:
     def load(cls, args: argparse.Namespace, specs: list[PruneSpec], scores: ScoreFiles,
              calibration: Calibration | None) -> DenseModel:
         from gaprune.distributed import warn_on_main
-        from gaprune.layers import select_parameters
         from gaprune.modeling import load_embedder
-        from gaprune.pruning import measure_token_weights, structure_candidates
+        from gaprune.pruning import measure_token_weights, scored_tensors
         from gaprune.scorefiles import open_score_files
-        from gaprune.structure import unit_plan
 
         embedder = load_embedder(args.model_path, args.device, args.dtype)
         notes = request_notes(specs, bool(args.calibration_data or args.general_calibration_data))
         warn_on_main(log, dict.fromkeys(notes + [note for spec in specs for note in spec.check_model(embedder.model)]))
         structure = specs[0].structure
-        if structure == UNSTRUCTURED:
-            candidates = select_parameters(embedder.model.named_parameters(), specs[0].layer_types)
-        else:
-            candidates = structure_candidates(embedder.model, unit_plan(embedder.model, structure))
+        candidates = scored_tensors(embedder.model, specs[0])
         arrays = open_score_files(scores.paths(), {name: list(p.shape) for name, p in candidates.items()},
                                   embedder.device, need_cosine=any(spec.reads_cosine() for spec in specs),
                                   model_name=args.model_path)

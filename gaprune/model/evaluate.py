@@ -40,8 +40,9 @@ def build_parser() -> ArgumentParser:
 
 
 def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_model: str | None = None
-                   ) -> dict[str, dict]:
-    """Each file's metrics; with ``index_model`` the documents are embedded by that model (index compatibility)."""
+                   ) -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """Each file's metrics; with ``index_model`` also each file's metrics with the documents embedded by that
+    model (index compatibility), from the same loaded model."""
     from gaprune.evaluation import evaluate_triples
     from gaprune.modeling import load_embedder
 
@@ -54,12 +55,13 @@ def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_mo
 
     embedder = load(model_path)
     index = load(index_model) if index_model else None
-    results = {}
+    results, index_results = {}, ({} if index is not None else None)
     for path, triples in files.items():
-        log.info("evaluating %s on %s (%d queries)%s", model_path, path, len(triples),
-                 f", documents embedded by {index_model}" if index_model else "")
-        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions, index)
-    return results
+        log.info("evaluating %s on %s (%d queries)", model_path, path, len(triples))
+        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions)
+        if index is not None:
+            index_results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions, index)
+    return results, index_results
 
 
 def format_table(report: dict) -> str:
@@ -96,13 +98,14 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     output = args.output_file or os.path.join("output", "eval",
                                               f"{model_dirname(args.model_path)}_eval_{timestamp()}.json")
     check_output_file(output, inputs=args.data_paths)
+    results, index_results = evaluate_model(args.model_path, files, args, args.index_model)
     report = {"model_path": args.model_path, "baseline_model": args.baseline_model,
               "timestamp": datetime.now().isoformat(), "query_instructions": args.query_instructions,
-              "results": evaluate_model(args.model_path, files, args)}
-    if args.index_model:
-        report["index_compatibility"] = evaluate_model(args.model_path, files, args, args.index_model)
+              "results": results}
+    if index_results is not None:
+        report["index_compatibility"] = index_results
     if args.baseline_model:
-        report["baseline"] = evaluate_model(args.baseline_model, files, args)
+        report["baseline"], _ = evaluate_model(args.baseline_model, files, args)
         report["change_percent"] = {
             path: {m: relative_change(report["results"][path]["metrics"][m], report["baseline"][path]["metrics"][m])
                    for m in METRICS} for path in files}
