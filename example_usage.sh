@@ -12,6 +12,8 @@
 # channels; heads: of query heads, Qwen3; layers: of whole transformer blocks, the lowest by ShortGPT's block
 # influence on the example data), SCORER (dai, aligned_saliency, ...; see SparseModel.py --help),
 # GENERAL_DATA, DOMAIN_DATA, RETRAIN_STEPS (0 = no retraining), RETRAIN_BATCH_SIZE (8),
+# VALIDATION_SIZE (16: triples of each file set aside by sample.py before anything is scored, the evaluation's
+# held-out data; 0 = none, and the evaluation then runs on the whole files as a smoke test, not a measurement),
 # EVALUATE (1 = compare with the dense model), ONE_PASS (1 = both Fisher files and the alignment from one
 # pass of gradient.py over MAX_SAMPLES triples per side, instead of three runs; its Fisher uses half-batches
 # of BATCH_SIZE / 2 and the triples the steps draw), NPROC (processes for sampling, scoring and evaluation:
@@ -38,6 +40,7 @@ GENERAL_DATA="${GENERAL_DATA:-data/general-example.json}"
 DOMAIN_DATA="${DOMAIN_DATA:-data/chem-example.json}"
 RETRAIN_STEPS="${RETRAIN_STEPS:-0}"
 RETRAIN_BATCH_SIZE="${RETRAIN_BATCH_SIZE:-8}"
+VALIDATION_SIZE="${VALIDATION_SIZE:-16}"
 EVALUATE="${EVALUATE:-1}"
 ONE_PASS="${ONE_PASS:-0}"
 STRUCTURE="${STRUCTURE:-unstructured}"
@@ -52,6 +55,7 @@ done
 [ "${MAX_SAMPLES}" -ge "${BATCH_SIZE}" ] || fail "MAX_SAMPLES (${MAX_SAMPLES}) must be at least BATCH_SIZE (${BATCH_SIZE})"
 [ $((2 * SAMPLE_SIZE)) -ge "${BATCH_SIZE}" ] || \
     fail "SAMPLE_SIZE (${SAMPLE_SIZE}) must be at least half of BATCH_SIZE (${BATCH_SIZE}) for one gradient step"
+[[ "${VALIDATION_SIZE}" =~ ^[0-9]+$ ]] || fail "VALIDATION_SIZE must be a whole number (0: none), got '${VALIDATION_SIZE}'"
 [[ "${RETRAIN_STEPS}" =~ ^[0-9]+$ ]] || fail "RETRAIN_STEPS must be a whole number (0: no retraining), got '${RETRAIN_STEPS}'"
 python -c "import math, sys; x = float(sys.argv[1]); sys.exit(not (math.isfinite(x) and 0 <= x <= 1))" "${SPARSITY}" \
     2>/dev/null || fail "SPARSITY must be a number between 0 and 1, got '${SPARSITY}'"
@@ -71,16 +75,21 @@ ALIGNMENT_MODE="$(python -c "import sys; from gaprune.scorers import get_scorer;
 print('local_cosine' if get_scorer(sys.argv[1]).reads_cosine(DAIConfig()) else 'product')" "${SCORER}")"
 if [ "${STRUCTURE}" = "unstructured" ]; then
     PRUNE_ARGS=(--sparsify_layers mlp --unstructured_pct "${SPARSITY}")
-elif [ "${STRUCTURE}" = "layers" ]; then  # the blocks are measured on the example data's texts
-    PRUNE_ARGS=(--structure layers --structured_pct "${SPARSITY}" --calibration_data "${DOMAIN_DATA}"
-                --general_calibration_data "${GENERAL_DATA}")
+elif [ "${STRUCTURE}" = "layers" ]; then
+    PRUNE_ARGS=(--structure layers --structured_pct "${SPARSITY}")
 else
     PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
 fi
 PRUNE_ARGS+=(--unstructured_scoring "${SCORER}" --model_path "${MODEL}" --output_dir output/model --device "${DEVICE}")
 for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
 # The whole pruning request, against the model's shapes, before hours of scoring: the last stage's dry run.
-python -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" --dry_run > /dev/null || \
+# Layers are chosen by their measured effect on calibration texts: the samples' (the dry run checks the files).
+calibration_args() {
+    CALIBRATION_ARGS=()
+    if [ "${STRUCTURE}" = "layers" ]; then CALIBRATION_ARGS=(--calibration_data "$1" --general_calibration_data "$2"); fi
+}
+calibration_args "${DOMAIN_DATA}" "${GENERAL_DATA}"
+python -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" "${CALIBRATION_ARGS[@]}" --dry_run > /dev/null || \
     fail "the pruning stage would refuse this request (above); no stage was run"
 # The stages that share their batches out under torchrun; gradient.py's steps then stand alone on every rank.
 SHARED=(); GRADIENT_ARGS=()
@@ -113,12 +122,18 @@ stage() {
     echo "    -> ${LAST}" >&2
 }
 
+# The validation split of each file, set aside before any stage reads it: what the evaluation measures on.
+SPLIT_ARGS=(); EVALUATION_DATA=("${DOMAIN_DATA}" "${GENERAL_DATA}")
+if [ "${VALIDATION_SIZE}" -gt 0 ]; then
+    SPLIT_ARGS=(--validation_size "${VALIDATION_SIZE}")
+    EVALUATION_DATA=("${DOMAIN_SAMPLE%.json}-validation.json" "${GENERAL_SAMPLE%.json}-validation.json")
+fi
 stage "sample general data" "${SHARED[@]}" -m gaprune.features.sample --input_file "${GENERAL_DATA}" \
     --output_file "${GENERAL_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
-    --device "${DEVICE}"
+    --device "${DEVICE}" "${SPLIT_ARGS[@]}"
 stage "sample domain data" "${SHARED[@]}" -m gaprune.features.sample --input_file "${DOMAIN_DATA}" \
     --output_file "${DOMAIN_SAMPLE}" --model_name "${MODEL}" --target_sample_size "${SAMPLE_SIZE}" \
-    --device "${DEVICE}"
+    --device "${DEVICE}" "${SPLIT_ARGS[@]}"
 
 if [ "${ONE_PASS}" = "1" ]; then
     stage "gradient alignment and Fisher information, one pass" "${SHARED[@]}" -m gaprune.features.gradient \
@@ -146,7 +161,8 @@ else
     ALIGNMENT="${LAST}"
 fi
 
-stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" \
+calibration_args "${DOMAIN_SAMPLE}" "${GENERAL_SAMPLE}"
+stage "pruning (${STRUCTURE}, ${SCORER})" -m gaprune.model.SparseModel "${PRUNE_ARGS[@]}" "${CALIBRATION_ARGS[@]}" \
     --batch_size "${BATCH_SIZE}" --alignment_scores "${ALIGNMENT}" \
     --domain_fisher_scores "${DOMAIN_FISHER}" --general_fisher_scores "${GENERAL_FISHER}"
 
@@ -160,11 +176,12 @@ if [ "${RETRAIN_STEPS}" -gt 0 ]; then
     MODELS+=("${LAST}")
 fi
 
-# Retrieval on the full example files (the calibration data's superset, so not a held-out measurement).
+# Retrieval on the validation splits (with VALIDATION_SIZE=0: on the whole files, the calibration data's
+# superset, a smoke test and not a held-out measurement).
 if [ "${EVALUATE}" = "1" ]; then
     for EVALUATED in "${MODELS[@]}"; do
         stage "evaluation of ${EVALUATED} against the dense model" "${SHARED[@]}" -m gaprune.model.evaluate \
-            --model_path "${EVALUATED}" --baseline_model "${MODEL}" --data_paths "${DOMAIN_DATA}" "${GENERAL_DATA}" \
+            --model_path "${EVALUATED}" --baseline_model "${MODEL}" --data_paths "${EVALUATION_DATA[@]}" \
             --output_file "output/eval/$(basename "${EVALUATED}")_eval.json" --device "${DEVICE}"
     done
 fi

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from gaprune.checks import file_path, integer, layer_type_list, one_of, optional_whole_number, whole_number
-from gaprune.data import load_records, load_triples
+from gaprune.data import check_records, load_records, load_triples
 from gaprune.distributed import current_world, warn_on_main
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
@@ -231,22 +231,25 @@ def evaluate(model: ModelLike, data_path: str, batch_size: int = 32, max_samples
 MAX_CANDIDATES = 50_000  # sample(): k-means runs on a seeded random subset of a larger file
 
 
-def sample(model: ModelLike, data_path: str, size: int, text_key: str = "query", batch_size: int = 32,
+def sample(model: ModelLike, data: str | Sequence[dict], size: int, text_key: str = "query", batch_size: int = 32,
            kmeans_iterations: int = 20, seed: int = 42, streaming: bool = True, device: str = "auto",
            dtype: str = "auto", max_length: int = 512) -> list[dict] | None:
-    """A diverse ``size`` records of ``data_path``: k-means on the embeddings of their ``text_key`` field, the
-    record nearest each centroid (fewer when centroids share one). A file of at most ``size`` records comes back
-    whole, and the model is then not loaded (``device``, ``dtype``, ``max_length``: how a model path is loaded).
+    """A diverse ``size`` records of ``data`` (a JSON file or its records, e.g. the rest of
+    ``gaprune.data.hold_out``): k-means on the embeddings of their ``text_key`` field, the record nearest each
+    centroid (fewer when centroids share one). At most ``size`` records come back whole, and the model is then
+    not loaded (``device``, ``dtype``, ``max_length``: how a model path is loaded).
     ``streaming`` embeds in chunks through a temporary folder. Under torchrun every rank embeds its share and
     rank 0 alone runs k-means: the other ranks get None (a file kept whole comes back on every rank)."""
-    file_path(data_path, "--input_file")
+    if isinstance(data, str):
+        file_path(data, "--input_file")
     for value, flag in ((size, "--target_sample_size"), (batch_size, "--batch_size"),
                         (kmeans_iterations, "--kmeans_iterations"), (max_length, "--max_length")):
         whole_number(value, flag)
-    records = load_records(data_path, required_keys=[text_key])
+    records = (load_records(data, required_keys=[text_key]) if isinstance(data, str)
+               else check_records(list(data) if isinstance(data, tuple) else data, "the records", [text_key]))
     if len(records) <= size:
         log.warning("%s has %d records, not more than --target_sample_size %d: keeping them all unchanged",
-                    data_path, len(records), size)
+                    data if isinstance(data, str) else "the data", len(records), size)
         return records
     if len(records) > MAX_CANDIDATES:
         log.info("%d records: k-means runs on a seeded random subset of %d", len(records), MAX_CANDIDATES)

@@ -69,6 +69,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
 def finite_float(value: str) -> float:
     """A float flag: NaN and infinities are refused (a NaN coefficient would silently mask nothing)."""
     number = float(value)

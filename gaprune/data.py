@@ -11,25 +11,30 @@ from gaprune.errors import InputError
 from gaprune.fileio import read_json
 
 TRIPLE_KEYS = ("query", "positive", "negative")
+RELEVANCE_KEYS = ("query", "positive")  # the pair a retrieval judgement is made of
 
 
 def load_records(path: str, required_keys: Sequence[str] = TRIPLE_KEYS) -> list[dict]:
     """Read a JSON list of objects whose ``required_keys`` hold non-blank strings; empty lists are an error."""
-    records = read_json(path, "data file")
+    return check_records(read_json(path, "data file"), path, required_keys)
+
+
+def check_records(records: object, source: str, required_keys: Sequence[str] = TRIPLE_KEYS) -> list[dict]:
+    """``records`` if it is a non-empty list of objects whose ``required_keys`` hold non-blank strings."""
     if not isinstance(records, list):
-        raise InputError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
+        raise InputError(f"{source} must hold a JSON list of records, found {type(records).__name__}")
     if not records:
-        raise InputError(f"{path} holds no records")
+        raise InputError(f"{source} holds no records")
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise InputError(f"{path}: record {index} is not an object")
+            raise InputError(f"{source}: record {index} is not an object")
         for key in required_keys:
             if key not in record:
-                raise InputError(f"{path}: record {index} has no '{key}' field")
+                raise InputError(f"{source}: record {index} has no '{key}' field")
             if not isinstance(record[key], str):
-                raise InputError(f"{path}: record {index} field '{key}' is not a string")
+                raise InputError(f"{source}: record {index} field '{key}' is not a string")
             if not record[key].strip():  # an empty text embeds as special tokens only: silently useless
-                raise InputError(f"{path}: record {index} field '{key}' is empty")
+                raise InputError(f"{source}: record {index} field '{key}' is empty")
     return records
 
 
@@ -37,6 +42,24 @@ def load_triples(path: str, max_samples: int | None = None) -> list[dict]:
     """The first ``max_samples`` triples of a file, in file order."""
     triples = load_records(path)
     return triples if max_samples is None else triples[:max_samples]
+
+
+def hold_out(records: Sequence[dict], size: int, seed: int,
+             text_keys: Sequence[str] = RELEVANCE_KEYS) -> tuple[list[dict], list[dict]]:
+    """Split off ``size`` records drawn at random (seeded) as a validation set, and return (rest, validation).
+    A remaining record whose ``text_keys`` fields share a text with a validation record's is dropped from the
+    rest too, so that no validation query or positive is ever scored, calibrated or trained on (negatives may
+    recur: hard negatives are drawn from a shared pool, and they carry no relevance judgement)."""
+    if not 1 <= size < len(records):
+        raise InputError(f"--validation_size must be at least 1 and below the {len(records)} records, got {size}")
+    chosen = set(random.Random(seed).sample(range(len(records)), size))
+    validation = [records[i] for i in sorted(chosen)]
+    held = {record[key] for record in validation for key in text_keys if key in record}
+    rest = [record for i, record in enumerate(records)
+            if i not in chosen and not any(record.get(key) in held for key in text_keys if key in record)]
+    if not rest:
+        raise InputError(f"every record shares a text with the {size} validation records: nothing is left")
+    return rest, validation
 
 
 def triple_texts(triples: Sequence[dict]) -> list[str]:

@@ -1,5 +1,6 @@
 """example_usage.sh end to end on a tiny model: the final folder reloads with the requested MLP sparsity."""
 
+import json
 import os
 import re
 import shutil
@@ -18,8 +19,8 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     os.makedirs(tmp_path / "data")
     shutil.copy(data_files["chem"], tmp_path / "data" / "chem-example.json")
     shutil.copy(data_files["general"], tmp_path / "data" / "general-example.json")
-    env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SPARSITY=sparsity, SAMPLE_SIZE="8", MAX_SAMPLES="8",
-               BATCH_SIZE="2", RETRAIN_STEPS="2")
+    env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SPARSITY=sparsity, SAMPLE_SIZE="6", MAX_SAMPLES="6",
+               BATCH_SIZE="2", RETRAIN_STEPS="2", VALIDATION_SIZE="4")
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("sample general data", "sample domain data", "Fisher information, general",
@@ -33,7 +34,12 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
     zeros = sum(int((w == 0).sum()) for w in mlp)
     assert zeros == int(sum(w.numel() for w in mlp) * 0.5)
     assert len(os.listdir(tmp_path / "output" / "fisher")) == 6  # two results, each JSON + arrays + summary
-    assert len(os.listdir(tmp_path / "data" / "sample")) == 2
+    assert sorted(os.listdir(tmp_path / "data" / "sample")) == [  # the samples and the validation splits
+        "chem-example-output-validation.json", "chem-example-output.json", "general-example-output-validation.json",
+        "general-example-output.json"]
+    assert "Validation split: 4 records" in proc.stderr and "not a held-out measurement" not in proc.stderr
+    report = json.load(open(tmp_path / "output" / "eval" / "tiny-qwen3_dai_prune_50%_eval.json", encoding="utf-8"))
+    assert "data/sample/chem-example-output-validation.json" in json.dumps(report)
     assert re.search(r"Retrained model: output/retrain/tiny-qwen3_dai_prune_50%_retrained_2steps", proc.stdout)
     assert sorted(os.listdir(tmp_path / "output" / "eval")) == [
         "tiny-qwen3_dai_prune_50%_eval.json", "tiny-qwen3_dai_prune_50%_retrained_2steps_eval.json"]
@@ -42,7 +48,8 @@ def test_example_usage_runs_every_stage(tmp_path, qwen3_dir, data_files, sparsit
 def test_example_usage_one_pass_removes_channels_then_retrains_and_evaluates(tmp_path, qwen3_dir, data_files):
     shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
     env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SAMPLE_SIZE="6", MAX_SAMPLES="6", BATCH_SIZE="2",
-               RETRAIN_STEPS="2", STRUCTURE="channels", SCORER="aligned_saliency", ONE_PASS="1")
+               RETRAIN_STEPS="2", STRUCTURE="channels", SCORER="aligned_saliency", ONE_PASS="1",
+               VALIDATION_SIZE="0")
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")],
                           env=dict(env, GENERAL_DATA=data_files["general"], DOMAIN_DATA=data_files["chem"]),
                           capture_output=True, text=True)
@@ -72,10 +79,12 @@ def test_example_usage_stops_at_the_first_failing_stage(tmp_path, qwen3_dir):
 def test_example_usage_shares_the_stages_out_with_nproc(tmp_path, qwen3_dir, data_files):
     """NPROC=2: sampling, both Fisher runs, the alignment and the evaluation run under torchrun (gloo on the
     CPU), gradient.py with --no-use_distributed; the mask is one process's, up to weights at the threshold whose
-    scores differ in the last bits (the sums are added in another order: 14 of 8M weights swapped on MiniLM)."""
+    scores differ in the last bits (the sums are added in another order: 14 of 8M weights swapped on MiniLM).
+    No validation split: k-means on 8 of these templated queries meets near-ties, where the last bits of the
+    ranks' embeddings pick other records than one process."""
     shutil.copy(os.path.join(REPO, "example_usage.sh"), tmp_path)
     env = dict(os.environ, MODEL=qwen3_dir, DEVICE="cpu", SAMPLE_SIZE="6", MAX_SAMPLES="6", BATCH_SIZE="2",
-               GENERAL_DATA=data_files["general"], DOMAIN_DATA=data_files["chem"])
+               VALIDATION_SIZE="0", GENERAL_DATA=data_files["general"], DOMAIN_DATA=data_files["chem"])
     proc = subprocess.run(["bash", str(tmp_path / "example_usage.sh")], env=dict(env, NPROC="2"),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,3 +88,57 @@ def test_bad_text_key_and_bad_flag(capsys, tmp_path, qwen3_dir, data_files):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
     assert not os.path.exists(tmp_path / "o.json")
+
+
+def test_hold_out_sets_aside_seeded_records_and_every_record_sharing_a_query_or_positive():
+    from gaprune.data import hold_out
+    records = [{"query": f"q{i}", "positive": f"p{i}", "negative": "shared negative"} for i in range(10)]
+    records += [{"query": "q3", "positive": "other", "negative": "n"},  # shares a query with record 3
+                {"query": "other", "positive": "p4", "negative": "n"},  # shares a positive with record 4
+                {"query": "x", "positive": "y", "negative": "q3"}]  # a validation text as a negative only: kept
+    assert hold_out(records, 4, seed=0) == hold_out(records, 4, seed=0) != hold_out(records, 4, seed=1)
+    for seed in range(50):
+        rest, validation = hold_out(records, 4, seed)
+        assert len(validation) == 4 and all(r in records for r in validation)
+        held = {r[k] for r in validation for k in ("query", "positive")}
+        assert rest == [r for r in records if r not in validation and r["query"] not in held
+                        and r["positive"] not in held]
+        if records[3] in validation and records[4] in validation and records[12] not in validation:
+            assert records[10] not in rest and records[11] not in rest and records[12] in rest
+            break
+    else:
+        pytest.fail("no seed of 50 set aside records 3 and 4 but not 12")
+    rest, validation = hold_out(records, 13 - 1, seed=2)
+    assert len(validation) == 12 and len(rest) <= 1
+    for size in (0, 13):
+        with pytest.raises(Exception, match="--validation_size must be at least 1 and below the 13 records"):
+            hold_out(records, size, seed=0)
+
+
+def test_the_validation_split_reaches_no_scoring_or_calibration_stage(capsys, tmp_path, qwen3_dir, data_files,
+                                                                     monkeypatch):
+    """Every text the model reads in fisher.py, gradient.py and a calibrated SparseModel.py run on the samples is
+    compared with the validation split's queries and positives: none of them may be read."""
+    from gaprune.features import fisher, gradient
+    from gaprune.model import SparseModel
+    from gaprune.modeling import Embedder
+    samples = {}
+    for side in ("chem", "general"):
+        out = tmp_path / f"{side}.json"
+        samples[side] = run_sample(capsys, qwen3_dir, data_files[side], out, "--target_sample_size", "6",
+                                   "--validation_size", "4")
+        samples[side + "-validation"] = json.load(open(tmp_path / f"{side}-validation.json", encoding="utf-8"))
+    held = {r[k] for side in ("chem", "general") for r in samples[side + "-validation"] for k in ("query", "positive")}
+    assert len(held) == 16 and not held & {r[k] for s in ("chem", "general") for r in samples[s] for k in r}
+    read: list[str] = []
+    tokenize = Embedder.tokenize
+    monkeypatch.setattr(Embedder, "tokenize", lambda self, texts: read.extend(texts) or tokenize(self, texts))
+    chem, general = str(tmp_path / "chem.json"), str(tmp_path / "general.json")
+    fisher.main(["--model_name", qwen3_dir, "--data_path", chem, "--output_dir", str(tmp_path / "f"), "--batch_size", "2"])
+    gradient.main(["--model_name", qwen3_dir, "--domain_data_path", chem, "--general_data_path", general,
+                   "--output_dir", str(tmp_path / "g"), "--batch_size", "4", "--no-use_distributed"])
+    SparseModel.main(["--model_path", qwen3_dir, "--structure", "layers", "--num_layers_removed", "1",
+                      "--calibration_data", chem, "--general_calibration_data", general,
+                      "--output_dir", str(tmp_path / "m")])
+    assert len(set(read)) >= 12 and not held & set(read)
+    capsys.readouterr()
