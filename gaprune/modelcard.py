@@ -30,7 +30,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def model_card(evaluation_config: Mapping | None, stats: Mapping | None = None, evaluation: Mapping | None = None,
                *, retrain: Mapping | None = None, model_id: str | None = None,
-               library_name: str = "sentence-transformers") -> str:
+               library_name: str = "sentence-transformers", selection: Mapping | None = None) -> str:
     """The README.md text of a pruned folder: a YAML header (base_model, library_name, tags, pipeline_tag) and a
     body naming the base model, the method and its flags, the calibration data, what was removed, the evaluation
     figures when given, how to load the model, and that gaprune made it.
@@ -41,7 +41,7 @@ def model_card(evaluation_config: Mapping | None, stats: Mapping | None = None, 
     one ``gaprune.evaluate`` result ({"metrics": ...}), or {name: result}; None or empty: not evaluated.
     ``retrain``: retrain.py's retrain_config.json, for a retrained folder (its base model is then the base of
     the pruned folder it was retrained from). ``model_id``: what the loading snippet loads (default: a
-    placeholder path)."""
+    placeholder path). ``selection``: compare.py --select's record (objective, validation data, table)."""
     config = dict(evaluation_config or {})
     meta = config.get("meta") or {}
     structured = meta.get("structured_pruning")
@@ -69,6 +69,8 @@ def model_card(evaluation_config: Mapping | None, stats: Mapping | None = None, 
     if retrain is not None:
         lines += ["## Retraining", ""] + retrain_lines(retrain, structured is not None) + [""]
     lines += ["## Evaluation", ""] + evaluation_lines(evaluation) + [""]
+    if selection is not None:
+        lines += ["## How this recipe was chosen", "", selection_text(selection), "", selection["table"], ""]
     lines += ["## How to load it", ""] + loading_lines(model_id or "path/to/this/folder", library_name) + [""]
     lines += ["## Made with gaprune", "",
               f"Made with gaprune, an implementation of GAPrune (Tang & Yang, 2025, "
@@ -85,6 +87,13 @@ def model_card(evaluation_config: Mapping | None, stats: Mapping | None = None, 
               "}",
               "```", ""]
     return "\n".join(header + lines)
+
+
+def selection_text(selection: Mapping) -> str:
+    files = ", ".join(f"`{path}`" for paths in selection["validation_data"].values() for path in paths)
+    return (f"`compare.py --select` pruned the base model with each candidate recipe below at the same budget, "
+            f"evaluated every one on the validation data ({files}) and kept `{selection['selected']}`: "
+            f"{selection['objective']}.")
 
 
 def write_model_card(folder: str, card_text: str) -> str:

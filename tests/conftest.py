@@ -133,14 +133,14 @@ def published_layout(json_path: str, folder) -> str:
 
 def fail(capsys, main, argv) -> str:
     """Run a script's main through the CLI edge and return its one error line: a non-zero exit, no traceback,
-    nothing else on stderr but logged warnings and the loading bars of transformers."""
+    nothing else on stderr but logged warnings and progress bars."""
     from gaprune.cli import run
 
     with pytest.raises(SystemExit) as exit_info:
         run(main, argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line
-             and "Writing model shards" not in line and " WARNING " not in line]
+             and "Writing model shards" not in line and " WARNING " not in line and "%|" not in line]  # tqdm bars
     assert exit_info.value.code not in (0, None)
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and "Traceback" not in err

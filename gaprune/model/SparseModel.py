@@ -184,9 +184,11 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     return prune_and_save(args, spec, scores, folder)
 
 
-def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> str | None:
+def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str, selection: dict | None = None
+                   ) -> str | None:
     """Prune as ``spec`` asks and write the folder: the model, its records and its model card. Under torchrun
-    every rank prunes (the calibration texts shared out) and rank 0 saves."""
+    every rank prunes (the calibration texts shared out) and rank 0 saves. ``selection``: compare.py --select's
+    record of how this recipe was chosen (selection.json, and a section of the card)."""
     from gaprune import api, distributed
     from gaprune.checkpoint import count_zeros, describe_probe, probe_embedding, save_model
     from gaprune.fileio import atomic_dir, write_json
@@ -216,11 +218,14 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     records = (budget_records(args.model_path, args.batch_size, spec, scores, result,
                               {"measured_speedup": measured, "measured_on": str(embedder.device)})
                if spec.budgeted else records_of(args, spec, scores, result, zeros, calibration))
+    card = model_card(*records.values(), selection=selection)
+    if selection is not None:
+        records["selection.json"] = selection
     with atomic_dir(folder) as tmp:
         save_model(embedder, tmp)
         for name, record in records.items():
             write_json(os.path.join(tmp, name), record)
-        write_model_card(tmp, model_card(*records.values()))  # README.md: after save_model, which may write one
+        write_model_card(tmp, card)  # README.md: after save_model, which may write one
     print(describe_result(result, spec, zeros))
     print(describe_probe(embedding))
     return finish(folder)

@@ -18,16 +18,18 @@ import dataclasses
 import logging
 import os
 import re
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Sequence
 
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
-                         finish, finite_float, positive_int, run)
+                         finish, finite_float, positive_int, run, str2bool)
 from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
 from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES, UNIT_STRUCTURES,
                              UNSTRUCTURED)
 from gaprune.scorers import SCORERS
+from gaprune.selection import OBJECTIVES, Objective, select
 
 if TYPE_CHECKING:
     import torch
@@ -66,23 +68,40 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="seed of the random scorer")
     parser.add_argument("--output_dir", default="output/compare")
+    parser.add_argument("--select", choices=OBJECTIVES,
+                        help="choose the best row and save its model like SparseModel.py, with the table of every "
+                             "candidate in its folder: the most domain or general nDCG@10, or the best mean change "
+                             "of both (give the validation split as the data paths; default: compare only)")
+    parser.add_argument("--max_general_drop", type=finite_float, metavar="PCT",
+                        help="--select: only rows whose general nDCG@10 is at most PCT percent below the dense "
+                             "model's (default: no floor)")
     add_scoring_args(parser)
     add_calibration_args(parser)
     add_runtime_args(parser)
     return parser
 
 
-def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig]:
-    """'aligned_saliency:alignment_weight=0,fisher_norm=tensor' -> ('aligned_saliency', config with those set)."""
+RECIPE_OPTIONS = ("layer_shares", "group_order", "reconstruction_target", "reconstruct")
+
+
+def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig, dict]:
+    """'sparsegpt:layer_shares=aligned_saliency' or 'aligned_saliency:alignment_weight=0,fisher_norm=tensor' ->
+    the scorer, its coefficients and the pruner options of this row alone (the flags of the same names)."""
     scoring, _, overrides = spec.partition(":")
     if scoring not in SCORERS:
         raise InputError(f"unknown scorer {scoring!r} in {spec!r}; choose from {', '.join(SCORERS)}")
-    changes = {}
+    changes, options = {}, {}
     for item in filter(None, overrides.split(",")):
         key, sep, value = item.partition("=")
+        if key in RECIPE_OPTIONS and sep:
+            try:
+                options[key] = str2bool(value) if key == "reconstruct" else value
+            except argparse.ArgumentTypeError as err:
+                raise InputError(f"bad value for {key} in {spec!r}: {err}") from None
+            continue
         if not sep or not hasattr(base, key):
             raise InputError(f"bad override {item!r} in {spec!r}; use KEY=VALUE with KEY one of "
-                             f"{', '.join(f.name for f in dataclasses.fields(DAIConfig))}")
+                             f"{', '.join([*(f.name for f in dataclasses.fields(DAIConfig)), *RECIPE_OPTIONS])}")
         try:
             changes[key] = type(getattr(base, key))(value)
         except ValueError:
@@ -92,7 +111,7 @@ def parse_scorer(spec: str, base: DAIConfig) -> tuple[str, DAIConfig]:
         config.check()
     except InputError as err:
         raise InputError(f"{err} in {spec!r}") from None
-    return scoring, config
+    return scoring, config, options
 
 
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
@@ -115,26 +134,71 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def row_specs(args) -> list[tuple[str, PruneSpec]]:
-    """One checked request per row (each share, each scorer with its coefficient overrides); the options and
-    calibration texts of Wanda and SparseGPT go to them alone, and an option no row takes is refused."""
+SELECT_CANDIDATES = ("magnitude", "domain_fisher", "dai", "aligned_saliency")
+SELECT_CANDIDATES_WITH_TEXTS = ("wanda", "wanda:layer_shares=aligned_saliency", "sparsegpt",
+                                "sparsegpt:layer_shares=aligned_saliency", "sparsegpt:reconstruction_target=dense",
+                                "aligned_saliency:reconstruct=true")
+
+
+def row_specs(args, scores: ScoreFiles | None = None) -> list[tuple[str, PruneSpec]]:
+    """One checked request per row (each share, each scorer with its coefficient overrides and pruner options);
+    the options and calibration texts of Wanda and SparseGPT go to them alone, and an option no row takes is
+    refused. Under --select without --scorers, the candidates are SELECT_CANDIDATES (and, with calibration texts,
+    SELECT_CANDIDATES_WITH_TEXTS) less those whose score files were not given."""
     from gaprune.spec import NO_STATISTICS, coefficients_from_args, spec_from_args
 
     for pct in args.sparsity:
         if not 0.0 <= pct <= 1.0:
             raise InputError(f"--sparsity values must be between 0 and 1, got {pct}")
     calibrated = bool(args.calibration_data or args.general_calibration_data)
-    names = args.scorers or [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
+    if args.select and len(args.sparsity) > 1:
+        raise InputError("--select chooses among recipes at one budget: give one --sparsity")
+    if args.max_general_drop is not None and not args.select:
+        raise InputError("--max_general_drop is the floor of --select's choice: give --select")
+    if args.scorers:
+        names = args.scorers
+    elif args.select:
+        names = [*SELECT_CANDIDATES, *(SELECT_CANDIDATES_WITH_TEXTS if calibrated else ())]
+    else:
+        names = [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
     scorers = [(name, *parse_scorer(name, coefficients_from_args(args))) for name in names]
     with _as_compare_flags():
-        rows = {(label, spec.share): (label, spec) for pct in args.sparsity for label, scoring, config in scorers
-                for spec in [spec_from_args(args, scoring, pct, config, for_this_scorer=True)]}
+        rows = {(label, spec.share): (label, spec) for pct in args.sparsity for label, *recipe in scorers
+                for spec in [row_spec(args, label, pct, *recipe)]}
         taken = {key for _, spec in rows.values() for key in spec.pruner_options()}
         if set(_options_asked(args)) - taken:
             spec_from_args(args, scorers[0][1], args.sparsity[0], scorers[0][2])  # raises the one-scorer message
     if not any(spec.uses_texts for _, spec in rows.values()) and args.calibration_weighting != "uniform":
         raise InputError(NO_STATISTICS)
+    if args.select and not args.scorers and scores is not None:
+        rows = {key: row for key, row in rows.items() if _has_scores(*row, scores)}
     return list(rows.values())
+
+
+def row_spec(args, label: str, share: float, scoring: str, config: DAIConfig, options: dict) -> PruneSpec:
+    """A row's request: the flags, with the row's own pruner options in place of theirs."""
+    from gaprune.spec import spec_from_args
+
+    spec = spec_from_args(argparse.Namespace(**{**vars(args), **options}), scoring, share, config,
+                          for_this_scorer=True)
+    ignored = [key for key, value in options.items() if getattr(spec, key) != value]
+    if ignored:
+        raise InputError(f"{label}: {scoring} does not take {', '.join(ignored)}")
+    return spec
+
+
+def _has_scores(label: str, spec: PruneSpec, scores: ScoreFiles) -> bool:
+    """Whether the given score files serve this candidate: the files it reads, with cosines if it reads them."""
+    from gaprune.scorefiles import ScoreArrays
+
+    try:
+        spec.check_scores(scores)
+        if spec.reads_cosine() and scores.alignment:
+            ScoreArrays(scores.alignment, "alignment").require_cosine()
+    except InputError as err:
+        log.info("candidate %s left out: %s", label, err)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -250,9 +314,11 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
     from gaprune.pruning import load_calibration, option_words
     from gaprune.spec import score_files_from_args
+    from tqdm import tqdm
 
-    rows_asked = row_specs(args)
     scores = score_files_from_args(args)
+    rows_asked = row_specs(args, scores)
+    objective = Objective(args.select, args.max_general_drop) if args.select else None
     for _, spec in rows_asked:
         spec.check_scores(scores)
     calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.calibrated), None)
@@ -261,14 +327,17 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     held_out = {"domain": {p: load_triples(p, args.max_samples) for p in args.domain_data_paths},
                 "general": {p: load_triples(p, args.max_samples) for p in args.general_data_paths}}
     dense = DenseModel.load(args, [spec for _, spec in rows_asked], scores, calibration)
+    start = time.perf_counter()
     rows = [{"method": "dense", "sparsity": 0.0, **evaluated(dense.embedder, held_out, args),
              "domain_change_percent": None, "general_change_percent": None}]
-    for label, spec in rows_asked:
+    if objective is not None and world.is_main:
+        print(selection_plan(rows_asked, objective, held_out, calibration, time.perf_counter() - start))
+    for label, spec in tqdm(rows_asked, desc="candidates", unit="row", disable=not world.is_main):
         log.info("pruning %.0f%% by %s", 100 * spec.share, label)
         model, entries = dense.pruned(spec, world)
-        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "scoring": spec.scorer,
-               "config": dataclasses.asdict(spec.config), "sparsity": spec.share, "structure": spec.structure,
-               "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
+        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "recipe": label,
+               "scoring": spec.scorer, "config": dataclasses.asdict(spec.config), "sparsity": spec.share,
+               "structure": spec.structure, "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
                **evaluated(model, held_out, args), **entries}
         if model is not dense.embedder:  # a fresh smaller model: free it before the next one loads
             del model
@@ -277,15 +346,52 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         for side in ("domain", "general"):
             row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"])
         rows.append(row)
-    if not world.is_main:
-        return None
     table = markdown_table(rows)
     base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
-    write_json(base + ".json", {"model_path": args.model_path, "timestamp": datetime.now().isoformat(),
-                                "settings": {k: v for k, v in vars(args).items()}, "rows": rows})
-    write_text(base + ".md", table + "\n")
-    print(table)
-    return finish(base + ".json")
+    if world.is_main:
+        write_json(base + ".json", {"model_path": args.model_path, "timestamp": datetime.now().isoformat(),
+                                    "settings": {k: v for k, v in vars(args).items()}, "rows": rows})
+        write_text(base + ".md", table + "\n")
+        print(table)
+    if objective is None:
+        return finish(base + ".json") if world.is_main else None
+    del dense
+    return save_selected(args, rows, objective, dict(rows_asked), scores, table)
+
+
+def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective, held_out: dict,
+                   calibration: Calibration | None, dense_seconds: float) -> str:
+    """What --select will run, and about how long: each candidate costs one evaluation like the dense model's,
+    and a calibrated one also a pass over the calibration texts (about as long per text)."""
+    evaluated_texts = sum(3 * len(triples) for files in held_out.values() for triples in files.values())
+    calibration_texts = len(calibration.texts) if calibration is not None else 0
+    per_text = dense_seconds / max(evaluated_texts, 1)
+    seconds = sum(dense_seconds + (per_text * calibration_texts if spec.uses_texts else 0) for _, spec in rows_asked)
+    lines = [f"Selecting among {len(rows_asked)} candidates at {rows_asked[0][1].share:.0%} by {objective.describe()}, "
+             f"on {evaluated_texts // 3} validation triples (about {seconds / 60:.1f} min here; the dense model's "
+             f"evaluation took {dense_seconds:.1f} s):"]
+    return "\n".join(lines + [f"  {label}" for label, _ in rows_asked])
+
+
+def save_selected(args, rows: list[dict], objective: Objective, specs: dict[str, PruneSpec], scores: ScoreFiles,
+                  table: str) -> str | None:
+    """Prune the dense model afresh with the row the objective prefers and save it as SparseModel.py does, the
+    table of every candidate in the folder (selection.json, the model card)."""
+    from gaprune.model.SparseModel import prune_and_save, pruned_folder
+    from gaprune.fileio import check_output_dir
+
+    chosen = select(rows[1:], rows[0], objective)
+    spec = specs[chosen["recipe"]]
+    folder = pruned_folder(args.output_dir, args.model_path, spec)
+    check_output_dir(folder, "the selected model's folder")
+    log.info("selected %s (domain %+.2f%%, general %+.2f%% against dense)", chosen["method"],
+             chosen["domain_change_percent"] or 0.0, chosen["general_change_percent"] or 0.0)
+    selection = {"objective": objective.describe(), "selected": chosen["recipe"], "table": table,
+                 "validation_data": {"domain": args.domain_data_paths, "general": args.general_data_paths},
+                 "rows": [{key: row.get(key) for key in ("method", "recipe", "sparsity", "domain", "general",
+                                                         "domain_change_percent", "general_change_percent")}
+                          for row in rows]}
+    return prune_and_save(args, spec, scores, folder, selection)
 
 
 if __name__ == "__main__":
