@@ -1,11 +1,17 @@
-"""MTEB on gaprune models: the local task of a triple file scores what evaluate_triples scores."""
+"""MTEB on gaprune models: the local task of a triple file scores what evaluate_triples scores, the scripts add
+MTEB tasks to their reports, and a missing extra or an unreachable task is one line."""
 
+import builtins
 import importlib.util
+import json
+import os
 
 import pytest
 
-from conftest import CHEM
+from conftest import CHEM, fail, last_line
+from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
+from gaprune.model import evaluate
 from gaprune.modeling import load_embedder
 
 needs_mteb = pytest.mark.skipif(importlib.util.find_spec("mteb") is None,
@@ -61,3 +67,58 @@ def test_named_tasks_report_their_main_score(bert_dir):
     assert scores["MockRetrievalTask"]["main_metric"] == "ndcg_at_10"
     assert set(scores["MockRetrievalTask"]["metrics"]) == {"ndcg@10", "mrr@10", "recall@1", "recall@10"}
     assert scores["MockSTSTask"]["main_metric"] == "cosine_spearman" and scores["MockSTSTask"]["metrics"] == {}
+
+
+@needs_mteb
+def test_evaluate_mteb_local_writes_mteb_figures_beside_the_files(capsys, tmp_path, qwen3_dir, bert_dir, data_files):
+    out = tmp_path / "report.json"
+    path = evaluate.main(["--model_path", qwen3_dir, "--data_paths", data_files["chem"], "--baseline_model", bert_dir,
+                          "--mteb_local", "--batch_size", "8", "--output_file", str(out)])
+    stdout = capsys.readouterr().out
+    assert last_line(stdout) == str(out) and "local:chem-example_sample.j (ndcg_at_10)" in stdout
+    report = json.load(open(path))
+    name = "local:" + data_files["chem"]
+    for side, mteb_side in (("results", "results"), ("baseline", "baseline")):
+        assert report["mteb"][mteb_side][name]["metrics"] == pytest.approx(
+            report[side][data_files["chem"]]["metrics"], abs=1e-4)
+    assert report["mteb"]["change_percent"][name]["ndcg@10"] == pytest.approx(
+        report["change_percent"][data_files["chem"]]["ndcg@10"], abs=0.05)
+
+
+def test_a_missing_extra_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path, data_files):
+    real_import = builtins.__import__
+
+    def no_mteb(name, *args, **kwargs):
+        if name == "mteb" or name.startswith("mteb."):
+            raise ModuleNotFoundError("No module named 'mteb'", name="mteb")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mteb)
+    base = ["--model_path", str(tmp_path / "no-such-model"), "--data_paths", data_files["chem"], "--output_file",
+            str(tmp_path / "report.json")]
+    assert fail(capsys, evaluate.main, base + ["--mteb_tasks", "SciFact"]) == \
+        "error: --mteb_tasks needs the mteb extra: pip install -e .[mteb]"
+    assert fail(capsys, evaluate.main, base + ["--mteb_local"]) == \
+        "error: --mteb_local needs the mteb extra: pip install -e .[mteb]"
+    from gaprune.mteb_tasks import load_tasks
+
+    assert load_tasks() == []  # nothing asked: no mteb needed
+    with pytest.raises(InputError, match="needs the mteb extra"):
+        load_tasks(["SciFact"])
+
+
+@needs_mteb
+def test_a_named_task_that_cannot_load_offline_is_one_line(capsys, monkeypatch, tmp_path, data_files):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    base = ["--model_path", str(tmp_path / "no-such-model"), "--data_paths", data_files["chem"], "--output_file",
+            str(tmp_path / "report.json")]
+    start = time.monotonic()
+    line = fail(capsys, evaluate.main, base + ["--mteb_tasks", "SciFact"])
+    assert line.startswith("error: MTEB task SciFact cannot be loaded: ") and time.monotonic() - start < 10
+    assert fail(capsys, evaluate.main, base + ["--mteb_tasks", "SciFakt"]) == \
+        "error: MTEB task 'SciFakt' not found. Did you mean: 'SciFact'?"
+    assert not os.path.exists(tmp_path / "report.json")
