@@ -11,7 +11,7 @@ import pytest
 from conftest import CHEM, fail, last_line
 from gaprune.errors import InputError
 from gaprune.evaluation import evaluate_triples
-from gaprune.model import evaluate
+from gaprune.model import compare, evaluate
 from gaprune.modeling import load_embedder
 
 needs_mteb = pytest.mark.skipif(importlib.util.find_spec("mteb") is None,
@@ -83,6 +83,21 @@ def test_evaluate_mteb_local_writes_mteb_figures_beside_the_files(capsys, tmp_pa
             report[side][data_files["chem"]]["metrics"], abs=1e-4)
     assert report["mteb"]["change_percent"][name]["ndcg@10"] == pytest.approx(
         report["change_percent"][data_files["chem"]]["ndcg@10"], abs=0.05)
+
+
+@needs_mteb
+def test_compare_mteb_local_adds_a_column_per_file(capsys, tmp_path, qwen3_dir, data_files):
+    path = compare.main(["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"],
+                         "--general_data_paths", data_files["general"], "--scorers", "magnitude", "--sparsity", "0.5",
+                         "--batch_size", "8", "--mteb_local", "--output_dir", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert "| local:chem-example_sample.json | Δ vs dense | local:general-example.json | Δ vs dense |" in stdout
+    dense, pruned = json.load(open(path))["rows"]
+    for row in (dense, pruned):
+        assert row["mteb"]["local:" + data_files["chem"]]["main_score"] == pytest.approx(row["domain"]["ndcg@10"],
+                                                                                       abs=1e-4)
+    assert pruned["mteb_change_percent"]["local:" + data_files["general"]] == pytest.approx(
+        pruned["general_change_percent"], abs=0.05)
 
 
 def test_a_missing_extra_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path, data_files):
