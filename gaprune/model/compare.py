@@ -75,6 +75,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_general_drop", type=finite_float, metavar="PCT",
                         help="--select: only rows whose general nDCG@10 is at most PCT percent below the dense "
                              "model's (default: no floor)")
+    parser.add_argument("--mteb_tasks", nargs="+", metavar="NAME",
+                        help="also run these MTEB tasks (e.g. SciFact NFCorpus; downloaded the first time) on the "
+                             "dense model and every row: a column each, main score and change against dense "
+                             "(needs pip install -e .[mteb])")
+    parser.add_argument("--mteb_local", action="store_true",
+                        help="also run each domain and general file as a local MTEB retrieval task: mteb's own "
+                             "nDCG@10 of the same search, a column each (needs pip install -e .[mteb])")
     add_scoring_args(parser)
     add_calibration_args(parser)
     add_runtime_args(parser)
@@ -121,16 +128,26 @@ def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | domain nDCG@10 | Δ vs dense | general nDCG@10 | Δ vs dense | mask ∩ magnitude |",
-             "|---|---|---|---|---|---|---|"]
+    """The paper-style table; with MTEB tasks, a column pair per task: its main score and the change against
+    dense."""
+    from gaprune.mteb_tasks import short_name
+
+    tasks = list(rows[0].get("mteb", {}))
+    lines = ["| method | sparsity | domain nDCG@10 | Δ vs dense | general nDCG@10 | Δ vs dense | mask ∩ magnitude |"
+             + "".join(f" {short_name(name)} | Δ vs dense |" for name in tasks),
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
+
+    def percent(value):
+        return "" if value is None else f"{value:+.2f}%"
+
     for row in rows:
-        def change(key):
-            value = row[f"{key}_change_percent"]
-            return "" if value is None else f"{value:+.2f}%"
         agreement = row.get("mask_agreement_with_magnitude")
-        lines.append(f"| {row['method']} | {row['sparsity']:.0%} | {row['domain']['ndcg@10']:.4f} | {change('domain')} "
-                     f"| {row['general']['ndcg@10']:.4f} | {change('general')} | "
-                     f"{'' if agreement is None else f'{agreement:.2%}'} |")
+        task_changes = row.get("mteb_change_percent", {})
+        lines.append(f"| {row['method']} | {row['sparsity']:.0%} | {row['domain']['ndcg@10']:.4f} "
+                     f"| {percent(row['domain_change_percent'])} | {row['general']['ndcg@10']:.4f} "
+                     f"| {percent(row['general_change_percent'])} | {'' if agreement is None else f'{agreement:.2%}'} |"
+                     + "".join(f" {row['mteb'][name]['main_score']:.4f} | {percent(task_changes.get(name))} |"
+                               for name in tasks))
     return "\n".join(lines)
 
 
@@ -294,14 +311,20 @@ class DenseModel:
         return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
 
-def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args: argparse.Namespace) -> dict:
-    """The row's metrics: the mean over each side's files, and every file's own."""
+def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args: argparse.Namespace,
+              mteb_tasks: Sequence = ()) -> dict:
+    """The row's metrics: the mean over each side's files, and every file's own; with MTEB tasks, each task's
+    scores."""
     from gaprune.evaluation import evaluate_triples
+    from gaprune.mteb_tasks import run_tasks
 
     results = {side: {path: evaluate_triples(model, triples, args.batch_size, args.query_instructions)
                       for path, triples in files.items()} for side, files in held_out.items()}
-    return {"domain": mean_metrics(results["domain"]), "general": mean_metrics(results["general"]),
-            "files": {**results["domain"], **results["general"]}}
+    row = {"domain": mean_metrics(results["domain"]), "general": mean_metrics(results["general"]),
+           "files": {**results["domain"], **results["general"]}}
+    if mteb_tasks:
+        row["mteb"] = run_tasks(model, mteb_tasks, args.batch_size, args.query_instructions)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> str | None:
@@ -312,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     from gaprune.data import load_triples
     from gaprune.evaluation import relative_change
     from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
+    from gaprune.mteb_tasks import changes, load_tasks
     from gaprune.pruning import load_calibration, option_words
     from gaprune.spec import score_files_from_args
     from tqdm import tqdm
@@ -326,9 +350,12 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     world = distributed.init_from_env(args.device)
     held_out = {"domain": {p: load_triples(p, args.max_samples) for p in args.domain_data_paths},
                 "general": {p: load_triples(p, args.max_samples) for p in args.general_data_paths}}
+    # before the model loads: a missing extra or an unknown or unreachable task is refused first
+    mteb_tasks = load_tasks(args.mteb_tasks or (), {**held_out["domain"], **held_out["general"]}
+                            if args.mteb_local else None)
     dense = DenseModel.load(args, [spec for _, spec in rows_asked], scores, calibration)
     start = time.perf_counter()
-    rows = [{"method": "dense", "sparsity": 0.0, **evaluated(dense.embedder, held_out, args),
+    rows = [{"method": "dense", "sparsity": 0.0, **evaluated(dense.embedder, held_out, args, mteb_tasks),
              "domain_change_percent": None, "general_change_percent": None}]
     if objective is not None and world.is_main:
         print(selection_plan(rows_asked, objective, held_out, calibration, time.perf_counter() - start))
@@ -338,13 +365,16 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "recipe": label,
                "scoring": spec.scorer, "config": dataclasses.asdict(spec.config), "sparsity": spec.share,
                "structure": spec.structure, "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
-               **evaluated(model, held_out, args), **entries}
+               **evaluated(model, held_out, args, mteb_tasks), **entries}
         if model is not dense.embedder:  # a fresh smaller model: free it before the next one loads
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         for side in ("domain", "general"):
             row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"])
+        if mteb_tasks:
+            row["mteb_change_percent"] = {name: change["main_score"]
+                                          for name, change in changes(row["mteb"], rows[0]["mteb"]).items()}
         rows.append(row)
     table = markdown_table(rows)
     base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
