@@ -10,11 +10,13 @@ import json
 import os
 import re
 import shutil
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
 
-from gaprune.fileio import writing
+from gaprune.fileio import atomic_dir, write_json, writing
+from gaprune.modelcard import write_model_card
 from gaprune.modeling import Embedder
 
 PROBE_SENTENCE = "What is the capital of France?"  # embedded and printed after pruning or retraining
@@ -86,3 +88,13 @@ def describe_probe(embedding: torch.Tensor) -> str:
 
 def count_zeros(model: torch.nn.Module) -> int:
     return sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def save_pruned_folder(embedder: Embedder, folder: str, records: Mapping[str, dict], card: str) -> None:
+    """The model, its records (JSON files by name) and its model card, written whole: into a temporary folder
+    that is then renamed, so ``folder`` never holds half of them."""
+    with atomic_dir(folder) as tmp:
+        save_model(embedder, tmp)
+        for name, record in records.items():
+            write_json(os.path.join(tmp, name), record)
+        write_model_card(tmp, card)  # README.md: after save_model, which may write one

@@ -12,6 +12,7 @@ import torch
 from gaprune.blocks import (BLOCK_CONFIG_FIELD, BlockContext, DepthResult, block_weights, get_block_scorer,
                             lowest_blocks, remove_blocks, removal_order, weight_score_sums)
 from gaprune.budget import Plan, Shape, choose, plan_grid
+from gaprune.checkpoint import output_folder
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.families import family_of_names
 from gaprune.input_stats import LayerInputs
@@ -567,3 +568,40 @@ def structure_evaluation_config(model_path: str, batch_size: int, spec: PruneSpe
 def _score_file_entries(scores: ScoreFiles) -> dict[str, str | None]:
     paths = scores.paths()
     return {f"{side}_scores": paths.get(side) for side in ("general_fisher", "domain_fisher", "alignment")}
+
+
+def folder_records(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles, result,
+                   zeros: ModelZeros | None, calibration: Calibration | None) -> dict[str, dict]:
+    """A pruned folder's records, by file name: evaluation_config.json and the stats of what was removed."""
+    if spec.structure == UNSTRUCTURED:
+        return {"evaluation_config.json": evaluation_config(model_path, batch_size, spec, scores, result, zeros,
+                                                            calibration),
+                "unstructured_prune_stats.json": prune_stats(result, spec)}
+    if spec.structure == LAYERS:
+        return {"evaluation_config.json": depth_evaluation_config(model_path, batch_size, spec, scores, result,
+                                                                  calibration),
+                "structured_prune_stats.json": depth_stats(result, spec)}
+    return {"evaluation_config.json": structure_evaluation_config(model_path, batch_size, spec, scores, result),
+            "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
+
+
+def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
+    """Where SparseModel.py (and compare.py --select) writes the model ``spec`` makes of ``model_path``."""
+    if spec.budgeted:
+        budget = "_".join(part for part in (f"{spec.target_speedup:g}x" if spec.target_speedup else "",
+                                            f"params{round(spec.target_params * 100, 2):g}%" if spec.target_params
+                                            else "") if part)
+        return output_folder(output_dir, model_path, f"{spec.scorer}_budget_{budget}")
+    if spec.structure == LAYERS:
+        amount = (f"minus{spec.block_count}" if spec.block_count is not None
+                  else f"{round(spec.sparsity * 100, 2):g}%")
+        return output_folder(output_dir, model_path, f"{spec.block_scorer}_layers_{amount}")
+    if spec.structure != UNSTRUCTURED:
+        return output_folder(output_dir, model_path,
+                             f"{spec.scorer}_{spec.structure}_{round(spec.sparsity * 100, 2):g}%")
+    amount = (spec.pattern.replace(":", "of") if spec.parsed_pattern.structured
+              else f"{round(spec.sparsity * 100, 2):g}%")
+    suffix = "_reconstructed" if spec.reconstruct else ""
+    suffix += "".join("_" + words.replace(" ", "_")  # _aligned_saliency_shares, _hessian_order
+                      for words in option_words(spec.pruner_options()))
+    return output_folder(output_dir, model_path, f"{spec.scorer}_prune_{amount}{suffix}")

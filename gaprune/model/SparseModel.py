@@ -103,30 +103,6 @@ def request_from_args(args) -> tuple[PruneSpec, ScoreFiles]:
     return spec, scores
 
 
-def pruned_folder(output_dir: str, model_path: str, spec: PruneSpec) -> str:
-    from gaprune.checkpoint import output_folder
-    from gaprune.pruning import option_words
-
-    if spec.budgeted:
-        budget = "_".join(part for part in (f"{spec.target_speedup:g}x" if spec.target_speedup else "",
-                                            f"params{round(spec.target_params * 100, 2):g}%" if spec.target_params
-                                            else "") if part)
-        return output_folder(output_dir, model_path, f"{spec.scorer}_budget_{budget}")
-    if spec.structure == LAYERS:
-        amount = (f"minus{spec.block_count}" if spec.block_count is not None
-                  else f"{round(spec.sparsity * 100, 2):g}%")
-        return output_folder(output_dir, model_path, f"{spec.block_scorer}_layers_{amount}")
-    if spec.structure != UNSTRUCTURED:
-        return output_folder(output_dir, model_path,
-                             f"{spec.scorer}_{spec.structure}_{round(spec.sparsity * 100, 2):g}%")
-    amount = (spec.pattern.replace(":", "of") if spec.parsed_pattern.structured
-              else f"{round(spec.sparsity * 100, 2):g}%")
-    suffix = "_reconstructed" if spec.reconstruct else ""
-    suffix += "".join("_" + words.replace(" ", "_")  # _aligned_saliency_shares, _hessian_order
-                      for words in option_words(spec.pruner_options()))
-    return output_folder(output_dir, model_path, f"{spec.scorer}_prune_{amount}{suffix}")
-
-
 def show_layer_types(model_path: str) -> None:
     import torch
 
@@ -150,7 +126,7 @@ def dry_run(args, spec: PruneSpec, scores: ScoreFiles) -> str:
     import torch
 
     from gaprune.modeling import meta_model
-    from gaprune.pruning import load_calibration, scored_tensors
+    from gaprune.pruning import load_calibration, pruned_folder, scored_tensors
     from gaprune.scorefiles import open_score_files
 
     model = meta_model(args.model_path)
@@ -175,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         show_layer_types(args.model_path)
         return None
     from gaprune.fileio import check_output_dir
+    from gaprune.pruning import pruned_folder
 
     folder = pruned_folder(args.output_dir, args.model_path, spec)
     check_output_dir(args.output_dir)
@@ -184,18 +161,15 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     return prune_and_save(args, spec, scores, folder)
 
 
-def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str, selection: dict | None = None
-                   ) -> str | None:
+def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> str | None:
     """Prune as ``spec`` asks and write the folder: the model, its records and its model card. Under torchrun
-    every rank prunes (the calibration texts shared out) and rank 0 saves. ``selection``: compare.py --select's
-    record of how this recipe was chosen (selection.json, and a section of the card)."""
+    every rank prunes (the calibration texts shared out) and rank 0 saves."""
     from gaprune import api, distributed
-    from gaprune.checkpoint import count_zeros, describe_probe, probe_embedding, save_model
-    from gaprune.fileio import atomic_dir, write_json
-    from gaprune.modelcard import model_card, write_model_card
+    from gaprune.checkpoint import count_zeros, describe_probe, probe_embedding, save_pruned_folder
+    from gaprune.modelcard import model_card
     from gaprune.modeling import load_embedder
     from gaprune.budget import texts_per_second
-    from gaprune.pruning import ModelZeros, budget_records, load_calibration
+    from gaprune.pruning import ModelZeros, budget_records, folder_records, load_calibration
 
     calibration = load_calibration(spec.calibration) if spec.uses_texts else None
     world = distributed.init_from_env(args.device)
@@ -217,36 +191,12 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str, selec
                        after=count_zeros(embedder.model)) if spec.structure == UNSTRUCTURED else None
     records = (budget_records(args.model_path, args.batch_size, spec, scores, result,
                               {"measured_speedup": measured, "measured_on": str(embedder.device)})
-               if spec.budgeted else records_of(args, spec, scores, result, zeros, calibration))
-    card = model_card(*records.values(), selection=selection)
-    if selection is not None:
-        records["selection.json"] = selection
-    with atomic_dir(folder) as tmp:
-        save_model(embedder, tmp)
-        for name, record in records.items():
-            write_json(os.path.join(tmp, name), record)
-        write_model_card(tmp, card)  # README.md: after save_model, which may write one
+               if spec.budgeted else folder_records(args.model_path, args.batch_size, spec, scores, result, zeros,
+                                                    calibration))
+    save_pruned_folder(embedder, folder, records, model_card(*records.values()))
     print(describe_result(result, spec, zeros))
     print(describe_probe(embedding))
     return finish(folder)
-
-
-def records_of(args, spec: PruneSpec, scores: ScoreFiles, result, zeros: ModelZeros | None, calibration) -> dict:
-    """The pruned folder's records, by file name: evaluation_config.json and the stats of what was removed."""
-    from gaprune.pruning import (depth_evaluation_config, depth_stats, evaluation_config, prune_stats,
-                                 structure_evaluation_config, structure_stats)
-
-    if spec.structure == UNSTRUCTURED:
-        return {"evaluation_config.json": evaluation_config(args.model_path, args.batch_size, spec, scores, result,
-                                                            zeros, calibration),
-                "unstructured_prune_stats.json": prune_stats(result, spec)}
-    if spec.structure == LAYERS:
-        return {"evaluation_config.json": depth_evaluation_config(args.model_path, args.batch_size, spec, scores,
-                                                                  result, calibration),
-                "structured_prune_stats.json": depth_stats(result, spec)}
-    return {"evaluation_config.json": structure_evaluation_config(args.model_path, args.batch_size, spec, scores,
-                                                                  result),
-            "structured_prune_stats.json": structure_stats(result, spec.scorer, spec.sparsity)}
 
 
 def speed_texts(spec: PruneSpec) -> list[str]:

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     import torch
 
     from gaprune.distributed import World
+    from gaprune.masking import MaskResult
     from gaprune.modeling import Embedder
-    from gaprune.pruning import Calibration
+    from gaprune.pruning import Calibration, StructureResult
     from gaprune.scoring import ArrayFn
     from gaprune.spec import PruneSpec, ScoreFiles
 
@@ -262,10 +263,12 @@ class DenseModel:
     arrays: ArrayFn
     calibration: Calibration | None
     dense_weights: dict[str, torch.Tensor]
+    zeros_before: int  # the dense model's zero weights
 
     @classmethod
     def load(cls, args: argparse.Namespace, specs: list[PruneSpec], scores: ScoreFiles,
              calibration: Calibration | None) -> DenseModel:
+        from gaprune.checkpoint import count_zeros
         from gaprune.distributed import warn_on_main
         from gaprune.modeling import load_embedder
         from gaprune.pruning import measure_token_weights, scored_tensors
@@ -283,10 +286,10 @@ class DenseModel:
             calibration = measure_token_weights(embedder, candidates, calibration)  # one loss-gradient measurement
         dense_weights = ({name: p.detach().to("cpu", copy=True) for name, p in candidates.items()}
                          if structure == UNSTRUCTURED else {})  # structures load each model afresh
-        return cls(args, embedder, candidates, arrays, calibration, dense_weights)
+        return cls(args, embedder, candidates, arrays, calibration, dense_weights, count_zeros(embedder.model))
 
-    def pruned(self, spec: PruneSpec, world: World) -> tuple[Embedder, dict]:
-        """The model pruned as ``spec`` asks, and the row entries of what was pruned."""
+    def pruned(self, spec: PruneSpec, world: World) -> tuple[Embedder, MaskResult | StructureResult]:
+        """The model pruned as ``spec`` asks (as gaprune.prune would), and what was pruned."""
         import torch
 
         from gaprune.modeling import load_embedder
@@ -301,14 +304,21 @@ class DenseModel:
                 result = prune_calibrated(self.embedder, self.candidates, spec, self.calibration, self.arrays)
             else:
                 result = prune_candidates(self.candidates, self.arrays, spec.scorer, spec.config, spec.share,
-                                          spec.strategy, seed=spec.seed, pattern=spec.parsed_pattern)
+                                          spec.strategy, spec.rho_min, spec.rho_max, spec.seed, spec.parsed_pattern)
             world.broadcast_(p.data for p in self.candidates.values())
-            return self.embedder, {"masked_params": result.masked, **result.diagnostics}
+            return self.embedder, result
         fresh = load_embedder(self.args.model_path, self.args.device, self.args.dtype)
         result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), self.arrays, spec.scorer,
                                  spec.config, spec.sparsity, spec.seed)
         world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
-        return fresh, {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
+        return fresh, result
+
+
+def row_entries(result: MaskResult | StructureResult) -> dict:
+    """What a row records of its pruning: the weights masked, or the parameters and units left."""
+    if hasattr(result, "masked"):
+        return {"masked_params": result.masked, **result.diagnostics}
+    return {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
 
 def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args: argparse.Namespace,
@@ -336,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     from gaprune.evaluation import relative_change
     from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
     from gaprune.mteb_tasks import changes, load_tasks
-    from gaprune.pruning import load_calibration, option_words
+    from gaprune.pruning import load_calibration, option_words, pruned_folder
     from gaprune.spec import score_files_from_args
     from tqdm import tqdm
 
@@ -347,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         spec.check_scores(scores)
     calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.calibrated), None)
     check_output_dir(args.output_dir)
+    if objective is not None:  # whichever row wins, its folder can be written: known before hours of work
+        for _, spec in rows_asked:
+            check_output_dir(pruned_folder(args.output_dir, args.model_path, spec), "the selected model's folder")
     world = distributed.init_from_env(args.device)
     held_out = {"domain": {p: load_triples(p, args.max_samples) for p in args.domain_data_paths},
                 "general": {p: load_triples(p, args.max_samples) for p in args.general_data_paths}}
@@ -361,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         print(selection_plan(rows_asked, objective, held_out, calibration, time.perf_counter() - start))
     for label, spec in tqdm(rows_asked, desc="candidates", unit="row", disable=not world.is_main):
         log.info("pruning %.0f%% by %s", 100 * spec.share, label)
-        model, entries = dense.pruned(spec, world)
+        model, result = dense.pruned(spec, world)
+        entries = row_entries(result)
         row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "recipe": label,
                "scoring": spec.scorer, "config": dataclasses.asdict(spec.config), "sparsity": spec.share,
                "structure": spec.structure, "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
@@ -385,8 +399,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         print(table)
     if objective is None:
         return finish(base + ".json") if world.is_main else None
-    del dense
-    return save_selected(args, rows, objective, dict(rows_asked), scores, table)
+    return save_selected(args, rows, objective, dict(rows_asked), scores, dense, world, table)
 
 
 def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective, held_out: dict,
@@ -404,24 +417,34 @@ def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective
 
 
 def save_selected(args, rows: list[dict], objective: Objective, specs: dict[str, PruneSpec], scores: ScoreFiles,
-                  table: str) -> str | None:
-    """Prune the dense model afresh with the row the objective prefers and save it as SparseModel.py does, the
-    table of every candidate in the folder (selection.json, the model card)."""
-    from gaprune.model.SparseModel import prune_and_save, pruned_folder
-    from gaprune.fileio import check_output_dir
+                  dense: DenseModel, world: World, table: str) -> str | None:
+    """Prune the dense model again with the row the objective prefers and save it as SparseModel.py does, with
+    the table of every candidate (selection.json, a section of the model card)."""
+    from gaprune.checkpoint import count_zeros, save_pruned_folder
+    from gaprune.modelcard import model_card
+    from gaprune.pruning import ModelZeros, folder_records, pruned_folder
 
     chosen = select(rows[1:], rows[0], objective)
     spec = specs[chosen["recipe"]]
     folder = pruned_folder(args.output_dir, args.model_path, spec)
-    check_output_dir(folder, "the selected model's folder")
     log.info("selected %s (domain %+.2f%%, general %+.2f%% against dense)", chosen["method"],
              chosen["domain_change_percent"] or 0.0, chosen["general_change_percent"] or 0.0)
+    model, result = dense.pruned(spec, world)
+    if not world.is_main:
+        return None
+    zeros = (ModelZeros(total=sum(p.numel() for p in model.model.parameters()), before=dense.zeros_before,
+                        after=count_zeros(model.model)) if spec.structure == UNSTRUCTURED else None)
+    records = folder_records(args.model_path, args.batch_size, spec, scores, result, zeros,
+                             dense.calibration if spec.calibrated else None)
     selection = {"objective": objective.describe(), "selected": chosen["recipe"], "table": table,
                  "validation_data": {"domain": args.domain_data_paths, "general": args.general_data_paths},
                  "rows": [{key: row.get(key) for key in ("method", "recipe", "sparsity", "domain", "general",
                                                          "domain_change_percent", "general_change_percent")}
                           for row in rows]}
-    return prune_and_save(args, spec, scores, folder, selection)
+    save_pruned_folder(model, folder, {**records, "selection.json": selection},
+                       model_card(*records.values(), selection=selection))
+    print(f"Selected {chosen['method']}: saved as {folder}")
+    return finish(folder)
 
 
 if __name__ == "__main__":
