@@ -404,15 +404,15 @@ def main(argv: Sequence[str] | None = None) -> str | None:
 
 def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective, held_out: dict,
                    calibration: Calibration | None, dense_seconds: float) -> str:
-    """What --select will run, and about how long: each candidate costs one evaluation like the dense model's,
-    and a calibrated one also a pass over the calibration texts (about as long per text)."""
-    evaluated_texts = sum(3 * len(triples) for files in held_out.values() for triples in files.values())
-    calibration_texts = len(calibration.texts) if calibration is not None else 0
-    per_text = dense_seconds / max(evaluated_texts, 1)
-    seconds = sum(dense_seconds + (per_text * calibration_texts if spec.uses_texts else 0) for _, spec in rows_asked)
+    """What --select will run: the candidates, the validation data, and the time the evaluations alone take
+    (one like the dense model's per candidate); calibrated candidates add their pass over the calibration texts."""
+    triples = sum(len(triples) for files in held_out.values() for triples in files.values())
+    calibrated = sum(spec.uses_texts for _, spec in rows_asked)
+    extra = (f"; {calibrated} of them also calibrate on {len(calibration.texts)} texts"
+             if calibrated and calibration is not None else "")
     lines = [f"Selecting among {len(rows_asked)} candidates at {rows_asked[0][1].share:.0%} by {objective.describe()}, "
-             f"on {evaluated_texts // 3} validation triples (about {seconds / 60:.1f} min here; the dense model's "
-             f"evaluation took {dense_seconds:.1f} s):"]
+             f"on {triples} validation triples (their evaluations alone: about "
+             f"{len(rows_asked) * dense_seconds / 60:.1f} min here, {dense_seconds:.1f} s each{extra}):"]
     return "\n".join(lines + [f"  {label}" for label, _ in rows_asked])
 
 
