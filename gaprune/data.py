@@ -47,16 +47,16 @@ def load_triples(path: str, max_samples: int | None = None) -> list[dict]:
 def hold_out(records: Sequence[dict], size: int, seed: int,
              text_keys: Sequence[str] = RELEVANCE_KEYS) -> tuple[list[dict], list[dict]]:
     """Split off ``size`` records drawn at random (seeded) as a validation set, and return (rest, validation).
-    A remaining record whose ``text_keys`` fields share a text with a validation record's is dropped from the
-    rest too, so that no validation query or positive is ever scored, calibrated or trained on (negatives may
-    recur: hard negatives are drawn from a shared pool, and they carry no relevance judgement)."""
+    A remaining record holding a validation record's ``text_keys`` text in any field (as its query, positive
+    or hard negative) is dropped from the rest too, so that no validation query or positive is ever scored,
+    calibrated or trained on. Validation negatives may recur: they carry no relevance judgement."""
     if not 1 <= size < len(records):
         raise InputError(f"--validation_size must be at least 1 and below the {len(records)} records, got {size}")
     chosen = set(random.Random(seed).sample(range(len(records)), size))
     validation = [records[i] for i in sorted(chosen)]
-    held = {record[key] for record in validation for key in text_keys if key in record}
-    rest = [record for i, record in enumerate(records)
-            if i not in chosen and not any(record.get(key) in held for key in text_keys if key in record)]
+    held = {record[key] for record in validation for key in text_keys if isinstance(record.get(key), str)}
+    rest = [record for i, record in enumerate(records) if i not in chosen
+            and not any(isinstance(value, str) and value in held for value in record.values())]
     if not rest:
         raise InputError(f"every record shares a text with the {size} validation records: nothing is left")
     return rest, validation

@@ -89,9 +89,10 @@ def relative_change(value: float, baseline: float) -> float | None:
 
 
 def seen_data(model_dir: str) -> list[str]:
-    """The triple files a gaprune folder was scored, calibrated or retrained on, as its records name them:
-    evaluation_config.json's score files (their data) and calibration files, and retrain_config.json's
-    training files and the pruned folder it started from."""
+    """The triple files a gaprune folder was scored, calibrated, chosen or retrained on, as its records name them:
+    evaluation_config.json's score files (their data) and calibration files, selection.json's validation files
+    (compare.py --select chose the recipe on them), and retrain_config.json's training files and the pruned
+    folder it started from."""
     def record(folder: str, name: str) -> dict:
         path = os.path.join(folder, name)
         try:
@@ -114,6 +115,8 @@ def seen_data(model_dir: str) -> list[str]:
         calibration = next((part.get("calibration", {}) for part in meta.values() if isinstance(part, dict)
                             and "calibration" in part), {})
         files += [calibration.get("domain_data"), calibration.get("general_data")]
+        chosen_on = record(folder, "selection.json").get("validation_data", {})
+        files += [path for paths in chosen_on.values() if isinstance(paths, list) for path in paths]
     return list(dict.fromkeys(f for f in files if isinstance(f, str) and os.path.isfile(f)))
 
 
@@ -134,6 +137,6 @@ def overlap_warnings(model_dir: str, files: Mapping[str, Sequence[dict]]) -> lis
             shared = sum(triple["query"] in queries for triple in triples)
             if shared:
                 lines.append(f"{shared} of the {len(triples)} queries of {path} are in {source}, which "
-                             f"{os.path.basename(os.path.normpath(model_dir))} was pruned or retrained on: "
+                             f"{os.path.basename(os.path.normpath(model_dir))} was pruned, chosen or retrained on: "
                              f"not a held-out measurement")
     return lines

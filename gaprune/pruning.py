@@ -12,7 +12,7 @@ import torch
 from gaprune.blocks import (BLOCK_CONFIG_FIELD, BlockContext, DepthResult, block_weights, get_block_scorer,
                             lowest_blocks, remove_blocks, removal_order, weight_score_sums)
 from gaprune.budget import Plan, Shape, choose, plan_grid
-from gaprune.checkpoint import output_folder
+from gaprune.checkpoint import count_zeros, output_folder
 from gaprune.calibration import TokenWeights, layer_widths, loss_gradient_weights, prune_block_by_block
 from gaprune.families import family_of_names
 from gaprune.input_stats import LayerInputs
@@ -498,6 +498,12 @@ class ModelZeros:
     total: int  # parameters in the model
     before: int  # zeros before pruning
     after: int  # zeros after pruning
+
+    @classmethod
+    def counted(cls, model: torch.nn.Module, before: int) -> ModelZeros:
+        """The zeros of ``model`` now, against ``before``."""
+        return cls(total=sum(p.numel() for p in model.parameters()), before=before,
+                   after=count_zeros(model))
 
 
 def evaluation_config(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles, result: MaskResult,

@@ -50,8 +50,9 @@ class Objective:
 
 def _change(row: Mapping, dense: Mapping, side: str) -> float:
     """Percent change of ``side``'s nDCG@10 against dense (0 where dense scores 0: nothing to lose)."""
-    baseline = dense[side]["ndcg@10"]
-    return 0.0 if baseline == 0 else 100.0 * (row[side]["ndcg@10"] - baseline) / baseline
+    from gaprune.evaluation import relative_change  # torch: only once rows exist, so compare.py --help stays light
+
+    return relative_change(row[side]["ndcg@10"], dense[side]["ndcg@10"]) or 0.0
 
 
 def select(candidates: Sequence[Mapping], dense: Mapping, objective: Objective) -> Mapping:
@@ -61,7 +62,8 @@ def select(candidates: Sequence[Mapping], dense: Mapping, objective: Objective) 
     meeting = [row for row in candidates if objective.meets(row, dense)]
     if not meeting:
         closest = max(candidates, key=lambda row: row["general"]["ndcg@10"])
+        general, domain = (_change(closest, dense, side) for side in ("general", "domain"))
         raise InputError(f"no candidate keeps the general nDCG@10 within {objective.max_general_drop:g}% of the "
-                         f"dense model's; the closest is {closest['method']} (general "
-                         f"{_change(closest, dense, 'general'):+.2f}%, domain {_change(closest, dense, 'domain'):+.2f}%)")
+                         f"dense model's; the closest is {closest['method']} (general {general:+.2f}%, "
+                         f"domain {domain:+.2f}%)")
     return max(meeting, key=lambda row: (objective.value(row, dense), row["general"]["ndcg@10"]))

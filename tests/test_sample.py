@@ -95,23 +95,26 @@ def test_hold_out_sets_aside_seeded_records_and_every_record_sharing_a_query_or_
     records = [{"query": f"q{i}", "positive": f"p{i}", "negative": "shared negative"} for i in range(10)]
     records += [{"query": "q3", "positive": "other", "negative": "n"},  # shares a query with record 3
                 {"query": "other", "positive": "p4", "negative": "n"},  # shares a positive with record 4
-                {"query": "x", "positive": "y", "negative": "q3"}]  # a validation text as a negative only: kept
+                {"query": "x", "positive": "y", "negative": "q3"},  # record 3's query as a hard negative
+                {"query": "z", "positive": ["a", "list"], "negative": "shared negative"}]  # not a text: kept
     assert hold_out(records, 4, seed=0) == hold_out(records, 4, seed=0) != hold_out(records, 4, seed=1)
     for seed in range(50):
         rest, validation = hold_out(records, 4, seed)
         assert len(validation) == 4 and all(r in records for r in validation)
-        held = {r[k] for r in validation for k in ("query", "positive")}
-        assert rest == [r for r in records if r not in validation and r["query"] not in held
-                        and r["positive"] not in held]
-        if records[3] in validation and records[4] in validation and records[12] not in validation:
-            assert records[10] not in rest and records[11] not in rest and records[12] in rest
+        held = {r[k] for r in validation for k in ("query", "positive") if isinstance(r[k], str)}
+        assert rest == [r for r in records if r not in validation and not {r["query"], r["negative"]} & held
+                        and not (isinstance(r["positive"], str) and r["positive"] in held)]
+        if records[3] in validation and records[4] in validation and not {10, 11, 12, 13} & set(
+                records.index(r) for r in validation):
+            assert records[10] not in rest and records[11] not in rest and records[12] not in rest
+            assert records[13] in rest  # "shared negative" is a validation negative only: no relevance judgement
             break
     else:
-        pytest.fail("no seed of 50 set aside records 3 and 4 but not 12")
-    rest, validation = hold_out(records, 13 - 1, seed=2)
-    assert len(validation) == 12 and len(rest) <= 1
-    for size in (0, 13):
-        with pytest.raises(Exception, match="--validation_size must be at least 1 and below the 13 records"):
+        pytest.fail("no seed of 50 set aside records 3 and 4 but none of 10 to 13")
+    rest, validation = hold_out(records, 14 - 1, seed=2)
+    assert len(validation) == 13 and len(rest) <= 1
+    for size in (0, 14):
+        with pytest.raises(Exception, match="--validation_size must be at least 1 and below the 14 records"):
             hold_out(records, size, seed=0)
 
 

@@ -50,6 +50,10 @@ def test_bad_objectives_are_refused(kwargs, message):
         Objective(**kwargs)
 
 
+def triples_of(path):
+    return json.load(open(path, encoding="utf-8"))
+
+
 def select_args(tmp_path, qwen3_dir, data_files, score_files, *extra):
     files = score_files["qwen3"]
     return ["--model_path", qwen3_dir, "--domain_data_paths", data_files["chem"], "--general_data_paths",
@@ -64,6 +68,7 @@ def test_select_saves_the_winner_of_its_own_table_with_the_table(capsys, tmp_pat
                                       "magnitude", "domain_fisher", "random", "--seed", "3"))
     out = capsys.readouterr().out
     assert last_line(out) == folder and out.index("Selecting among 3 candidates at 50%") < out.index("| dense |")
+    assert "calibrate" not in out.split("| dense |")[0]  # none of these three calibrates
     report = json.load(open(next(os.path.join(tmp_path, f) for f in os.listdir(tmp_path) if f.endswith(".json"))))
     dense, *rows = report["rows"]
     changes = {r["method"]: sum(100 * (r[s]["ndcg@10"] - dense[s]["ndcg@10"]) / dense[s]["ndcg@10"]
@@ -74,6 +79,9 @@ def test_select_saves_the_winner_of_its_own_table_with_the_table(capsys, tmp_pat
     assert [r["method"] for r in selection["rows"]] == ["dense", "magnitude", "domain_fisher", "random"]
     card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert "## How this recipe was chosen" in card and f"kept `{best}`" in card and "| random | 50% |" in card
+    assert "Not evaluated" not in card  # the validation figures the choice was made on
+    from gaprune.evaluation import overlap_warnings
+    assert overlap_warnings(folder, {"x.json": triples_of(data_files["chem"])})  # chosen on it: not held out
     saved = load_embedder(folder, "cpu", "float32")  # the saved model is the row that was measured
     triples = json.load(open(data_files["chem"]))
     winner = next(r for r in rows if r["method"] == best)
@@ -130,3 +138,29 @@ def test_default_candidates_leave_out_those_the_score_files_cannot_serve(tmp_pat
                            "sparsegpt:reconstruction_target=dense"]  # the product-mode alignment: no cosines
     assert specs["sparsegpt:reconstruction_target=dense"].reconstruction_target == "dense"
     assert specs["sparsegpt"].reconstruction_target != "dense"
+    at_2_4 = compare.build_parser().parse_args([*sys_args(with_texts), "--sparsity_pattern", "2:4"])
+    labels = [label for label, _ in compare.row_specs(at_2_4, score_files_from_args(at_2_4))]
+    assert "wanda" in labels and "sparsegpt" in labels and not [label for label in labels if "layer_shares" in label]
+
+
+def sys_args(args) -> list[str]:
+    """The flags of a parsed compare.py request, again as a command line (those given above)."""
+    flags = ["model_path", "general_fisher_scores", "domain_fisher_scores", "alignment_scores", "calibration_data",
+             "select"]
+    return [item for flag in flags for item in (f"--{flag}", getattr(args, flag))] + [
+        "--domain_data_paths", *args.domain_data_paths, "--general_data_paths", *args.general_data_paths]
+
+
+def test_the_plan_counts_the_calibration_texts_of_both_sides():
+    from gaprune import CalibrationSpec, PruneSpec
+    from gaprune.pruning import Calibration
+    texts = CalibrationSpec(domain_data=["a chemistry text"] * 5, general_data=["a web text"] * 3)
+    rows = [("wanda", PruneSpec(scorer="wanda", sparsity=0.5, calibration=texts)),
+            ("magnitude", PruneSpec(scorer="magnitude", sparsity=0.5))]
+    held_out = {"domain": {"d": [{}] * 4}, "general": {"g": [{}] * 6}}
+    plan = compare.selection_plan(rows, Objective("domain", 1.0), held_out,
+                                  Calibration({"domain": ["x"] * 5, "general": ["y"] * 3}, 0.5), 30.0)
+    assert plan.splitlines() == [
+        "Selecting among 2 candidates at 50% by the most domain nDCG@10, general nDCG@10 at most 1% below the dense "
+        "model's, on 10 validation triples (their evaluations alone: about 1.0 min here, 30.0 s each; 1 of them also "
+        "calibrate on 8 texts):", "  wanda", "  magnitude"]

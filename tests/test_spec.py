@@ -245,7 +245,7 @@ def test_evaluate_warns_when_the_queries_were_in_the_pruning_data(caplog, capsys
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     triples = len(json.load(open(fisher_data)))
     assert warnings == [f"{triples} of the {triples} queries of {fisher_data} are in {fisher_data}, which "
-                        f"{os.path.basename(folder)} was pruned or retrained on: not a held-out measurement"]
+                        f"{os.path.basename(folder)} was pruned, chosen or retrained on: not a held-out measurement"]
 
 
 def test_gradients_that_are_rounding_noise_are_named():

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     from gaprune import api, distributed
     from gaprune.errors import InputError
     from gaprune.data import RELEVANCE_KEYS, hold_out, load_records
-    from gaprune.fileio import check_output_file, write_json
+    from gaprune.fileio import atomic_files, check_output_file, write_json
 
     world = distributed.init_from_env(args.device)
     check_output_file(args.output_file, inputs=[args.input_file])
@@ -59,11 +59,14 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                         args.kmeans_iterations, args.seed, args.use_streaming, args.device, args.dtype, args.max_length)
     if not world.is_main:
         return None
-    if validation:
-        write_json(validation_file, validation)
+    if validation:  # both files or neither
+        with atomic_files(validation_file, args.output_file) as (validation_tmp, sample_tmp):
+            write_json(validation_tmp, validation)
+            write_json(sample_tmp, chosen)
         print(f"Validation split: {len(validation)} records of {args.input_file} in {validation_file} "
               f"({len(data)} left to sample from; evaluate on it, never score or calibrate on it)")
-    write_json(args.output_file, chosen)
+    else:
+        write_json(args.output_file, chosen)
     print(f"Selected {len(chosen)} records of {args.input_file}")
     return finish(args.output_file)
 

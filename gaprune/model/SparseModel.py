@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Sequence
 
 from gaprune.checks import whole_number
@@ -187,8 +186,7 @@ def prune_and_save(args, spec: PruneSpec, scores: ScoreFiles, folder: str) -> st
     embedding = probe_embedding(embedder)
     if not world.is_main:
         return None
-    zeros = ModelZeros(total=sum(p.numel() for p in embedder.model.parameters()), before=zeros_before,
-                       after=count_zeros(embedder.model)) if spec.structure == UNSTRUCTURED else None
+    zeros = ModelZeros.counted(embedder.model, zeros_before) if spec.structure == UNSTRUCTURED else None
     records = (budget_records(args.model_path, args.batch_size, spec, scores, result,
                               {"measured_speedup": measured, "measured_on": str(embedder.device)})
                if spec.budgeted else folder_records(args.model_path, args.batch_size, spec, scores, result, zeros,

@@ -1,5 +1,10 @@
 """Prune one model with every scorer at each sparsity, evaluate dense and pruned, print the paper-style table.
 
+With --select, the best row under a stated objective (the most domain nDCG@10 with general text at most
+--max_general_drop percent below dense, say) is pruned again and saved like SparseModel.py, with the table of
+every candidate in its folder: give it a validation split (sample.py --validation_size), and measure the saved
+model on other held-out data, since the choice was made on that split.
+
 Under torchrun every rank prunes (rank 0's weights are then given to all, so they cannot drift apart) and
 encodes its share of the evaluation texts; rank 0 writes and prints.
 
@@ -60,8 +65,10 @@ def build_parser() -> ArgumentParser:
                              "channels / query heads (each pruned model is loaded afresh)")
     parser.add_argument("--scorers", nargs="+", metavar="SCORER[:KEY=VALUE,...]",
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
-                             "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor (default: all; wanda and "
-                             "sparsegpt only with calibration data)")
+                             "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor, and take pruner options of "
+                             "its own row: sparsegpt:layer_shares=aligned_saliency, :group_order=hessian, "
+                             ":reconstruction_target=dense, aligned_saliency:reconstruct=true (default: all; wanda "
+                             "and sparsegpt only with calibration data)")
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--layer_budget_strategy", default="global", choices=BUDGET_STRATEGIES)
     parser.add_argument("--query_instructions", default="auto", choices=["auto", "keep", "strip"])
@@ -180,16 +187,18 @@ def row_specs(args, scores: ScoreFiles | None = None) -> list[tuple[str, PruneSp
     else:
         names = [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
     scorers = [(name, *parse_scorer(name, coefficients_from_args(args))) for name in names]
+    defaults = bool(args.select and not args.scorers)
     with _as_compare_flags():
         rows = {(label, spec.share): (label, spec) for pct in args.sparsity for label, *recipe in scorers
-                for spec in [row_spec(args, label, pct, *recipe)]}
+                for spec in [default_candidate(args, label, pct, recipe, scores) if defaults
+                             else row_spec(args, label, pct, *recipe)] if spec is not None}
+        if not rows:
+            raise InputError("none of --select's default candidates can run this request; name them with --scorers")
         taken = {key for _, spec in rows.values() for key in spec.pruner_options()}
         if set(_options_asked(args)) - taken:
             spec_from_args(args, scorers[0][1], args.sparsity[0], scorers[0][2])  # raises the one-scorer message
     if not any(spec.uses_texts for _, spec in rows.values()) and args.calibration_weighting != "uniform":
         raise InputError(NO_STATISTICS)
-    if args.select and not args.scorers and scores is not None:
-        rows = {key: row for key, row in rows.items() if _has_scores(*row, scores)}
     return list(rows.values())
 
 
@@ -197,26 +206,32 @@ def row_spec(args, label: str, share: float, scoring: str, config: DAIConfig, op
     """A row's request: the flags, with the row's own pruner options in place of theirs."""
     from gaprune.spec import spec_from_args
 
-    spec = spec_from_args(argparse.Namespace(**{**vars(args), **options}), scoring, share, config,
-                          for_this_scorer=True)
+    try:
+        spec = spec_from_args(argparse.Namespace(**{**vars(args), **options}), scoring, share, config,
+                              for_this_scorer=True)
+    except InputError as err:
+        raise InputError(f"{label}: {err}" if options else str(err)) from None
     ignored = [key for key, value in options.items() if getattr(spec, key) != value]
     if ignored:
-        raise InputError(f"{label}: {scoring} does not take {', '.join(ignored)}")
+        raise InputError(f"{label}: {scoring} does not take {', '.join(ignored)} here")
     return spec
 
 
-def _has_scores(label: str, spec: PruneSpec, scores: ScoreFiles) -> bool:
-    """Whether the given score files serve this candidate: the files it reads, with cosines if it reads them."""
+def default_candidate(args, label: str, share: float, recipe: list, scores: ScoreFiles | None) -> PruneSpec | None:
+    """A default --select candidate's request, or None (with an info line) when this request or the given score
+    files rule it out: a pattern that fixes the layer shares, a structure Wanda cannot remove, a missing file."""
     from gaprune.scorefiles import ScoreArrays
 
     try:
-        spec.check_scores(scores)
-        if spec.reads_cosine() and scores.alignment:
-            ScoreArrays(scores.alignment, "alignment").require_cosine()
+        spec = row_spec(args, label, share, *recipe)
+        if scores is not None:
+            spec.check_scores(scores)
+            if spec.reads_cosine() and scores.alignment:
+                ScoreArrays(scores.alignment, "alignment").require_cosine()
     except InputError as err:
         log.info("candidate %s left out: %s", label, err)
-        return False
-    return True
+        return None
+    return spec
 
 
 @contextlib.contextmanager
@@ -408,8 +423,8 @@ def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective
     (one like the dense model's per candidate); calibrated candidates add their pass over the calibration texts."""
     triples = sum(len(triples) for files in held_out.values() for triples in files.values())
     calibrated = sum(spec.uses_texts for _, spec in rows_asked)
-    extra = (f"; {calibrated} of them also calibrate on {len(calibration.texts)} texts"
-             if calibrated and calibration is not None else "")
+    texts = sum(len(side) for side in calibration.texts.values()) if calibration is not None else 0
+    extra = f"; {calibrated} of them also calibrate on {texts} texts" if calibrated and texts else ""
     lines = [f"Selecting among {len(rows_asked)} candidates at {rows_asked[0][1].share:.0%} by {objective.describe()}, "
              f"on {triples} validation triples (their evaluations alone: about "
              f"{len(rows_asked) * dense_seconds / 60:.1f} min here, {dense_seconds:.1f} s each{extra}):"]
@@ -420,20 +435,20 @@ def save_selected(args, rows: list[dict], objective: Objective, specs: dict[str,
                   dense: DenseModel, world: World, table: str) -> str | None:
     """Prune the dense model again with the row the objective prefers and save it as SparseModel.py does, with
     the table of every candidate (selection.json, a section of the model card)."""
-    from gaprune.checkpoint import count_zeros, save_pruned_folder
+    from gaprune.checkpoint import save_pruned_folder
+    from gaprune.evaluation import relative_change
     from gaprune.modelcard import model_card
     from gaprune.pruning import ModelZeros, folder_records, pruned_folder
 
     chosen = select(rows[1:], rows[0], objective)
     spec = specs[chosen["recipe"]]
     folder = pruned_folder(args.output_dir, args.model_path, spec)
-    log.info("selected %s (domain %+.2f%%, general %+.2f%% against dense)", chosen["method"],
-             chosen["domain_change_percent"] or 0.0, chosen["general_change_percent"] or 0.0)
     model, result = dense.pruned(spec, world)
     if not world.is_main:
         return None
-    zeros = (ModelZeros(total=sum(p.numel() for p in model.model.parameters()), before=dense.zeros_before,
-                        after=count_zeros(model.model)) if spec.structure == UNSTRUCTURED else None)
+    log.info("selected %s (domain %+.2f%%, general %+.2f%% against dense)", chosen["method"],
+             chosen["domain_change_percent"] or 0.0, chosen["general_change_percent"] or 0.0)
+    zeros = ModelZeros.counted(model.model, dense.zeros_before) if spec.structure == UNSTRUCTURED else None
     records = folder_records(args.model_path, args.batch_size, spec, scores, result, zeros,
                              dense.calibration if spec.calibrated else None)
     selection = {"objective": objective.describe(), "selected": chosen["recipe"], "table": table,
@@ -441,8 +456,13 @@ def save_selected(args, rows: list[dict], objective: Objective, specs: dict[str,
                  "rows": [{key: row.get(key) for key in ("method", "recipe", "sparsity", "domain", "general",
                                                          "domain_change_percent", "general_change_percent")}
                           for row in rows]}
+    dense_files = rows[0]["files"]
+    evaluation = {"results": chosen["files"],  # the validation figures the choice was made on
+                  "change_percent": {path: {m: relative_change(value, dense_files[path]["metrics"][m])
+                                            for m, value in result["metrics"].items()}
+                                     for path, result in chosen["files"].items()}}
     save_pruned_folder(model, folder, {**records, "selection.json": selection},
-                       model_card(*records.values(), selection=selection))
+                       model_card(*records.values(), evaluation, selection=selection))
     print(f"Selected {chosen['method']}: saved as {folder}")
     return finish(folder)
 
