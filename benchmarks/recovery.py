@@ -28,8 +28,9 @@ change against the dense control at the same step, and the seconds per training 
     OMP_NUM_THREADS=1 python benchmarks/recovery.py --output_dir output/recovery
     python benchmarks/recovery.py --steps 4 --eval_at 2 4 --seeds 1          # a smoke run
 
-Writes <output_dir>/recovery.{json,md} (after every seed, so that a cut-short run keeps the seeds done) and
-prints the table.
+Writes <output_dir>/recovery.{json,md} (after every run of a variant and seed, so that a cut-short run keeps
+what it finished; --resume runs only the variants and seeds recovery.json does not hold yet, --variants
+a subset of them) and prints the table.
 """
 
 from __future__ import annotations
@@ -157,26 +158,29 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(runs: list[dict], steps: list[int]) -> list[dict]:
-    """Per variant and step: the mean nDCG@10, the change against the untrained dense model and against the
-    dense control at the same step (mean and sample std over seeds), and the seconds per step."""
+def summarise(runs: list[dict], steps: list[int], untrained: dict[str, float]) -> list[dict]:
+    """Per variant and step: the mean nDCG@10, the change against the untrained dense model (over the seeds
+    that ran the variant) and against the dense control at the same step (over the seeds that ran both), mean
+    and sample std, and the seconds per step."""
     by_key = {(run["variant"], run["seed"]): run for run in runs}
-    seeds = sorted({run["seed"] for run in runs if run["variant"] == "dense"})
+    seeds = sorted({run["seed"] for run in runs})
     summary = []
     for variant in VARIANTS:
         done = [s for s in seeds if (variant, s) in by_key]
+        controlled = [s for s in done if ("dense", s) in by_key]
         if not done:
             continue
         for step in steps:
-            entry = {"variant": variant, "step": step, "seeds": len(done)}
+            entry = {"variant": variant, "step": step, "seeds": done, "control_seeds": controlled}
             for column in ("domain", "general", "domain_index", "general_index"):
-                side = column.split("_")[0]
+                base = untrained[column.split("_")[0]]
                 values = [by_key[variant, s]["curve"][str(step)][column] for s in done]
-                base = [by_key["dense", s]["curve"]["0"][side] for s in done]
-                control = [by_key["dense", s]["curve"][str(step)][column] for s in done]
+                pairs = [(by_key[variant, s]["curve"][str(step)][column],
+                          by_key["dense", s]["curve"][str(step)][column]) for s in controlled]
                 entry[column] = statistics.mean(values)
-                entry[f"{column}_change"] = mean_std([relative_change(v, b) for v, b in zip(values, base)])
-                entry[f"{column}_vs_control"] = mean_std([relative_change(v, c) for v, c in zip(values, control)])
+                entry[f"{column}_change"] = mean_std([relative_change(v, base) for v in values])
+                entry[f"{column}_vs_control"] = (mean_std([relative_change(v, c) for v, c in pairs]) if pairs
+                                                 else None)
             entry["seconds_per_step"] = statistics.mean(by_key[variant, s]["seconds_per_step"] for s in done)
             summary.append(entry)
     return summary
@@ -188,15 +192,19 @@ COLUMNS = (("domain", "chemistry"), ("general", "general"), ("domain_index", "ch
 
 def markdown(summary: list[dict], key: str, values: bool = True) -> str:
     """One row per variant and step: the change ``key`` names of every column (with the mean nDCG@10 when
-    ``values``)."""
-    lines = ["| variant | steps | " + " | ".join((f"{label} nDCG@10 | " if values else "") + f"Δ {label}"
-                                                for _, label in COLUMNS)
-             + " | s/step |", "|---|---|" + ("---|---|" if values else "---|") * len(COLUMNS) + "---|"]
+    ``values``) and the seeds it averages."""
+    seeds_key = "seeds" if key == "change" else "control_seeds"
+    lines = ["| variant | steps | seeds | " + " | ".join((f"{label} nDCG@10 | " if values else "") + f"Δ {label}"
+                                                        for _, label in COLUMNS)
+             + " | s/step |", "|---|---|---|" + ("---|---|" if values else "---|") * len(COLUMNS) + "---|"]
     for e in summary:
+        if e[f"domain_{key}"] is None:
+            continue
         cells = [(f"{e[column]:.4f} | " if values else "") + f"{e[f'{column}_{key}'][0]:+.2f}% ± "
                  f"{e[f'{column}_{key}'][1]:.2f}" for column, _ in COLUMNS]
         seconds = f"{e['seconds_per_step']:.3f}" if e["step"] else ""
-        lines.append(f"| {LABELS[e['variant']]} | {e['step']} | " + " | ".join(cells) + f" | {seconds} |")
+        lines.append(f"| {LABELS[e['variant']]} | {e['step']} | {','.join(map(str, e[seeds_key]))} | "
+                     + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
 
@@ -208,9 +216,9 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def report(args: argparse.Namespace, runs: list[dict], removed: dict[int, list[int]], sizes: dict[str, int],
-           training_sizes: dict[str, int]) -> str:
+           training_sizes: dict[str, int], untrained: dict[str, float]) -> str:
     steps = [0, *args.eval_at]
-    summary = summarise(runs, steps)
+    summary = summarise(runs, steps, untrained)
     seeds = sorted(removed)
     header = (f"{args.model}: {REMOVED} of its transformer layers removed ({BLOCK_SCORER} on {args.calibration_size}"
               f"+{args.calibration_size} calibration triples per seed; blocks removed per seed: "
@@ -227,7 +235,8 @@ def report(args: argparse.Namespace, runs: list[dict], removed: dict[int, list[i
     os.makedirs(args.output_dir, exist_ok=True)
     write_atomic(os.path.join(args.output_dir, "recovery.json"),
                  json.dumps({"settings": vars(args), "removed_layers": {str(s): removed[s] for s in seeds},
-                             "heldout_sizes": sizes, "training_sizes": training_sizes, "summary": summary,
+                             "untrained_dense": untrained, "heldout_sizes": sizes,
+                             "training_sizes": training_sizes, "summary": summary,
                              "runs": runs}, indent=1, ensure_ascii=False))
     write_atomic(os.path.join(args.output_dir, "recovery.md"), text)
     return text
@@ -248,7 +257,11 @@ def main() -> None:
     parser.add_argument("--eval_at", type=int, nargs="+", default=[100, 250, 500])
     parser.add_argument("--batch_size", type=int, default=16, help="block scoring and evaluation batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--output_dir", default="output/recovery")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs (variant, seed) of <output_dir>/recovery.json made with the same --model, "
+                             "--steps, --eval_at, --heldout_size and --calibration_size, and run only the others")
     args = parser.parse_args()
     args.eval_at = sorted(set(args.eval_at))
     if args.eval_at[-1] > args.steps or args.eval_at[0] < 1:
@@ -273,14 +286,28 @@ def main() -> None:
     if shared:
         sys.exit(f"error: {shared} held-out queries are in the calibration files")
     heldout = HeldOut(heldout_triples, dense, args.batch_size)
-    start = time.perf_counter()
-    teacher = teacher_embeddings(dense, [*training["domain"], *training["general"]])
-    log.info("teacher embeddings of %d texts in %.0f s", len(teacher), time.perf_counter() - start)
     sizes = {side: len(t) for side, t in heldout_triples.items()}
     training_sizes = {side: len(t) for side, t in training.items()}
 
+    heldout.one_shot[()] = untrained = heldout.scores(dense)
     runs: list[dict] = []
     removed: dict[int, list[int]] = {}
+    earlier = os.path.join(args.output_dir, "recovery.json")
+    if args.resume and os.path.isfile(earlier):
+        with open(earlier, encoding="utf-8") as handle:
+            found = json.load(handle)
+        same = ("model", "steps", "eval_at", "heldout_size", "calibration_size")
+        if any(found["settings"][key] != getattr(args, key) for key in same):
+            sys.exit(f"error: {earlier} was made with other settings ({', '.join(same)}); not resuming")
+        runs = found["runs"]
+        removed = {int(seed): blocks for seed, blocks in found["removed_layers"].items()}
+        log.info("resuming: %d runs of %s kept", len(runs), earlier)
+    done = {(run["variant"], run["seed"]) for run in runs}
+    teacher = None
+    if any(("distill", seed) not in done for seed in args.seeds) and "distill" in args.variants:
+        start = time.perf_counter()
+        teacher = teacher_embeddings(dense, [*training["domain"], *training["general"]])
+        log.info("teacher embeddings of %d texts in %.0f s", len(teacher), time.perf_counter() - start)
     checked = False
     for seed in args.seeds:
         subsets = {side: seed_subset(path, args.calibration_size, seed,
@@ -299,13 +326,13 @@ def main() -> None:
                              f"against {ours[side]}, {ours[f'{side}_index']}")
             log.info("the cached evaluation equals evaluate_triples's (own and dense index)")
             checked = True
-        for variant in VARIANTS:
+        for variant in [v for v in args.variants if (v, seed) not in done]:
             run = run_variant(dense, variant, removed[seed], seed, args.steps, args.eval_at, heldout, training,
                               teacher)
             log.info("seed %d %s: %.3f s/step", seed, variant, run["seconds_per_step"])
             runs.append(run)
-        text = report(args, runs, removed, sizes, training_sizes)  # after every seed, in case the run is cut short
-    print(text)
+            report(args, runs, removed, sizes, training_sizes, untrained)  # after every run, in case of a cut
+    print(report(args, runs, removed, sizes, training_sizes, untrained))
     print(os.path.join(args.output_dir, "recovery.json"))
 
 
