@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -53,11 +53,14 @@ def step_loss(embedder: Embedder, batch: Sequence[dict], spec: RetrainSpec,
 
 def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpec, masks: Mapping[str, torch.Tensor],
                     general: Sequence[dict] = (), autocast_dtype: torch.dtype | None = None,
-                    teacher: Mapping[str, torch.Tensor] | None = None) -> TrainingResult:
+                    teacher: Mapping[str, torch.Tensor] | None = None,
+                    on_step: Callable[[int, float], None] | None = None) -> TrainingResult:
     """AdamW on the InfoNCE loss (plus the distillation term against ``teacher``, the cached teacher embeddings
     of every training text, when the spec distills); each batch mixes round(batch_size * general_ratio) general
     triples into the domain ones. Masked gradients are zeroed before each step and masked weights re-zeroed
-    after it."""
+    after it. ``on_step(steps done, that step's loss)`` is called after each step (masked weights already
+    re-zeroed), for example to evaluate during training: it may put the model in eval mode (it must, to evaluate
+    without dropout), and training mode is restored when it returns; its time counts in ``seconds``."""
     model = embedder.model
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -75,7 +78,7 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpe
     losses: list[float] = []
     start = time.perf_counter()
     progress = tqdm(range(spec.steps), desc="retraining", unit="step")
-    for _ in progress:
+    for step in progress:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for _ in range(grad_accum):
@@ -94,5 +97,8 @@ def sparse_finetune(embedder: Embedder, domain: Sequence[dict], spec: RetrainSpe
                 params[name].masked_fill_(mask, 0)
         losses.append(loss_sum)
         progress.set_postfix(loss=f"{loss_sum:.4f}")
+        if on_step is not None:
+            on_step(step + 1, loss_sum)
+            model.train()
     model.eval()
     return TrainingResult(losses=losses, seconds=time.perf_counter() - start)

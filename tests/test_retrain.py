@@ -35,6 +35,22 @@ def test_zeros_stay_zero_and_the_loss_falls_on_a_fixed_batch(pruned_dir, chem_tr
         assert bool((params[name][~mask] != before[name][~mask]).any())  # the rest trained
 
 
+def test_on_step_is_called_once_per_step_with_its_loss_and_training_mode_is_restored(bert_dir, chem_triples):
+    embedder = load_embedder(bert_dir, "cpu", "float32")
+    calls, modes = [], []
+
+    def on_step(step: int, loss: float) -> None:
+        calls.append((step, loss))
+        modes.append(embedder.model.training)
+        embedder.model.eval()  # as a caller evaluating during training does; training mode comes back after it
+
+    result = sparse_finetune(embedder, chem_triples[:4], RetrainSpec(steps=5, lr=1e-3, batch_size=4, warmup_steps=0,
+                                                                     general_ratio=0.0), {}, on_step=on_step)
+    assert calls == list(enumerate(result.losses, start=1))
+    assert modes == [True] * 5
+    assert not embedder.model.training
+
+
 def test_retrain_cli_saves_a_folder_that_reloads(capsys, tmp_path, pruned_dir, data_files):
     folder = retrain.main(["--model_path", pruned_dir, "--data_path", data_files["chem"], "--output_dir",
                            str(tmp_path), "--steps", "3", "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "1",
