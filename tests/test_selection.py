@@ -140,7 +140,8 @@ def test_default_candidates_leave_out_those_the_score_files_cannot_serve(tmp_pat
     assert specs["sparsegpt"].reconstruction_target != "dense"
     at_2_4 = compare.build_parser().parse_args([*sys_args(with_texts), "--sparsity_pattern", "2:4"])
     labels = [label for label, _ in compare.row_specs(at_2_4, score_files_from_args(at_2_4))]
-    assert "wanda" in labels and "sparsegpt" in labels and not [label for label in labels if "layer_shares" in label]
+    assert "wanda" in labels and "sparsegpt:group_order=hessian" in labels  # N:M: the group order, no layer shares
+    assert not [label for label in labels if "layer_shares" in label]
 
 
 def sys_args(args) -> list[str]:

@@ -162,7 +162,7 @@ def markdown_table(rows: list[dict]) -> str:
 SELECT_CANDIDATES = ("magnitude", "domain_fisher", "dai", "aligned_saliency")
 SELECT_CANDIDATES_WITH_TEXTS = ("wanda", "wanda:layer_shares=aligned_saliency", "sparsegpt",
                                 "sparsegpt:layer_shares=aligned_saliency", "sparsegpt:reconstruction_target=dense",
-                                "aligned_saliency:reconstruct=true")
+                                "sparsegpt:group_order=hessian", "aligned_saliency:reconstruct=true")
 
 
 def row_specs(args, scores: ScoreFiles | None = None) -> list[tuple[str, PruneSpec]]:
