@@ -25,7 +25,8 @@ from gaprune.patterns import Pattern, lowest_in_groups, lowest_in_rows
 from gaprune.memory import (CalibrationPlan, gpu_capacity, measured_line, plan_calibration, score_cache_bytes,
                             warn_if_too_large)
 from gaprune.modeling import Embedder
-from gaprune.options import LAYERS, OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING, UNSTRUCTURED
+from gaprune.options import (BLOCK_MEASURES, LAYERS, OWN_TARGET, TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING,
+                             UNSTRUCTURED)
 from gaprune.pruners import sparsegpt
 from gaprune.scorers import REFERENCE_SCORER, Scorer, ScoringContext, get_scorer
 from gaprune.coefficients import DAIConfig
@@ -315,6 +316,8 @@ def _block_context(embedder: Embedder, spec: PruneSpec, calibration: Calibration
                    arrays: ArrayFn | None) -> BlockContext:
     """What the block scorers measure on: the calibration texts (none for weight-score sums) and score files."""
     if calibration is None:
+        if spec.block_scorer in BLOCK_MEASURES and spec.structure == LAYERS:
+            raise InputError(f"{spec.block_scorer} measures the blocks on calibration texts: give --calibration_data")
         return BlockContext(embedder, {}, 0.0, arrays=arrays, config=spec.config, seed=spec.seed)
     return BlockContext(embedder, calibration.texts, calibration.general_share, calibration.batch_size, arrays,
                         spec.config, spec.seed)

@@ -165,3 +165,31 @@ def test_the_plan_counts_the_calibration_texts_of_both_sides():
         "Selecting among 2 candidates at 50% by the most domain nDCG@10, general nDCG@10 at most 1% below the dense "
         "model's, on 10 validation triples (their evaluations alone: about 1.0 min here, 30.0 s each; 1 of them also "
         "calibrate on 8 texts):", "  wanda", "  magnitude"]
+
+
+def test_select_among_block_scorers_removes_the_layers_sparsemodel_would(capsys, tmp_path, qwen3_dir, data_files,
+                                                                        score_files):
+    """--structure layers: each row is a block scorer; the saved winner lost the blocks its row names, which are
+    those SparseModel.py --structure layers removes with that scorer."""
+    from transformers import AutoConfig
+
+    from gaprune.model import SparseModel
+    calibration = ["--calibration_data", data_files["chem"], "--general_calibration_data", data_files["general"]]
+    folder = compare.main(select_args(tmp_path / "c", qwen3_dir, data_files, score_files, "--structure", "layers",
+                                      "--sparsity", "0.5", "--select", "general", "--scorers", "block_influence",
+                                      "skip_loss", "magnitude", *calibration))
+    capsys.readouterr()
+    selection = json.load(open(os.path.join(folder, "selection.json")))
+    rows = {r["method"]: r for r in json.load(open(next(
+        os.path.join(tmp_path / "c", f) for f in os.listdir(tmp_path / "c") if f.endswith(".json"))))["rows"]}
+    assert set(rows) == {"dense", "block_influence", "skip_loss", "magnitude"}
+    best = max(["block_influence", "skip_loss", "magnitude"], key=lambda m: (rows[m]["general"]["ndcg@10"],
+                                                                             rows[m]["domain"]["ndcg@10"]))
+    assert selection["selected"] == best
+    layers = AutoConfig.from_pretrained(qwen3_dir).num_hidden_layers
+    assert AutoConfig.from_pretrained(folder).num_hidden_layers == layers - 1
+    alone = SparseModel.main(["--model_path", qwen3_dir, "--structure", "layers", "--structured_pct", "0.5",
+                              "--block_scoring", "block_influence", *calibration, "--output_dir", str(tmp_path / "s")])
+    capsys.readouterr()
+    stats = json.load(open(os.path.join(alone, "structured_prune_stats.json")))
+    assert rows["block_influence"]["removed_layers"] == stats["removed_layers"]

@@ -31,8 +31,8 @@ from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, a
                          finish, finite_float, positive_int, run, str2bool)
 from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
-from gaprune.options import (BUDGET_STRATEGIES, NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES, UNIT_STRUCTURES,
-                             UNSTRUCTURED)
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, LAYERS, NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES,
+                             UNIT_STRUCTURES, UNSTRUCTURED)
 from gaprune.scorers import SCORERS
 from gaprune.selection import OBJECTIVES, Objective, select
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from gaprune.distributed import World
     from gaprune.masking import MaskResult
     from gaprune.modeling import Embedder
+    from gaprune.blocks import DepthResult
     from gaprune.pruning import Calibration, StructureResult
     from gaprune.scoring import ArrayFn
     from gaprune.spec import PruneSpec, ScoreFiles
@@ -59,10 +60,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--alignment_scores")
     parser.add_argument("--sparsity", type=finite_float, nargs="+", default=[0.5],
                         help="shares of candidate weights to zero (with --structure: of every layer's channels or "
-                             "heads to remove)")
-    parser.add_argument("--structure", default="unstructured", choices=["unstructured", *UNIT_STRUCTURES],
+                             "heads, or of the transformer blocks, to remove)")
+    parser.add_argument("--structure", default="unstructured", choices=["unstructured", *UNIT_STRUCTURES, LAYERS],
                         help="unstructured: zero single weights (default); channels / heads: remove whole MLP "
-                             "channels / query heads (each pruned model is loaded afresh)")
+                             "channels / query heads; layers: whole transformer blocks, the rows being block scorers "
+                             f"({', '.join(BLOCK_MEASURES)}, on the calibration texts) or the scorers whose sums rank "
+                             "the blocks (each pruned model is loaded afresh)")
     parser.add_argument("--scorers", nargs="+", metavar="SCORER[:KEY=VALUE,...]",
                         help=f"scorers to compare: {', '.join(SCORERS)}; a scorer may override coefficients, "
                              "e.g. aligned_saliency:alignment_weight=0,fisher_norm=tensor, and take pruner options of "
@@ -160,6 +163,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 SELECT_CANDIDATES = ("magnitude", "domain_fisher", "dai", "aligned_saliency")
+LAYERS_SCORER = "dai"  # the scorer flag of a layers request: unused there, so the default (block_scorer decides)
 SELECT_CANDIDATES_WITH_TEXTS = ("wanda", "wanda:layer_shares=aligned_saliency", "sparsegpt",
                                 "sparsegpt:layer_shares=aligned_saliency", "sparsegpt:reconstruction_target=dense",
                                 "sparsegpt:group_order=hessian", "aligned_saliency:reconstruct=true")
@@ -182,11 +186,15 @@ def row_specs(args, scores: ScoreFiles | None = None) -> list[tuple[str, PruneSp
         raise InputError("--max_general_drop is the floor of --select's choice: give --select")
     if args.scorers:
         names = args.scorers
+    elif args.structure == LAYERS:
+        names = [*(BLOCK_MEASURES if calibrated else ()), *SELECT_CANDIDATES]
     elif args.select:
         names = [*SELECT_CANDIDATES, *(SELECT_CANDIDATES_WITH_TEXTS if calibrated else ())]
     else:
         names = [name for name, s in SCORERS.items() if calibrated or not s.needs_activations]
-    scorers = [(name, *parse_scorer(name, coefficients_from_args(args))) for name in names]
+    base = coefficients_from_args(args)
+    scorers = [(name, name, base, {}) if args.structure == LAYERS and name in BLOCK_MEASURES
+               else (name, *parse_scorer(name, base)) for name in names]
     defaults = bool(args.select and not args.scorers)
     with _as_compare_flags():
         rows = {(label, spec.share): (label, spec) for pct in args.sparsity for label, *recipe in scorers
@@ -203,9 +211,12 @@ def row_specs(args, scores: ScoreFiles | None = None) -> list[tuple[str, PruneSp
 
 
 def row_spec(args, label: str, share: float, scoring: str, config: DAIConfig, options: dict) -> PruneSpec:
-    """A row's request: the flags, with the row's own pruner options in place of theirs."""
+    """A row's request: the flags, with the row's own pruner options in place of theirs; with --structure layers,
+    the blocks ``scoring`` ranks lowest (a measurement on the calibration texts, or a scorer's sums)."""
     from gaprune.spec import spec_from_args
 
+    if args.structure == LAYERS:  # the block scorer is the row; the texts go to the measurements
+        return spec_from_args(args, LAYERS_SCORER, share, config, block_scorer=scoring)
     try:
         spec = spec_from_args(argparse.Namespace(**{**vars(args), **options}), scoring, share, config,
                               for_this_scorer=True)
@@ -303,12 +314,12 @@ class DenseModel:
                          if structure == UNSTRUCTURED else {})  # structures load each model afresh
         return cls(args, embedder, candidates, arrays, calibration, dense_weights, count_zeros(embedder.model))
 
-    def pruned(self, spec: PruneSpec, world: World) -> tuple[Embedder, MaskResult | StructureResult]:
+    def pruned(self, spec: PruneSpec, world: World) -> tuple[Embedder, MaskResult | StructureResult | DepthResult]:
         """The model pruned as ``spec`` asks (as gaprune.prune would), and what was pruned."""
         import torch
 
         from gaprune.modeling import load_embedder
-        from gaprune.pruning import prune_calibrated, prune_candidates, prune_structure
+        from gaprune.pruning import prune_calibrated, prune_candidates, prune_depth, prune_structure
         from gaprune.structure import unit_plan
 
         if spec.structure == UNSTRUCTURED:
@@ -323,16 +334,22 @@ class DenseModel:
             world.broadcast_(p.data for p in self.candidates.values())
             return self.embedder, result
         fresh = load_embedder(self.args.model_path, self.args.device, self.args.dtype)
-        result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), self.arrays, spec.scorer,
-                                 spec.config, spec.sparsity, spec.seed)
+        if spec.structure == LAYERS:
+            result = prune_depth(fresh, spec, self.arrays, self.calibration)
+        else:
+            result = prune_structure(fresh.model, unit_plan(fresh.model, spec.structure), self.arrays, spec.scorer,
+                                     spec.config, spec.sparsity, spec.seed)
         world.broadcast_(p.data for p in fresh.model.parameters())  # the same count removed: the same shapes
         return fresh, result
 
 
-def row_entries(result: MaskResult | StructureResult) -> dict:
-    """What a row records of its pruning: the weights masked, or the parameters and units left."""
+def row_entries(result: MaskResult | StructureResult | DepthResult) -> dict:
+    """What a row records of its pruning: the weights masked, the parameters and units left, or the blocks."""
     if hasattr(result, "masked"):
         return {"masked_params": result.masked, **result.diagnostics}
+    if hasattr(result, "removed") and hasattr(result, "block_scores"):
+        return {"params_after": result.params_after, "removed_layers": result.removed,
+                "block_scores": result.block_scores}
     return {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
 
 
@@ -370,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     objective = Objective(args.select, args.max_general_drop) if args.select else None
     for _, spec in rows_asked:
         spec.check_scores(scores)
-    calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.calibrated), None)
+    calibration = next((load_calibration(spec.calibration) for _, spec in rows_asked if spec.uses_texts), None)
     check_output_dir(args.output_dir)
     if objective is not None:  # whichever row wins, its folder can be written: known before hours of work
         for _, spec in rows_asked:
@@ -450,7 +467,7 @@ def save_selected(args, rows: list[dict], objective: Objective, specs: dict[str,
              chosen["domain_change_percent"] or 0.0, chosen["general_change_percent"] or 0.0)
     zeros = ModelZeros.counted(model.model, dense.zeros_before) if spec.structure == UNSTRUCTURED else None
     records = folder_records(args.model_path, args.batch_size, spec, scores, result, zeros,
-                             dense.calibration if spec.calibrated else None)
+                             dense.calibration if spec.uses_texts else None)
     selection = {"objective": objective.describe(), "selected": chosen["recipe"], "table": table,
                  "validation_data": {"domain": args.domain_data_paths, "general": args.general_data_paths},
                  "rows": [{key: row.get(key) for key in ("method", "recipe", "sparsity", "domain", "general",
