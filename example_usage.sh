@@ -81,13 +81,12 @@ else
     PRUNE_ARGS=(--structure "${STRUCTURE}" --structured_pct "${SPARSITY}")
 fi
 PRUNE_ARGS+=(--unstructured_scoring "${SCORER}" --model_path "${MODEL}" --output_dir output/model --device "${DEVICE}")
-for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do
-    [ -f "${FILE}" ] || fail "data file not found: ${FILE}"
-    if [ "${VALIDATION_SIZE}" -gt 0 ]; then  # the split must leave records to sample from
+for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do [ -f "${FILE}" ] || fail "data file not found: ${FILE}"; done
+for FILE in "${GENERAL_DATA}" "${DOMAIN_DATA}"; do  # the split must leave records to sample from
+    [ "${VALIDATION_SIZE}" -eq 0 ] || \
         python -c "import json, sys; sys.exit(not len(json.load(open(sys.argv[1]))) > int(sys.argv[2]))" \
             "${FILE}" "${VALIDATION_SIZE}" 2>/dev/null || \
-            fail "VALIDATION_SIZE (${VALIDATION_SIZE}) must be below the number of records of ${FILE}"
-    fi
+        fail "VALIDATION_SIZE (${VALIDATION_SIZE}) must be below the number of records of ${FILE}"
 done
 # The whole pruning request, against the model's shapes, before hours of scoring: the last stage's dry run.
 # Layers are chosen by their measured effect on calibration texts: the samples' (the dry run checks the files).
