@@ -124,12 +124,13 @@ class HeldOut:
 
 
 def run_variant(dense: Embedder, variant: str, removed: list[int], seed: int, steps: int, eval_at: Sequence[int],
-                heldout: HeldOut, training: dict[str, list[dict]], teacher: dict[str, torch.Tensor] | None) -> dict:
+                heldout: HeldOut, training: dict[str, list[dict]], teacher: dict[str, torch.Tensor] | None,
+                distill_weight: float = 1.0) -> dict:
     """One variant of one seed: its scores at step 0 and at each of ``eval_at``, its losses and its time."""
     embedder = copy.deepcopy(dense)
     if variant != "dense":
         remove_blocks(embedder.model, removed)
-    spec = RetrainSpec(steps=steps, seed=seed, **({"distill_weight": 1.0, "distill_loss": "cosine"}
+    spec = RetrainSpec(steps=steps, seed=seed, **({"distill_weight": distill_weight, "distill_loss": "cosine"}
                                                   if variant == "distill" else {}))
     key = () if variant == "dense" else tuple(removed)
     if key not in heldout.one_shot:  # the untrained dense model, and each set of removed blocks, scored once
@@ -224,11 +225,11 @@ def report(args: argparse.Namespace, runs: list[dict], removed: dict[int, list[i
               f"+{args.calibration_size} calibration triples per seed; blocks removed per seed: "
               f"{'; '.join(f'seed {s}: {removed[s]}' for s in seeds)}), retrained {args.steps} steps on "
               f"{training_sizes['domain']} chemistry + {training_sizes['general']} general calibration triples "
-              f"(lr 1e-5, batch 8, 25% general, 10 warm-up steps; distill: + 1.0 x cosine distillation to the dense "
-              f"model); {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); nDCG@10 on the first "
-              f"{sizes['domain']} chemistry / {sizes['general']} general held-out triples; dense index: the model's "
-              f"queries against documents embedded by the untrained dense model; {torch.get_num_threads()} CPU "
-              f"thread(s); s/step excludes evaluation.")
+              f"(lr 1e-5, batch 8, 25% general, 10 warm-up steps; distill: + {args.distill_weight:g} x cosine "
+              f"distillation to the dense model); {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); nDCG@10 on "
+              f"the first {sizes['domain']} chemistry / {sizes['general']} general held-out triples; dense index: "
+              f"the model's queries against documents embedded by the untrained dense model; "
+              f"{torch.get_num_threads()} CPU thread(s); s/step excludes evaluation.")
     text = (f"{header}\n\nΔ against the untrained dense model (mean ± sample std over seeds):\n\n"
             f"{markdown(summary, 'change')}\n\nΔ against the dense control retrained the same number of steps "
             f"(same seed):\n\n{markdown([e for e in summary if e['variant'] != 'dense'], 'vs_control', False)}\n")
@@ -254,6 +255,7 @@ def main() -> None:
     parser.add_argument("--heldout_size", type=int, default=100, help="first held-out triples per side evaluated")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--distill_weight", type=float, default=1.0, help="the distill variant's weight")
     parser.add_argument("--eval_at", type=int, nargs="+", default=[100, 250, 500])
     parser.add_argument("--batch_size", type=int, default=16, help="block scoring and evaluation batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -328,7 +330,7 @@ def main() -> None:
             checked = True
         for variant in [v for v in args.variants if (v, seed) not in done]:
             run = run_variant(dense, variant, removed[seed], seed, args.steps, args.eval_at, heldout, training,
-                              teacher)
+                              teacher, args.distill_weight)
             log.info("seed %d %s: %.3f s/step", seed, variant, run["seconds_per_step"])
             runs.append(run)
             report(args, runs, removed, sizes, training_sizes, untrained)  # after every run, in case of a cut

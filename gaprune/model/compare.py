@@ -371,14 +371,11 @@ def evaluated(model: Embedder, held_out: dict[str, dict[str, list[dict]]], args:
 
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
-    import torch
-
     from gaprune import distributed
     from gaprune.data import load_triples
-    from gaprune.evaluation import relative_change
     from gaprune.fileio import check_output_dir, model_dirname, timestamp, write_json, write_text
-    from gaprune.mteb_tasks import changes, load_tasks
-    from gaprune.pruning import load_calibration, option_words, pruned_folder
+    from gaprune.mteb_tasks import load_tasks
+    from gaprune.pruning import load_calibration, pruned_folder
     from gaprune.spec import score_files_from_args
     from tqdm import tqdm
 
@@ -405,23 +402,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if objective is not None and world.is_main:
         print(selection_plan(rows_asked, objective, held_out, calibration, time.perf_counter() - start))
     for label, spec in tqdm(rows_asked, desc="candidates", unit="row", disable=not world.is_main):
-        log.info("pruning %.0f%% by %s", 100 * spec.share, label)
-        model, result = dense.pruned(spec, world)
-        entries = row_entries(result)
-        row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "recipe": label,
-               "scoring": spec.scorer, "config": dataclasses.asdict(spec.config), "sparsity": spec.share,
-               "structure": spec.structure, "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
-               **evaluated(model, held_out, args, mteb_tasks), **entries}
-        if model is not dense.embedder:  # a fresh smaller model: free it before the next one loads
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        for side in ("domain", "general"):
-            row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], rows[0][side]["ndcg@10"])
-        if mteb_tasks:
-            row["mteb_change_percent"] = {name: change["main_score"]
-                                          for name, change in changes(row["mteb"], rows[0]["mteb"]).items()}
-        rows.append(row)
+        rows.append(candidate_row(label, spec, dense, world, held_out, mteb_tasks, rows[0]))
     table = markdown_table(rows)
     base = os.path.join(args.output_dir, f"compare_{model_dirname(args.model_path)}_{timestamp()}")
     if world.is_main:
@@ -432,6 +413,34 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     if objective is None:
         return finish(base + ".json") if world.is_main else None
     return save_selected(args, rows, objective, dict(rows_asked), scores, dense, world, table)
+
+
+def candidate_row(label: str, spec: PruneSpec, dense: DenseModel, world: World, held_out: dict,
+                  mteb_tasks: Sequence, dense_row: dict) -> dict:
+    """One row: the dense model pruned as ``spec`` asks, evaluated, and its changes against ``dense_row``."""
+    import torch
+
+    from gaprune.evaluation import relative_change
+    from gaprune.mteb_tasks import changes
+    from gaprune.pruning import option_words
+
+    log.info("pruning %.0f%% by %s", 100 * spec.share, label)
+    model, result = dense.pruned(spec, world)
+    entries = row_entries(result)
+    row = {"method": label + "".join(f", {words}" for words in option_words(entries)), "recipe": label,
+           "scoring": spec.scorer, "config": dataclasses.asdict(spec.config), "sparsity": spec.share,
+           "structure": spec.structure, "sparsity_pattern": spec.pattern, "reconstruct": spec.reconstruct,
+           **evaluated(model, held_out, dense.args, mteb_tasks), **entries}
+    if model is not dense.embedder:  # a fresh smaller model: free it before the next one loads
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for side in ("domain", "general"):
+        row[f"{side}_change_percent"] = relative_change(row[side]["ndcg@10"], dense_row[side]["ndcg@10"])
+    if mteb_tasks:
+        row["mteb_change_percent"] = {name: change["main_score"]
+                                      for name, change in changes(row["mteb"], dense_row["mteb"]).items()}
+    return row
 
 
 def selection_plan(rows_asked: list[tuple[str, PruneSpec]], objective: Objective, held_out: dict,
