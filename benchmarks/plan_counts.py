@@ -4,7 +4,7 @@ published shapes on the meta device: no download, no weights, seconds.
 For each model: the dense parameter count; a quarter of the layers removed; and, for a budget of 2x by
 SparseModel.py's cost model (FLOPs per token at --budget_sequence_length), the frontier of plans the planner
 chooses among: k layers removed and the fewest MLP channels per remaining layer that reach 2x (its ends and
-quarters). Which point a real run takes depends on the scores (the least importance removed).
+quarters; the query heads a Qwen3 plan may also remove are left out here). Which point a real run takes depends on the scores (the least importance removed).
 Parameters include the embedding table, which no plan touches (155M of Qwen3-Embedding-0.6B's 596M).
 
     python benchmarks/plan_counts.py [--sequence_length 256] [--target_speedup 2]

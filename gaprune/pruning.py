@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -346,6 +346,7 @@ class BudgetResult:
     removed_channels: dict[int, list[int]]  # kept block (dense index) -> its removed channels
     params_before: int
     params_after: int
+    removed_heads: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # kept block -> removed heads
 
 
 def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
@@ -360,28 +361,52 @@ def prune_to_budget(embedder: Embedder, spec: PruneSpec, arrays: ArrayFn | None,
     score_fn = checked_scores(_score_based(spec.scorer, "a budget").build(
         ScoringContext(named, arrays or (lambda side, name: None), spec.config, spec.seed)))
     block_importance = weight_score_sums(score_fn, by_block)
-    units = unit_plan(model, "channels")
-    layers = sorted(units.layers, key=lambda layer: int(layer.layer.rsplit(".", 1)[1]))  # in block order
-    channel_scores = [unit_scores(named, layer, score_fn) for layer in layers]
-    shape = Shape.of(model.config, family_of_names(named).gated_mlp)
+    family = family_of_names(named)
+    channels = _units_in_block_order(model, "channels", named, score_fn)
+    heads = _units_in_block_order(model, "heads", named, score_fn) if "heads" in family.units else None
+    shape = Shape.of(model.config, family.gated_mlp)
     order = None
     if calibration is not None:
         with calibration_length(embedder, calibration):
             order, _ = removal_order(get_block_scorer(spec.block_scorer),
                                      _block_context(embedder, spec, calibration, arrays), shape.blocks - 1)
-    plan = choose(plan_grid(shape, block_importance, [scores.sort().values for scores in channel_scores],
-                            spec.sequence_length, order), spec.target_speedup, spec.target_params)
+    head_importance = None if heads is None else [_lowest_per_group(scores, heads[0].groups) for scores in heads[2]]
+    plan = choose(plan_grid(shape, block_importance, [scores.sort().values for scores in channels[2]],
+                            spec.sequence_length, order, head_importance), spec.target_speedup, spec.target_params)
     params_before = sum(p.numel() for p in model.parameters())
-    removed = {}
-    if plan.channels_removed:
-        lowest = {layer.layer: lowest_units(scores, plan.channels_removed, units.groups)
-                  for layer, scores in zip(layers, channel_scores)}
-        remove_units(model, units, lowest)
-        removed = {index: lowest[layer.layer].tolist() for index, layer in enumerate(layers)
-                   if index not in plan.blocks_removed}
+    removed = {"channels": _remove_lowest(model, channels, plan.channels_removed, plan.blocks_removed)}
+    if heads is not None:
+        removed["heads"] = _remove_lowest(model, heads, plan.heads_removed, plan.blocks_removed)
     if plan.blocks_removed:
         remove_blocks(model, plan.blocks_removed)
-    return BudgetResult(plan, shape, removed, params_before, sum(p.numel() for p in model.parameters()))
+    return BudgetResult(plan, shape, removed["channels"], params_before, sum(p.numel() for p in model.parameters()),
+                        removed.get("heads", {}))
+
+
+def _units_in_block_order(model: torch.nn.Module, structure: str, named: Mapping[str, torch.Tensor],
+                          score_fn) -> tuple[UnitPlan, list, list[torch.Tensor]]:
+    """The model's units of ``structure``, its layers in block order, and each layer's unit scores."""
+    units = unit_plan(model, structure)
+    layers = sorted(units.layers, key=lambda layer: int(layer.layer.rsplit(".", 1)[1]))
+    return units, layers, [unit_scores(named, layer, score_fn) for layer in layers]
+
+
+def _lowest_per_group(scores: torch.Tensor, groups: int) -> torch.Tensor:
+    """[0, the importance of the lowest unit of every group, of the 2 lowest of every group, ...]."""
+    per_group = scores.view(groups, -1).sort(dim=1).values.double().cumsum(1).sum(0)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), per_group])
+
+
+def _remove_lowest(model: torch.nn.Module, units: tuple[UnitPlan, list, list[torch.Tensor]], count: int,
+                   blocks_removed: Sequence[int]) -> dict[int, list[int]]:
+    """Remove the ``count`` lowest-scored units of every layer (the same from each group); the removed units of
+    the blocks that stay, by block index."""
+    plan, layers, scores = units
+    if not count:
+        return {}
+    lowest = {layer.layer: lowest_units(s, count, plan.groups) for layer, s in zip(layers, scores)}
+    remove_units(model, plan, lowest)
+    return {index: lowest[layer.layer].tolist() for index, layer in enumerate(layers) if index not in blocks_removed}
 
 
 def budget_records(model_path: str, batch_size: int, spec: PruneSpec, scores: ScoreFiles, result: BudgetResult,
@@ -392,12 +417,15 @@ def budget_records(model_path: str, batch_size: int, spec: PruneSpec, scores: Sc
     record = {"structure": "budget", "scoring": spec.scorer, "target_speedup": spec.target_speedup,
               "target_params": spec.target_params, "sequence_length": spec.sequence_length,
               "layers_removed": len(plan.blocks_removed), "removed_layers": plan.blocks_removed,
-              "channels_removed_per_layer": plan.channels_removed, "predicted_speedup": plan.speedup,
+              "channels_removed_per_layer": plan.channels_removed, "heads_removed_per_layer": plan.heads_removed,
+              "predicted_speedup": plan.speedup,
               "params_kept": plan.params_kept, **(measured or {}), **dataclasses.asdict(spec.config)}
     size = {"params_before": result.params_before, "params_after": result.params_after,
             BLOCK_CONFIG_FIELD: {"before": shape.blocks, "after": kept_blocks},
-            "intermediate_size": {"before": shape.intermediate, "after": shape.intermediate - plan.channels_removed}}
+            "intermediate_size": {"before": shape.intermediate, "after": shape.intermediate - plan.channels_removed},
+            "num_attention_heads": {"before": shape.heads, "after": shape.heads - plan.heads_removed}}
     stats = {**record, "removed_importance": plan.removed_importance, "removed_channels": result.removed_channels,
+             "removed_heads": result.removed_heads,
              "params_before": result.params_before, "params_after": result.params_after}
     config = {"model_path": model_path, "batch_size": batch_size, "structure": "budget", "sparsify_layers": ["all"],
               "pruning_method": f"budget_{spec.scorer}",

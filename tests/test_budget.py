@@ -27,6 +27,24 @@ def test_the_cost_model_counts_a_block_by_hand():
     assert bert.block_flops(64, 1) == 2 * 32 * 32 * 4 + 2 * 2 * 1 * 32 + 2 * 2 * 32 * 64
 
 
+def test_heads_enter_the_cost_model_and_the_plan_by_hand():
+    qwen = Shape(blocks=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, gated=True)
+    # 2 of 4 query heads: q and o shrink to 64x32, attention to 2 x 2 x L x 32
+    assert qwen.block_flops(128, 10, heads=2) == 2 * (64 * 32 * 2 + 64 * 32 * 2) + 2 * 2 * 10 * 32 + 2 * 3 * 64 * 128
+    assert qwen.block_params(128, heads=2) == 64 * 32 * 2 + 64 * 32 * 2 + 3 * 64 * 128
+    shape = Shape(blocks=2, hidden=64, intermediate=32, heads=8, kv_heads=2, head_dim=8, gated=True)
+    channels = [torch.full((32,), 10.0, dtype=torch.float64) for _ in range(2)]  # channels are dear
+    # per block: [0, the lowest head of each group, the two lowest of each group, ...]: heads are cheap
+    heads = [torch.tensor([0.0, 0.2, 0.5], dtype=torch.float64) for _ in range(2)]
+    plans = plan_grid(shape, [100.0, 100.0], channels, 16, head_importance=heads)
+    assert sorted({p.heads_removed for p in plans}) == [0, 2, 4]  # up to half of every group, a group at a time
+    chosen = choose(plans, 1.05, None)
+    assert (chosen.blocks_removed, chosen.channels_removed) == ([], 0) and chosen.heads_removed > 0
+    expected = 2 * shape.block_flops(32, 16) / (2 * shape.block_flops(32, 16, 8 - chosen.heads_removed))
+    assert chosen.speedup == pytest.approx(expected) and chosen.removed_importance == pytest.approx(
+        2 * float(heads[0][chosen.heads_removed // 2]))
+
+
 def test_the_plan_removes_the_least_importance_that_meets_the_budget():
     shape = Shape(blocks=3, hidden=8, intermediate=32, heads=2, kv_heads=2, head_dim=4, gated=False)
     blocks = [5.0, 1.0, 9.0]  # block 1 is the cheapest to lose
@@ -56,8 +74,11 @@ def test_a_budget_prunes_layers_and_channels_that_meet_it(tmp_path, chem_triples
     config = embedder.model.config
     assert config.num_hidden_layers == 4 - len(result.plan.blocks_removed)
     assert config.intermediate_size == 128 - result.plan.channels_removed
-    achieved = (dense.blocks * dense.block_flops(128, 64)) / (config.num_hidden_layers *
-                                                              dense.block_flops(config.intermediate_size, 64))
+    assert config.num_attention_heads == dense.heads - result.plan.heads_removed
+    assert result.plan.heads_removed > 0  # on this model the least importance goes with some query heads
+    assert config.num_key_value_heads == dense.kv_heads  # the same count from every key/value group
+    achieved = (dense.blocks * dense.block_flops(128, 64)) / (
+        config.num_hidden_layers * dense.block_flops(config.intermediate_size, 64, config.num_attention_heads))
     assert achieved == pytest.approx(result.plan.speedup) and achieved >= 1.8
     in_memory = embedder.encode(TEXTS, progress=False)
     gaprune.save_model(embedder, str(tmp_path / "saved"))

@@ -59,9 +59,10 @@ def build_parser() -> ArgumentParser:
                              "embedding drift or the loss rise when the block is skipped; the drift re-measured "
                              "after each removal), or a score-based scorer's name (its scores summed over the block)")
     parser.add_argument("--target_speedup", type=finite_float,
-                        help="a budget: this many times fewer FLOPs per token than the dense model; the layers and "
-                             "MLP channels that go are chosen together, the least --unstructured_scoring importance "
-                             "removed (aligned_saliency or domain_fisher with their score files; magnitude without)")
+                        help="a budget: this many times fewer FLOPs per token than the dense model; the layers, "
+                             "MLP channels and (Qwen3) query heads that go are chosen together, the least "
+                             "--unstructured_scoring importance removed (aligned_saliency or domain_fisher with their "
+                             "score files; magnitude without)")
     parser.add_argument("--target_params", type=finite_float,
                         help="a budget: keep at most this share (0..1) of the transformer blocks' weights")
     parser.add_argument("--budget_sequence_length", type=positive_int, default=256,
@@ -209,7 +210,8 @@ def describe_request(spec: PruneSpec) -> str:
         budget = " and ".join(part for part in (f"{spec.target_speedup:g}x fewer FLOPs" if spec.target_speedup else "",
                                                 f"at most {spec.target_params:.0%} of the weights"
                                                 if spec.target_params else "") if part)
-        return f"layers and MLP channels to a budget of {budget}, the least {spec.scorer} importance removed"
+        return (f"layers, MLP channels (and query heads where the family allows) to a budget of {budget}, the least "
+                f"{spec.scorer} importance removed")
     if spec.structure == LAYERS:
         amount = spec.block_count if spec.block_count is not None else f"{100 * spec.sparsity:.1f}%"
         return f"{amount} of the transformer blocks, the lowest by {spec.block_scorer}"
@@ -225,8 +227,9 @@ def describe_request(spec: PruneSpec) -> str:
 
 def describe_result(result, spec: PruneSpec, zeros: ModelZeros | None) -> str:
     if spec.budgeted:
+        heads = f" and {result.plan.heads_removed} query heads" if result.plan.heads_removed else ""
         return (f"Removed {len(result.plan.blocks_removed)} layers {result.plan.blocks_removed} and "
-                f"{result.plan.channels_removed} MLP channels per remaining layer; parameters "
+                f"{result.plan.channels_removed} MLP channels{heads} per remaining layer; parameters "
                 f"{result.params_before:,} -> {result.params_after:,} "
                 f"({1 - result.params_after / result.params_before:.1%} fewer)")
     from gaprune.structure import CONFIG_FIELDS
