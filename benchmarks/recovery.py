@@ -83,14 +83,14 @@ def seed_subset(path: str, size: int, seed: int, saved: str) -> str | list[dict]
 
 
 def chosen_blocks(dense: Embedder, subsets: dict[str, str | list[dict]], size: int, seed: int,
-                  batch_size: int) -> list[int]:
-    """The REMOVED blocks block_influence scores lowest on the seed's calibration texts (both sides, 50/50)."""
+                  batch_size: int, count: int = REMOVED) -> list[int]:
+    """The ``count`` blocks block_influence scores lowest on the seed's calibration texts (both sides, 50/50)."""
     texts = {side: source if isinstance(source, str) else triple_texts(source) for side, source in subsets.items()}
     calibration = load_calibration(gaprune.CalibrationSpec(domain_data=texts["domain"], general_data=texts["general"],
                                                            samples=size,
                                                            batch_size=batch_size))
     context = BlockContext(dense, calibration.texts, calibration.general_share, batch_size, seed=seed)
-    removed, scores = lowest_blocks(BLOCK_SCORERS[BLOCK_SCORER], context, REMOVED)
+    removed, scores = lowest_blocks(BLOCK_SCORERS[BLOCK_SCORER], context, count)
     log.info("seed %d: %s scores %s; removing blocks %s", seed, BLOCK_SCORER, [round(s, 4) for s in scores], removed)
     return removed
 
@@ -125,12 +125,12 @@ class HeldOut:
 
 def run_variant(dense: Embedder, variant: str, removed: list[int], seed: int, steps: int, eval_at: Sequence[int],
                 heldout: HeldOut, training: dict[str, list[dict]], teacher: dict[str, torch.Tensor] | None,
-                distill_weight: float = 1.0) -> dict:
+                distill_weight: float = 1.0, lr: float = 1e-5) -> dict:
     """One variant of one seed: its scores at step 0 and at each of ``eval_at``, its losses and its time."""
     embedder = copy.deepcopy(dense)
     if variant != "dense":
         remove_blocks(embedder.model, removed)
-    spec = RetrainSpec(steps=steps, seed=seed, **({"distill_weight": distill_weight, "distill_loss": "cosine"}
+    spec = RetrainSpec(steps=steps, seed=seed, lr=lr, **({"distill_weight": distill_weight, "distill_loss": "cosine"}
                                                   if variant == "distill" else {}))
     key = () if variant == "dense" else tuple(removed)
     if key not in heldout.one_shot:  # the untrained dense model, and each set of removed blocks, scored once
@@ -221,11 +221,11 @@ def report(args: argparse.Namespace, runs: list[dict], removed: dict[int, list[i
     steps = [0, *args.eval_at]
     summary = summarise(runs, steps, untrained)
     seeds = sorted(removed)
-    header = (f"{args.model}: {REMOVED} of its transformer layers removed ({BLOCK_SCORER} on {args.calibration_size}"
-              f"+{args.calibration_size} calibration triples per seed; blocks removed per seed: "
+    header = (f"{args.model}: {args.layers_removed} of its transformer layers removed ({BLOCK_SCORER} on "
+              f"{args.calibration_size}+{args.calibration_size} calibration triples per seed; blocks removed per seed: "
               f"{'; '.join(f'seed {s}: {removed[s]}' for s in seeds)}), retrained {args.steps} steps on "
               f"{training_sizes['domain']} chemistry + {training_sizes['general']} general calibration triples "
-              f"(lr 1e-5, batch 8, 25% general, 10 warm-up steps; distill: + {args.distill_weight:g} x cosine "
+              f"(lr {args.lr:g}, batch 8, 25% general, 10 warm-up steps; distill: + {args.distill_weight:g} x cosine "
               f"distillation to the dense model); {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); nDCG@10 on "
               f"the first {sizes['domain']} chemistry / {sizes['general']} general held-out triples; dense index: "
               f"the model's queries against documents embedded by the untrained dense model; "
@@ -256,6 +256,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--distill_weight", type=float, default=1.0, help="the distill variant's weight")
+    parser.add_argument("--layers_removed", type=int, default=REMOVED)
+    parser.add_argument("--lr", type=float, default=1e-5, help="retrain.py's default; a tiny model trained here "
+                                                              "needs more (1e-4)")
     parser.add_argument("--eval_at", type=int, nargs="+", default=[100, 250, 500])
     parser.add_argument("--batch_size", type=int, default=16, help="block scoring and evaluation batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -315,7 +318,8 @@ def main() -> None:
         subsets = {side: seed_subset(path, args.calibration_size, seed,
                                      os.path.join(args.subsets_dir, f"seed{seed}", f"{side}-calibration.json"))
                    for side, path in calibration.items()}
-        removed[seed] = chosen_blocks(dense, subsets, args.calibration_size, seed, args.batch_size)
+        removed[seed] = chosen_blocks(dense, subsets, args.calibration_size, seed, args.batch_size,
+                                      args.layers_removed)
         if not checked:  # the cached measurement against evaluate.py's, once
             pruned = copy.deepcopy(dense)
             remove_blocks(pruned.model, removed[seed])
@@ -330,7 +334,7 @@ def main() -> None:
             checked = True
         for variant in [v for v in args.variants if (v, seed) not in done]:
             run = run_variant(dense, variant, removed[seed], seed, args.steps, args.eval_at, heldout, training,
-                              teacher, args.distill_weight)
+                              teacher, args.distill_weight, args.lr)
             log.info("seed %d %s: %.3f s/step", seed, variant, run["seconds_per_step"])
             runs.append(run)
             report(args, runs, removed, sizes, training_sizes, untrained)  # after every run, in case of a cut
