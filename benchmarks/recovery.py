@@ -63,7 +63,7 @@ log = logging.getLogger("recovery")
 
 SIDES = {"domain": "chem", "general": "general"}
 VARIANTS = ("dense", "infonce", "distill")
-LABELS = {"dense": "dense (control)", "infonce": "2 removed, InfoNCE", "distill": "2 removed, InfoNCE + distill"}
+LABELS = {"dense": "dense (control)", "infonce": "{n} removed, InfoNCE", "distill": "{n} removed, InfoNCE + distill"}
 BLOCK_SCORER = "block_influence"
 REMOVED = 2
 METRIC = "ndcg@10"
@@ -191,7 +191,7 @@ COLUMNS = (("domain", "chemistry"), ("general", "general"), ("domain_index", "ch
            ("general_index", "general, dense index"))
 
 
-def markdown(summary: list[dict], key: str, values: bool = True) -> str:
+def markdown(summary: list[dict], key: str, values: bool = True, removed: int = REMOVED) -> str:
     """One row per variant and step: the change ``key`` names of every column (with the mean nDCG@10 when
     ``values``) and the seeds it averages."""
     seeds_key = "seeds" if key == "change" else "control_seeds"
@@ -204,7 +204,7 @@ def markdown(summary: list[dict], key: str, values: bool = True) -> str:
         cells = [(f"{e[column]:.4f} | " if values else "") + f"{e[f'{column}_{key}'][0]:+.2f}% ± "
                  f"{e[f'{column}_{key}'][1]:.2f}" for column, _ in COLUMNS]
         seconds = f"{e['seconds_per_step']:.3f}" if e["step"] else ""
-        lines.append(f"| {LABELS[e['variant']]} | {e['step']} | {','.join(map(str, e[seeds_key]))} | "
+        lines.append(f"| {LABELS[e['variant']].format(n=removed)} | {e['step']} | {','.join(map(str, e[seeds_key]))} | "
                      + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
@@ -231,8 +231,9 @@ def report(args: argparse.Namespace, runs: list[dict], removed: dict[int, list[i
               f"the model's queries against documents embedded by the untrained dense model; "
               f"{torch.get_num_threads()} CPU thread(s); s/step excludes evaluation.")
     text = (f"{header}\n\nΔ against the untrained dense model (mean ± sample std over seeds):\n\n"
-            f"{markdown(summary, 'change')}\n\nΔ against the dense control retrained the same number of steps "
-            f"(same seed):\n\n{markdown([e for e in summary if e['variant'] != 'dense'], 'vs_control', False)}\n")
+            f"{markdown(summary, 'change', removed=args.layers_removed)}\n\nΔ against the dense control retrained the "
+            f"same number of steps (same seed):\n\n"
+            f"{markdown([e for e in summary if e['variant'] != 'dense'], 'vs_control', False, args.layers_removed)}\n")
     os.makedirs(args.output_dir, exist_ok=True)
     write_atomic(os.path.join(args.output_dir, "recovery.json"),
                  json.dumps({"settings": vars(args), "removed_layers": {str(s): removed[s] for s in seeds},
