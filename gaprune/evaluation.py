@@ -71,16 +71,25 @@ def evaluate_triples(embedder: Embedder, triples: Sequence[dict], batch_size: in
     """Retrieval metrics of the triples' queries against the corpus of their positives and negatives; with
     ``index_embedder`` the corpus is embedded by that model instead (index compatibility: a pruned model's
     queries against an index built with the dense model)."""
+    return evaluate_corpora(embedder, triples, batch_size, instructions, [index_embedder or embedder])[0]
+
+
+@torch.no_grad()
+def evaluate_corpora(embedder: Embedder, triples: Sequence[dict], batch_size: int,
+                     instructions: str, corpus_embedders: Sequence[Embedder]) -> list[dict]:
+    """evaluate_triples's result for the corpus embedded by each of ``corpus_embedders``, the queries (embedded
+    by ``embedder``) encoded once."""
     documents, relevant = build_corpus(triples)
     keep = keeps_instructions(embedder, instructions)
+    for other in corpus_embedders:
+        if other.dimension != embedder.dimension:
+            raise InputError(f"the index model embeds in {other.dimension} dimensions and the model in "
+                             f"{embedder.dimension}: they cannot share an index")
     queries = embedder.encode([query_text(t["query"], keep) for t in triples], batch_size, "queries")
-    if index_embedder is not None and index_embedder.dimension != embedder.dimension:
-        raise InputError(f"the index model embeds in {index_embedder.dimension} dimensions and the model in "
-                         f"{embedder.dimension}: they cannot share an index")
-    corpus = (index_embedder or embedder).encode(documents, batch_size, "documents")
-    metrics = ranking_metrics(relevant_ranks(queries, corpus, relevant))
-    return {"metrics": metrics, "num_queries": len(triples), "corpus_size": len(documents),
-            "query_instructions": "kept" if keep else "stripped"}
+    return [{"metrics": ranking_metrics(relevant_ranks(queries, other.encode(documents, batch_size, "documents"),
+                                                       relevant)),
+             "num_queries": len(triples), "corpus_size": len(documents),
+             "query_instructions": "kept" if keep else "stripped"} for other in corpus_embedders]
 
 
 def relative_change(value: float, baseline: float) -> float | None:

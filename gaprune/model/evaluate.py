@@ -49,7 +49,7 @@ def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_mo
                    mteb_tasks: Sequence = ()) -> tuple[dict[str, dict], dict[str, dict] | None, dict[str, dict]]:
     """Each file's metrics; with ``index_model`` also each file's metrics with the documents embedded by that
     model (index compatibility); and each loaded MTEB task's scores; from the same loaded model."""
-    from gaprune.evaluation import evaluate_triples
+    from gaprune.evaluation import evaluate_corpora
     from gaprune.modeling import load_embedder
     from gaprune.mteb_tasks import run_tasks
 
@@ -65,9 +65,11 @@ def evaluate_model(model_path: str, files: dict[str, list[dict]], args, index_mo
     results, index_results = {}, ({} if index is not None else None)
     for path, triples in files.items():
         log.info("evaluating %s on %s (%d queries)", model_path, path, len(triples))
-        results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions)
-        if index is not None:
-            index_results[path] = evaluate_triples(embedder, triples, args.batch_size, args.query_instructions, index)
+        own, *in_index = evaluate_corpora(embedder, triples, args.batch_size, args.query_instructions,
+                                          [embedder, *([index] if index is not None else [])])
+        results[path] = own
+        if in_index:
+            index_results[path] = in_index[0]
     mteb_results = run_tasks(embedder, mteb_tasks, args.batch_size, args.query_instructions) if mteb_tasks else {}
     return results, index_results, mteb_results
 
