@@ -25,6 +25,7 @@ UNIT_STRUCTURES = ("channels", "heads")  # whole MLP channels, whole query heads
 LAYERS = "layers"  # whole transformer blocks (depth pruning)
 STRUCTURES = (*UNIT_STRUCTURES, LAYERS)
 # --block_scoring: the measurements of gaprune.blocks; a score-based weight scorer's name also works (its sum)
+DEFAULT_SCORER = "dai"  # the published default of --unstructured_scoring
 BLOCK_MEASURES = ("block_influence", "skip_drift", "skip_loss", "greedy_drift")
 DISTILL_LOSSES = ("cosine", "mse")  # retrain.py --distill_loss: against the teacher's embeddings (gaprune.loss)
 

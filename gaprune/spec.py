@@ -23,9 +23,9 @@ from gaprune.checks import file_path, integer, layer_type_list, number_in, one_o
 from gaprune.errors import InputError
 from gaprune.families import family_of_names
 from gaprune.layers import select_parameters, transformer_blocks
-from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DISTILL_LOSSES, GROUP_ORDERS, LAYER_TYPES, LAYERS,
-                             NATURAL_ORDER, OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES, TOKEN_WEIGHTINGS,
-                             UNIFORM_SHARES, UNIFORM_WEIGHTING, UNSTRUCTURED)
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DEFAULT_SCORER, DISTILL_LOSSES, GROUP_ORDERS,
+                             LAYER_TYPES, LAYERS, NATURAL_ORDER, OWN_TARGET, RECONSTRUCTION_TARGETS, STRUCTURES,
+                             TOKEN_WEIGHTINGS, UNIFORM_SHARES, UNIFORM_WEIGHTING, UNSTRUCTURED)
 from gaprune.patterns import Pattern, parse_pattern
 from gaprune.results import FILE_KINDS
 from gaprune.scorers import SCORERS, get_scorer
@@ -132,7 +132,7 @@ class PruneSpec:
     channels or heads to remove, or of the transformer blocks (``layers``: or ``block_count`` of them, chosen
     by ``block_scorer``)."""
 
-    scorer: str = "dai"
+    scorer: str = DEFAULT_SCORER
     sparsity: float = 0.0
     pattern: str = UNSTRUCTURED  # or "2:4", "4:8"
     structure: str = UNSTRUCTURED  # or "channels", "heads", "layers"
@@ -318,7 +318,7 @@ class PruneSpec:
         elif not 0.0 < self.sparsity < 1.0:
             raise InputError(f"--structure layers needs --structured_pct between 0 and 1 (exclusive) or "
                              f"--num_layers_removed, got {self.sparsity}")
-        for flag, asked in (*self._weight_flags(), ("--unstructured_scoring", self.scorer != "dai")):
+        for flag, asked in (*self._weight_flags(), ("--unstructured_scoring", self.scorer != DEFAULT_SCORER)):
             if asked:
                 raise InputError(f"{flag} applies to weights; --structure layers removes whole layers, chosen by "
                                  f"--block_scoring")

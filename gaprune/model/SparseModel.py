@@ -19,8 +19,8 @@ from gaprune.checks import whole_number
 from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, add_runtime_args, add_scoring_args,
                          finish, finite_float, positive_int, run)
 from gaprune.errors import InputError
-from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, LAYER_TYPES, LAYERS, STRUCTURES, UNIFORM_SHARES,
-                             UNSTRUCTURED)
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DEFAULT_SCORER, LAYER_TYPES, LAYERS, STRUCTURES,
+                             UNIFORM_SHARES, UNSTRUCTURED)
 from gaprune.scorers import SCORERS
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def build_parser() -> ArgumentParser:
     add_layer_args(parser, ["mlp"])
     parser.add_argument("--unstructured_pct", type=finite_float, default=0.0,
                         help="share of candidate weights to zero, 0..1")
-    parser.add_argument("--unstructured_scoring", default="dai", choices=list(SCORERS),
+    parser.add_argument("--unstructured_scoring", default=DEFAULT_SCORER, choices=list(SCORERS),
                         help="; ".join(f"{s.name}: {s.summary}" for s in SCORERS.values()) + " (see README)")
     parser.add_argument("--structure", default="unstructured", choices=["unstructured", *STRUCTURES],
                         help="unstructured: zero single weights (default); channels: remove whole MLP channels; "

@@ -31,8 +31,8 @@ from gaprune.cli import (ArgumentParser, add_calibration_args, add_layer_args, a
                          finish, finite_float, positive_int, run, str2bool)
 from gaprune.coefficients import DAIConfig
 from gaprune.errors import InputError
-from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, LAYERS, NATURAL_ORDER, OWN_TARGET, UNIFORM_SHARES,
-                             UNIT_STRUCTURES, UNSTRUCTURED)
+from gaprune.options import (BLOCK_MEASURES, BUDGET_STRATEGIES, DEFAULT_SCORER, LAYERS, NATURAL_ORDER, OWN_TARGET,
+                             UNIFORM_SHARES, UNIT_STRUCTURES, UNSTRUCTURED)
 from gaprune.scorers import SCORERS
 from gaprune.selection import OBJECTIVES, Objective, select
 
@@ -163,7 +163,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 SELECT_CANDIDATES = ("magnitude", "domain_fisher", "dai", "aligned_saliency")
-LAYERS_SCORER = "dai"  # the scorer flag of a layers request: unused there, so the default (block_scorer decides)
 SELECT_CANDIDATES_WITH_TEXTS = ("wanda", "wanda:layer_shares=aligned_saliency", "sparsegpt",
                                 "sparsegpt:layer_shares=aligned_saliency", "sparsegpt:reconstruction_target=dense",
                                 "sparsegpt:group_order=hessian", "aligned_saliency:reconstruct=true")
@@ -216,7 +215,7 @@ def row_spec(args, label: str, share: float, scoring: str, config: DAIConfig, op
     from gaprune.spec import spec_from_args
 
     if args.structure == LAYERS:  # the block scorer is the row; the texts go to the measurements
-        return spec_from_args(args, LAYERS_SCORER, share, config, block_scorer=scoring)
+        return spec_from_args(args, DEFAULT_SCORER, share, config, block_scorer=scoring)
     try:
         spec = spec_from_args(argparse.Namespace(**{**vars(args), **options}), scoring, share, config,
                               for_this_scorer=True)
