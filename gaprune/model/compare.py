@@ -344,9 +344,12 @@ class DenseModel:
 
 def row_entries(result: MaskResult | StructureResult | DepthResult) -> dict:
     """What a row records of its pruning: the weights masked, the parameters and units left, or the blocks."""
-    if hasattr(result, "masked"):
+    from gaprune.blocks import DepthResult
+    from gaprune.masking import MaskResult
+
+    if isinstance(result, MaskResult):
         return {"masked_params": result.masked, **result.diagnostics}
-    if hasattr(result, "removed") and hasattr(result, "block_scores"):
+    if isinstance(result, DepthResult):
         return {"params_after": result.params_after, "removed_layers": result.removed,
                 "block_scores": result.block_scores}
     return {"params_after": result.params_after, "units_after": result.units_after, **result.diagnostics}
