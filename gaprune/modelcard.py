@@ -158,9 +158,11 @@ def _code(value) -> str:
 def summary(base, config, structured, unstructured, stats, retrain) -> str:
     source = _code(base) if base else "an unnamed model"
     if structured is not None and structured.get("structure") == "budget":
+        heads = (f" and {structured['heads_removed_per_layer']} query heads"
+                 if structured.get("heads_removed_per_layer") else "")
         text = (f"A smaller copy of {source}, pruned to a budget: {structured.get('layers_removed')} whole "
                 f"transformer layers (indices {structured.get('removed_layers')}) and "
-                f"{structured.get('channels_removed_per_layer')} MLP channels of every remaining layer removed, "
+                f"{structured.get('channels_removed_per_layer')} MLP channels{heads} of every remaining layer removed, "
                 f"the least `{structured.get('scoring')}` importance; predicted "
                 f"{structured.get('predicted_speedup', 0):.2f}x fewer FLOPs per token. It is a standard checkpoint: "
                 "`config.json` gives the new sizes and no gaprune code is needed to load it.")
@@ -268,9 +270,13 @@ def removed_lines(config, structured, unstructured, stats) -> list[str]:
         after = stats.get("params_after", size.get("params_after"))
         if structured.get("structure") == "budget":
             depth, width = size.get("num_hidden_layers") or {}, size.get("intermediate_size") or {}
+            heads = size.get("num_attention_heads") or {}
             lines = [f"- layers: `num_hidden_layers` {_count(depth.get('before'))} -> {_count(depth.get('after'))}",
                      f"- MLP channels: `intermediate_size` {_count(width.get('before'))} -> "
                      f"{_count(width.get('after'))} per layer"]
+            if heads.get("before") != heads.get("after"):
+                lines.append(f"- query heads: `num_attention_heads` {_count(heads.get('before'))} -> "
+                             f"{_count(heads.get('after'))} per layer")
         elif structured.get("structure") == "layers":
             lines = [f"- layers: `{field}` {_count(units.get('before'))} -> {_count(units.get('after'))} (indices "
                      f"{structured.get('removed_layers')} of the dense model removed)"]

@@ -70,13 +70,19 @@ def test_a_budget_prunes_layers_and_channels_that_meet_it(tmp_path, chem_triples
                          extra_text=[t["query"] for t in chem_triples])
     embedder = load_embedder(folder, "cpu")
     dense = Shape.of(embedder.model.config, gated=True)
-    result = gaprune.prune(embedder, gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8, sequence_length=64))
+    spec = gaprune.PruneSpec(scorer="magnitude", target_speedup=1.8, sequence_length=64)
+    result = gaprune.prune(embedder, spec)
     config = embedder.model.config
     assert config.num_hidden_layers == 4 - len(result.plan.blocks_removed)
     assert config.intermediate_size == 128 - result.plan.channels_removed
     assert config.num_attention_heads == dense.heads - result.plan.heads_removed
     assert result.plan.heads_removed > 0  # on this model the least importance goes with some query heads
     assert config.num_key_value_heads == dense.kv_heads  # the same count from every key/value group
+    from gaprune.modelcard import model_card
+    from gaprune.pruning import budget_records
+    card = model_card(*budget_records(folder, 4, spec, gaprune.ScoreFiles(), result).values())
+    assert (f"- query heads: `num_attention_heads` {dense.heads} -> {config.num_attention_heads} per layer" in card
+            and f"and {result.plan.heads_removed} query heads of every remaining layer" in card)
     achieved = (dense.blocks * dense.block_flops(128, 64)) / (
         config.num_hidden_layers * dense.block_flops(config.intermediate_size, 64, config.num_attention_heads))
     assert achieved == pytest.approx(result.plan.speedup) and achieved >= 1.8
